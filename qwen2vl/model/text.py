@@ -1,0 +1,102 @@
+"""The Qwen2 decoder with multimodal rotary positions (spec 7.1-7.2).
+
+Matches transformers `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` / `Qwen2VLAttention` (4.45-5.x): pre-norm
+RMSNorm blocks, q/k/v with biases and o_proj without, grouped-query attention, causal with a padding mask.
+Attribute names follow the checkpoint (`model.layers.{i}.self_attn.q_proj`, ...). Positions arrive as an
+explicit (3, B, L) tensor; keys and values go to a caller-owned KVCache when one is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .kv_cache import KVCache
+from .layers import RMSNorm, SwiGLU, apply_rope
+from .rope import mrope_cos_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        b, n, _ = x.shape
+        # (B, L, heads*hd) -> (B, heads, L, hd)
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, n, start+n) mask: causal and not padding. None when plain causal attention suffices.
+
+    `attention_mask` (B, start+n) marks real tokens with 1 over the cached and the new slots. A query slot that is
+    itself padding may see itself, so no row is empty (its output is never used).
+    """
+    total = start + n
+    if attention_mask is None or bool(attention_mask.all()):
+        if start == 0 or n == 1:
+            return None  # plain causal (or: one new token sees everything cached)
+        valid = torch.ones(batch, total, dtype=torch.bool, device=device)
+    else:
+        valid = attention_mask.to(device=device, dtype=torch.bool)
+    q_slot = torch.arange(start, total, device=device)[:, None]
+    k_slot = torch.arange(total, device=device)[None, :]
+    causal = k_slot <= q_slot  # (n, total)
+    mask = causal[None] & valid[:, None, :]
+    mask |= (k_slot == q_slot)[None]
+    return mask[:, None]
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """embeds (B, L, H), positions (3, B, L) -> final hidden states (B, L, H), after the last norm."""
+        cfg = self.cfg
+        b, n, _ = embeds.shape
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
+        mask = attention_mask_4d(attention_mask, b, n, start, embeds.device)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
+        return self.norm(x)
