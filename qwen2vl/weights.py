@@ -27,15 +27,9 @@ PREFIX_RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def conv3d_to_linear(w: torch.Tensor) -> torch.Tensor:
-    """Conv3d weight (D, C, T, P, P) with kernel == stride -> Linear weight (D, C*T*P*P), flattened (c, t, y, x)."""
-    return w.reshape(w.shape[0], -1)
-
-
-# our parameter name -> conversion applied to the checkpoint tensor
-CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "visual.patch_embed.proj.weight": conv3d_to_linear,
-}
+# our parameter name -> layout conversion applied to the checkpoint tensor (none needed today: every parameter
+# keeps the checkpoint's shape; a fused or re-laid-out parameter would register its conversion here)
+CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 # keys a checkpoint may carry that the model does not use, and when
 REDUNDANT_WHEN_TIED = ("lm_head.weight",)

@@ -2,8 +2,7 @@
 
 Matches transformers `Qwen2VisionTransformerPretrainedModel` (4.45-5.x). Input rows are pixel patches in
 merge-window order, (N, C*T*P*P); output is one row per 2x2 window, (N/4, text hidden size). Attention is
-restricted to each temporal patch of each image or video (the reference's cu_seqlens segments). The Conv3d patch
-embedding (kernel = stride) is held as the equivalent Linear; weights.py reshapes the checkpoint tensor.
+restricted to each temporal patch of each image or video (the reference's cu_seqlens segments).
 """
 
 from __future__ import annotations
@@ -72,12 +71,20 @@ class PatchMerger(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride == (T, P, P), no bias: one output row per pixel_values row.
+
+    The same product as a Linear over the flattened (c, t, y, x) row, but the convolution kernel sums in the
+    reference's order, which keeps float32 logits bit-identical to transformers' sdpa path.
+    """
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
+        self.kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, self.kernel, stride=self.kernel, bias=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixel_values.to(self.proj.weight.dtype))
+        x = pixel_values.to(self.proj.weight.dtype).view(-1, self.proj.in_channels, *self.kernel)
+        return self.proj(x).view(x.shape[0], -1)
 
 
 class VisionTransformer(nn.Module):

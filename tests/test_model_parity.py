@@ -1,0 +1,112 @@
+"""Logits of our model against transformers 4.57 `Qwen2VLForConditionalGeneration`, float32 on CPU.
+
+Inputs are built by hand here (placeholder runs, random pixel rows of the right shapes), so these tests depend on
+neither processor. Limit: max |logit difference| <= 1e-4 over every non-padding position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen2vl
+from qwen2vl.testing.checkpoint import make_config, write_checkpoint
+
+VS, VE, IMG, VID, PAD = 151652, 151653, 151655, 151656, 151643
+LIMIT = 1e-4
+
+
+def build(rows, seed=0):
+    """rows: lists of parts, each an int (that many random text tokens) or ("image"|"video", (t, h, w)).
+
+    Returns the processor-shaped batch, left-padded with 151643.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seqs, images, videos = [], [], []
+    for parts in rows:
+        ids: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                ids += torch.randint(0, 151643, (part,), generator=g).tolist()
+            else:
+                kind, (t, h, w) = part
+                ids += [VS] + [IMG if kind == "image" else VID] * (t * h * w // 4) + [VE]
+                (images if kind == "image" else videos).append((t, h, w))
+        seqs.append(ids)
+    length = max(map(len, seqs))
+    batch = {
+        "input_ids": torch.tensor([[PAD] * (length - len(s)) + s for s in seqs]),
+        "attention_mask": torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in seqs]),
+    }
+    for key, grids in (("pixel_values", images), ("pixel_values_videos", videos)):
+        if grids:
+            n = sum(t * h * w for t, h, w in grids)
+            batch[key] = torch.randn(n, 1176, generator=g)
+            batch["image_grid_thw" if key == "pixel_values" else "video_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+def compare(ours, ref, batch, name, parity_report):
+    with torch.no_grad():
+        a = ours(**batch)
+        b = ref(**batch).logits
+    keep = batch["attention_mask"].bool()
+    diff = (a.float() - b.float())[keep].abs().max().item()
+    parity_report(name, diff, LIMIT)
+
+
+CASES = {
+    "text only": [[37]],
+    "one image": [[5, ("image", (1, 8, 12)), 9]],
+    "two images, different aspect ratios": [[3, ("image", (1, 4, 16)), 4, ("image", (1, 10, 6)), 7]],
+    "video with T > spatial, then text": [[6, ("video", (8, 4, 4)), 11]],
+    "image then video then image": [[2, ("image", (1, 6, 4)), 3, ("video", (3, 4, 6)), 1, ("image", (1, 4, 4)), 5]],
+    "left-padded batch: text / image / video": [[40], [4, ("image", (1, 6, 8)), 6], [3, ("video", (6, 4, 4)), 8]],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_reference(case, tiny_ckpt, hf_model_factory, parity_report):
+    ours = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    compare(ours, hf_model_factory(tiny_ckpt), build(CASES[case]), f"logits, {case}", parity_report)
+
+
+def test_logits_match_reference_sdpa(tiny_ckpt, hf_model_factory, parity_report):
+    ours = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    batch = build(CASES["left-padded batch: text / image / video"], seed=3)
+    compare(ours, hf_model_factory(tiny_ckpt, attn="sdpa"), batch, "logits vs reference sdpa, padded batch",
+            parity_report)
+
+
+def test_tied_sharded_new_key_layout(tiny_tied_ckpt, hf_model_factory, parity_report):
+    ours = qwen2vl.load_model(tiny_tied_ckpt, dtype=torch.float32, progress=False)
+    assert ours.lm_head is None
+    batch = build([[4, ("image", (1, 4, 8)), 6], [12]], seed=5)
+    compare(ours, hf_model_factory(tiny_tied_ckpt), batch, "logits, tied + sharded + model.language_model.*",
+            parity_report)
+
+
+def test_vision_tower_alone(tiny_ckpt, hf_model_factory, parity_report):
+    ours = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    ref = hf_model_factory(tiny_ckpt)
+    grids = torch.tensor([[1, 6, 10], [4, 4, 8], [1, 2, 2]])
+    pixels = torch.randn(int(grids.prod(-1).sum()), 1176, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a = ours.encode_vision(pixels, grids)
+        b = ref.model.visual(pixels, grid_thw=grids)
+    parity_report("vision tower features", (a - b).abs().max().item(), LIMIT)
+
+
+def test_bfloat16_tracks_float32(tiny_ckpt, parity_report):
+    f32 = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    bf16 = qwen2vl.load_model(tiny_ckpt, dtype=torch.bfloat16, progress=False)
+    assert bf16.dtype == torch.bfloat16
+    batch = build(CASES["left-padded batch: text / image / video"], seed=11)
+    with torch.no_grad():
+        a, b = f32(**batch), bf16(**batch).float()
+    keep = batch["attention_mask"].bool()
+    scale = a[keep].abs().max().item()
+    rel = (a - b)[keep].abs().max().item() / scale
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.0039); a few layers of rounding stay within a few steps
+    parity_report("bf16 vs f32 logits, max |diff| / max |logit|", rel, 0.05)
+    assert (a.argmax(-1)[keep] == b.argmax(-1)[keep]).float().mean() > 0.9
