@@ -28,7 +28,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("measured parity against the reference (worst case per check)")
     for name, value, limit in _PARITY:
-        terminalreporter.write_line(f"{name:<60} {value:10.3g}   (limit {limit:.0e})")
+        terminalreporter.write_line(f"{name:<60} {value:10.3g}   (limit {limit:.3g})")
 
 
 @pytest.fixture(scope="session")

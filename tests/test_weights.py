@@ -1,0 +1,134 @@
+"""The checkpoint loader: both key layouts, shards, tied embeddings, strictness, dtype, peak memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qwen2vl
+from qwen2vl.testing.checkpoint import make_config, write_checkpoint
+from qwen2vl.weights import CheckpointError
+
+SMALL = make_config(vision={"depth": 1, "embed_dim": 16, "num_heads": 2, "hidden_size": 72})
+
+
+def test_every_tensor_lands_where_the_file_says(tmp_path):
+    d = write_checkpoint(tmp_path, SMALL, tokenizer=False)
+    model = qwen2vl.load_model(d, dtype=torch.float32, progress=False)
+    state = model.state_dict()
+    for key, t in load_file(d / "model.safetensors").items():
+        assert torch.equal(state[key], t), key
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_new_key_layout_and_shards_load_the_same_tensors(tmp_path):
+    a = qwen2vl.load_model(write_checkpoint(tmp_path / "a", SMALL, tokenizer=False), progress=False)
+    b = qwen2vl.load_model(write_checkpoint(tmp_path / "b", SMALL, tokenizer=False, key_layout="transformers",
+                                            shards=4), progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bf16_file_to_float32_and_default_dtype(tmp_path):
+    d = write_checkpoint(tmp_path, SMALL, dtype=torch.bfloat16, tokenizer=False)
+    assert qwen2vl.load_model(d, progress=False).dtype == torch.bfloat16  # the checkpoint's own dtype
+    m = qwen2vl.load_model(d, dtype=torch.float32, progress=False)
+    ref = load_file(d / "model.safetensors")["model.norm.weight"].float()
+    assert m.dtype == torch.float32 and torch.equal(m.model.norm.weight, ref)
+
+
+def test_tied_checkpoint_may_carry_a_redundant_lm_head(tmp_path):
+    cfg = make_config(vision=SMALL["vision_config"], tie_word_embeddings=True)
+    d = write_checkpoint(tmp_path, cfg, tokenizer=False)
+    tensors = load_file(d / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, d / "model.safetensors")
+    m = qwen2vl.load_model(d, progress=False)
+    assert m.lm_head is None
+
+
+def _edit(d, fn):
+    tensors = load_file(d / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, d / "model.safetensors")
+
+
+def test_missing_unused_and_misshaped_tensors_are_named(tmp_path):
+    d = write_checkpoint(tmp_path / "m", SMALL, tokenizer=False)
+    _edit(d, lambda t: (t.pop("model.layers.1.mlp.up_proj.weight"), t.pop("lm_head.weight")))
+    with pytest.raises(CheckpointError) as e:
+        qwen2vl.load_model(d, progress=False)
+    assert "model.layers.1.mlp.up_proj.weight" in str(e.value) and "lm_head.weight" in str(e.value)
+
+    d = write_checkpoint(tmp_path / "u", SMALL, tokenizer=False,
+                         extra_tensors={"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(3)})
+    with pytest.raises(CheckpointError, match="unused.*rotary_emb.inv_freq"):
+        qwen2vl.load_model(d, progress=False)
+
+    d = write_checkpoint(tmp_path / "s", SMALL, tokenizer=False)
+    _edit(d, lambda t: t.__setitem__("model.norm.weight", torch.ones(71)))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(71,\), the config needs \(72,\)"):
+        qwen2vl.load_model(d, progress=False)
+
+
+def test_both_layouts_at_once_is_an_error(tmp_path):
+    d = write_checkpoint(tmp_path, SMALL, tokenizer=False,
+                         extra_tensors={"model.language_model.norm.weight": torch.ones(72)})
+    with pytest.raises(CheckpointError, match="given twice"):
+        qwen2vl.load_model(d, progress=False)
+
+
+def test_truncated_and_absent_files(tmp_path):
+    d = write_checkpoint(tmp_path / "t", SMALL, tokenizer=False)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        qwen2vl.load_model(d, progress=False)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        qwen2vl.load_model(d, progress=False)
+    d = write_checkpoint(tmp_path / "i", SMALL, tokenizer=False, shards=2)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not there"):
+        qwen2vl.load_model(d, progress=False)
+
+
+def test_progress_bar_goes_to_stderr(tmp_path):
+    d = write_checkpoint(tmp_path, SMALL, tokenizer=False)
+    out = subprocess.run([sys.executable, "-c", f"import qwen2vl; qwen2vl.load_model({str(d)!r})"],
+                         capture_output=True, text=True, check=True)
+    assert "Loading" in out.stderr and out.stdout == ""
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, qwen2vl
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    base = status("VmRSS:")
+    model = qwen2vl.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]), progress=False)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(json.dumps({"peak_over_base": status("VmHWM:") - base, "weights": size}))
+""")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_peak_memory_while_loading_stays_near_the_weights(tmp_path_factory, dtype, parity_report):
+    d = tmp_path_factory.getbasetemp() / "peak_ckpt"
+    if not (d / "config.json").exists():
+        text = {"vocab_size": 151936, "hidden_size": 512, "intermediate_size": 1400, "num_hidden_layers": 6,
+                "num_attention_heads": 8, "num_key_value_heads": 2,
+                "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
+        write_checkpoint(d, make_config(text, {"depth": 2, "embed_dim": 320, "num_heads": 4, "hidden_size": 512}),
+                         dtype=torch.bfloat16, tokenizer=False, shards=2)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(d), dtype], capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout)
+    parity_report(f"load peak RSS / weights size ({dtype}, {m['weights'] / 1e6:.0f} MB)",
+                  m["peak_over_base"] / m["weights"], 1.25)
