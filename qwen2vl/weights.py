@@ -149,8 +149,14 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: str | None = None,
+    cpu_kernels: bool | None = None,
 ) -> Qwen2VL:
-    """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`."""
+    """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
+
+    On CPU, bf16 weights (and `quantize="int8"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact weights,
+    float32 arithmetic. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
+    """
     directory = Path(path)
     if not directory.is_dir():
         from .hub import resolve_model_path  # a hub id: download (or find in the local hub cache)
@@ -160,5 +166,17 @@ def load_model(
     dtype = dtype or config.torch_dtype or torch.float32
     with torch.device("meta"):
         model = Qwen2VL(config)
-    load_weights(model, directory, dtype, torch.device(device), progress)
-    return model.eval().requires_grad_(False)
+    device = torch.device(device)
+    load_weights(model, directory, dtype, device, progress)
+    model.eval().requires_grad_(False)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    if cpu_kernels is None:
+        cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)
+    if quantize and not cpu_kernels:
+        raise ValueError("quantize='int8' runs through the CPU kernels; it needs device='cpu' and cpu_kernels")
+    if cpu_kernels:
+        from .cpu import use_cpu_kernels
+
+        use_cpu_kernels(model, storage=quantize or "bf16")
+    return model

@@ -54,7 +54,7 @@ def hf_model_factory():
         key = (str(path), dtype, attn)
         if key not in cache:
             cache[key] = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-                path, torch_dtype=dtype, attn_implementation=attn).eval()
+                path, dtype=dtype, attn_implementation=attn).eval()
         return cache[key]
 
     return load

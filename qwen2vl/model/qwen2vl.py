@@ -28,10 +28,14 @@ class Qwen2VL(nn.Module):
         # tied checkpoints (2B) reuse the embedding matrix as the output projection
         self.lm_head = None if config.text.tie_word_embeddings else nn.Linear(
             config.text.hidden_size, config.text.vocab_size, bias=False)
+        # dtype of activations and of the KV cache; None: the weights' dtype. A transform such as
+        # qwen2vl.cpu.use_cpu_kernels sets float32 while the weights stay bf16/int8.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The dtype of activations and cache entries."""
+        return self.compute_dtype or self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -48,7 +52,7 @@ class Qwen2VL(nn.Module):
         video_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings (B, L, H) with vision features written at their placeholder tokens."""
-        x = self.model.embed_tokens(input_ids.to(self.device))
+        x = self.model.embed_tokens(input_ids.to(self.device)).to(self.dtype)
         for token, feats, name in ((self.config.image_token_id, image_features, "image"),
                                    (self.config.video_token_id, video_features, "video")):
             mask = input_ids.to(x.device) == token
@@ -64,8 +68,9 @@ class Qwen2VL(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         """(positions (3, B, L), deltas (B,)) by the trained M-RoPE rule; see positions.batch_mrope_positions."""

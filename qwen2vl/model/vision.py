@@ -62,12 +62,13 @@ class PatchMerger(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
+        self.merge_dim = cfg.merge_dim
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(cfg.merge_dim, cfg.merge_dim), nn.GELU(),
                                  nn.Linear(cfg.merge_dim, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+        return self.mlp(self.ln_q(x).view(-1, self.merge_dim))
 
 
 class PatchEmbed(nn.Module):

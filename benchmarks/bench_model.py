@@ -1,0 +1,187 @@
+"""Side-by-side speed of qwen2vl and transformers on the same random weights, in one process.
+
+    python benchmarks/bench_model.py [--dir /tmp/qwen2vl-2b-random] [--dtype bfloat16] [--repeats 3]
+
+Builds (once) a random checkpoint with the real Qwen2-VL-2B shapes, loads it with both libraries and measures,
+median of `--repeats`: vision encode of a 448x448 image (grid 1x32x32) and of a 1024x683 photo (resized to
+672x1036, grid 1x48x74); time to first token for one 448x448 image and a short prompt (281 tokens); decode
+tokens/s at batch 1 and 4; the decode bound (bytes of weights read per token / measured copy bandwidth) and our
+fraction of it; peak resident memory of each side. Prints a table with the ratios (ours vs reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VS, VE, IMG = 151652, 151653, 151655
+
+
+def rss_peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+
+
+def status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def image_prompt(grid: tuple[int, int, int], text_tokens: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    ids = [151644, 872, 198, VS] + [IMG] * (t * h * w // 4) + [VE]
+    ids += torch.randint(0, 151643, (max(1, text_tokens - len(ids)),), generator=g).tolist()
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": torch.randn(t * h * w, 1176, generator=g), "image_grid_thw": torch.tensor([grid])}
+
+
+def text_prompt(batch: int, length: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 151643, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def measure_bandwidth() -> float:
+    """GB/s of a large memory copy (read + write counted), the ceiling a weight-streaming decode step can reach."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = min(median_time(lambda: dst.copy_(src), 5) for _ in range(1))
+    return 2 * src.numel() / best / 1e9
+
+
+class Ours:
+    name = "qwen2vl"
+
+    def __init__(self, path, dtype):
+        import qwen2vl
+        from qwen2vl.generate.decode import Prompt, generate_steps, greedy
+
+        self.model = qwen2vl.load_model(path, dtype=dtype, progress=False)
+        self._prompt, self._steps, self._greedy = Prompt, generate_steps, greedy
+
+    def vision(self, batch):
+        with torch.inference_mode():
+            self.model.encode_vision(batch["pixel_values"], batch["image_grid_thw"])
+
+    def decode_times(self, batch, new):
+        stamps = [time.perf_counter()]
+        for _ in self._steps(self.model, self._prompt.from_batch(batch), self._greedy, new):
+            stamps.append(time.perf_counter())
+        return stamps
+
+
+class Reference:
+    name = "transformers"
+
+    def __init__(self, path, dtype):
+        import transformers
+
+        self.model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa").eval()
+        self._lp = transformers.LogitsProcessor
+
+    def vision(self, batch):
+        with torch.inference_mode():
+            self.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+
+    def decode_times(self, batch, new):
+        stamps = [time.perf_counter()]
+
+        class Stamp(self._lp):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        with torch.inference_mode():
+            self.model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, top_k=None,
+                                top_p=None, temperature=None, repetition_penalty=1.0, pad_token_id=151643,
+                                logits_processor=[Stamp()])
+        return stamps
+
+
+def run_side(side, repeats, new_tokens):
+    r = {}
+    small, photo = image_prompt((1, 32, 32), 281), image_prompt((1, 48, 74), 281)
+    side.vision(image_prompt((1, 4, 4), 20))  # warm-up
+    r["vision 448x448 (s)"] = median_time(lambda: side.vision(small), repeats)
+    r["vision 1024x683 (s)"] = median_time(lambda: side.vision(photo), repeats)
+    ttft = []
+    for _ in range(repeats):
+        stamps = side.decode_times(small, 1)
+        ttft.append(stamps[1] - stamps[0])
+    r["TTFT 448x448 + text, 281 tok (s)"] = statistics.median(ttft)
+    for b in (1, 4):
+        rates = []
+        for _ in range(repeats):
+            s = side.decode_times(text_prompt(b, 32), new_tokens)
+            steps = [s[i + 1] - s[i] for i in range(1, len(s) - 1)]  # decode steps only, prefill excluded
+            rates.append(b / statistics.median(steps))
+        r[f"decode batch {b} (tok/s)"] = statistics.median(rates)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--only", choices=["qwen2vl", "transformers"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = Path(args.dir)
+    if not (path / "config.json").exists():
+        from qwen2vl.testing.checkpoint import SHAPES_2B_TEXT, SHAPES_2B_VISION, make_config, write_checkpoint
+
+        write_checkpoint(path, make_config(SHAPES_2B_TEXT, SHAPES_2B_VISION), dtype=torch.bfloat16, tokenizer=False)
+    dtype = getattr(torch, args.dtype)
+    results, weights_bytes = {}, 0
+    for cls in (Ours, Reference):
+        if args.only and cls.name != args.only:
+            continue
+        rss_peak_reset()
+        base = status("VmRSS:")
+        side = cls(str(path), dtype)
+        results[cls.name] = run_side(side, args.repeats, args.new_tokens)
+        results[cls.name]["peak memory above start (GB)"] = (status("VmHWM:") - base) / 1e9
+        if cls is Ours:
+            m = side.model
+            weights_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.startswith("visual."))
+        del side
+    bw = measure_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, median of {args.repeats}")
+    names = list(results)
+    print(f"{'':<36}" + "".join(f"{n:>14}" for n in names) + ("      ratio" if len(names) == 2 else ""))
+    for key in results[names[0]]:
+        vals = [results[n][key] for n in names]
+        line = f"{key:<36}" + "".join(f"{v:>14.3f}" for v in vals)
+        if len(names) == 2:
+            better_low = "(s)" in key or "memory" in key
+            line += f"{(vals[1] / vals[0] if better_low else vals[0] / vals[1]):>10.2f}x"
+        print(line)
+    if weights_bytes:
+        bound = bw / (weights_bytes / 1e9)
+        ours = results["qwen2vl"]["decode batch 1 (tok/s)"]
+        print(f"decode bound: {weights_bytes / 1e9:.2f} GB of language-model weights per token at {bw:.1f} GB/s "
+              f"copy bandwidth = {bound:.2f} tok/s; qwen2vl batch 1 reaches {100 * ours / bound:.0f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
