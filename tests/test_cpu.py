@@ -18,7 +18,7 @@ def test_kernels_build_here():
     assert kernels.available()
 
 
-@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
 @pytest.mark.parametrize("k", [72, 96, 1536])
 def test_kernels_match_torch(m, k):
     g = torch.Generator().manual_seed(m * 1000 + k)
@@ -32,6 +32,19 @@ def test_kernels_match_torch(m, k):
     ref = x.double() @ (q.double() * scale.double()[:, None]).T
     got = kernels.gemm_int8(x, q, scale)
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_rows_result_does_not_depend_on_its_batch():
+    # batched decoding must give each row exactly what decoding it alone gives
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(70, 200, generator=g).to(torch.bfloat16)
+    x = torch.randn(40, 200, generator=g)
+    alone = torch.cat([kernels.gemm_bf16(x[i:i + 1], w) for i in range(40)])
+    for m in (2, 7, 8, 13, 40):
+        assert torch.equal(kernels.gemm_bf16(x[:m], w), alone[:m])
+    q, s = quantize_int8(w.float())
+    alone = torch.cat([kernels.gemm_int8(x[i:i + 1], q, s) for i in range(40)])
+    assert torch.equal(kernels.gemm_int8(x, q, s), alone)
 
 
 def test_weight_only_linear_paths_agree():

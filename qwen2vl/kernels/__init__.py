@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gemv_avx2.c")
-MAX_ROWS = 8  # the kernels' register budget: at most 8 rows of X per call
+MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
 
 
 def _cpu_has_avx2_fma() -> bool:

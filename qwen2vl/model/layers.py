@@ -37,7 +37,8 @@ class SwiGLU(nn.Module):
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    """x * sigmoid(1.702 x), with one temporary instead of three (the MLP's widest activation)."""
+    return torch.sigmoid_(x * 1.702).mul_(x)
 
 
 class VisionMLP(nn.Module):
