@@ -18,6 +18,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache backed by existing (layers, batch, kv_heads, max_len, head_dim) tensors, e.g. one engine slot."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len = k, v, k.shape[3]
+        return cache
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

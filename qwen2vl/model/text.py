@@ -27,17 +27,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, attend: "Attend", layer: int):
         b, n, _ = x.shape
         # (B, L, heads*hd) -> (B, heads, L, hd)
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, start, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = attend(layer, q, k, v)  # (B, heads, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -49,8 +46,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, attend, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -75,6 +72,22 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, n: int, s
     return mask[:, None]
 
 
+class Attend:
+    """Where keys and values go and how queries see them: plain causal attention over the new tokens, optionally
+    after the caller's KVCache (slots start..start+L of every row). Other layouts (the engine's per-request
+    slots) provide the same call: attend(layer, q, k, v) -> (B, heads, L, hd)."""
+
+    def __init__(self, mask: torch.Tensor | None, cache: KVCache | None, start: int) -> None:
+        self.mask, self.cache, self.start = mask, cache, start
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.write(layer, self.start, k, v)
+        causal = self.mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=causal,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
+
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -93,13 +106,19 @@ class TextModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start: int = 0,
+        attend: Attend | None = None,
     ) -> torch.Tensor:
-        """embeds (B, L, H), positions (3, B, L) -> final hidden states (B, L, H), after the last norm."""
+        """embeds (B, L, H), positions (3, B, L) -> final hidden states (B, L, H), after the last norm.
+
+        Keys/values go to `cache` at slots start..start+L (attention_mask then covers start+L slots), or wherever
+        a custom `attend` puts them.
+        """
         cfg = self.cfg
         b, n, _ = embeds.shape
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
-        mask = attention_mask_4d(attention_mask, b, n, start, embeds.device)
+        if attend is None:
+            attend = Attend(attention_mask_4d(attention_mask, b, n, start, embeds.device), cache, start)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            x = layer(x, cos, sin, attend, i)
         return self.norm(x)

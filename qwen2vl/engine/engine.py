@@ -1,0 +1,352 @@
+"""Continuous batching over the stateless model: requests join and leave between decode steps.
+
+Shaped like nano-vllm's `LLMEngine.step` (schedule -> run -> postprocess) and vLLM's scheduler, for one process:
+- a bounded waiting queue (full -> `QueueFull`, which a server turns into 429 + Retry-After);
+- a fixed pool of KV slots sized from an explicit byte budget; a request is admitted when a slot is free;
+- each step does at most one unit of prompt work - one vision item, or one prefill chunk of at most
+  `prefill_chunk` tokens - and then one decode step for every running request, so a new request holds the
+  running ones back by at most one chunk;
+- vision outputs are cached by content hash across requests (LRU, byte budget), and a freed slot keeps its
+  prompt's keys/values: a new request whose prompt starts with the same whole prefill chunks continues from
+  there (multi-turn chats, shared system prompts). Reused chunks are bit-identical to recomputed ones, because
+  chunk boundaries are fixed multiples of `prefill_chunk` from the start of the prompt.
+Every request's tokens are what it would get alone: its prefill and vision run by themselves, decode rows use
+per-row attention (`SlotAttend`) and linear layers whose per-row result does not depend on the batch
+(`qwen2vl.kernels`). The token choice is a per-request callable, as in `generate.decode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate.decode import Prompt
+from ..model import Qwen2VL
+from .slots import SlotAttend, SlotPool, slot_bytes
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit; try again later."""
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: Prompt  # batch of one
+    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (1, V), seen (1, S)) -> (1,)
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
+    # filled in by the engine
+    slot: int = -1
+    done: int = 0  # prompt tokens whose keys/values are in the slot
+    generated: list[int] = field(default_factory=list)
+    embeds: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    next_position: int = 0
+    vision_pending: list = field(default_factory=list)
+    identity: list = field(default_factory=list)
+    features: dict = field(default_factory=dict)
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.prompt.input_ids[0]
+
+
+@dataclass(frozen=True)
+class Output:
+    request_id: str
+    token: int | None  # None when the request ended without a new token (aborted, or refused)
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    error: str | None = None
+
+
+class VisionCache:
+    """LRU of vision features keyed by a hash of the pixels and grid, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used, self.items = max_bytes, 0, OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixels: torch.Tensor, grid: torch.Tensor) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(pixels.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(str(grid.tolist()).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self.items[key] = value
+        self.used += size
+        while self.used > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Qwen2VL,
+        max_num_seqs: int = 8,
+        max_model_len: int = 4096,
+        kv_cache_bytes: int | None = None,
+        prefill_chunk: int = 256,
+        max_waiting: int = 256,
+        vision_cache_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.model = model
+        cfg = model.config.text
+        per_slot = slot_bytes(cfg, max_model_len, model.dtype)
+        slots = max_num_seqs if kv_cache_bytes is None else min(max_num_seqs, kv_cache_bytes // per_slot)
+        self.pool = SlotPool(cfg, slots, max_model_len, model.dtype, model.device)
+        self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+        self.free_slots = list(range(slots))
+        self.slot_tokens: dict[int, list[int]] = {}  # prompt tokens whose KV a free slot still holds
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        self._inbox: deque = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.generated_tokens = 0
+        self.prefix_tokens_reused = 0
+
+    # -- thread-safe entry points (called from the server's event loop) ----------------------------------------
+    def add(self, request: Request) -> None:
+        length = request.prompt.input_ids.shape[1]
+        if length + 1 > self.max_model_len:
+            raise ValueError(f"the prompt has {length} tokens; this server's context is {self.max_model_len}")
+        with self._lock:
+            if len(self.waiting) + len(self._inbox) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            self._inbox.append(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        used = sum(r.done + len(r.generated) for r in self.running + self.prefilling)
+        return {"waiting": len(self.waiting), "running": len(self.running), "prefilling": len(self.prefilling),
+                "kv_slots": self.pool.slots, "kv_slots_used": self.pool.slots - len(self.free_slots),
+                "kv_tokens_used": used, "kv_tokens_capacity": self.pool.slots * self.max_model_len,
+                "generated_tokens": self.generated_tokens, "prefix_tokens_reused": self.prefix_tokens_reused,
+                "vision_cache_hits": self.vision_cache.hits, "vision_cache_misses": self.vision_cache.misses}
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self._inbox)
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        outputs = self._drain_inbox()
+        self._admit()
+        if self.prefilling:
+            req = self.prefilling[0]
+            try:
+                first = self._prompt_work(req)
+            except Exception as e:  # one bad request must not take the others down
+                self.prefilling.pop(0)
+                self._release(req, keep=False)
+                outputs.append(Output(req.request_id, None, finish_reason="error", error=str(e)))
+                first = None
+            if first is not None:
+                self.prefilling.pop(0)
+                outputs.append(first)
+                if first.finish_reason is None:
+                    self.running.append(req)
+                else:
+                    self._release(req)
+        if self.running:
+            outputs += self._decode()
+        return outputs
+
+    def _drain_inbox(self) -> list[Output]:
+        outputs = []
+        with self._lock:
+            items, self._inbox = list(self._inbox), deque()
+        for kind, item in items:
+            if kind == "add":
+                self.waiting.append(item)
+                continue
+            for queue in (self.waiting, self.prefilling, self.running):
+                for req in list(queue):
+                    if req.request_id == item:
+                        queue.remove(req)
+                        if req.slot >= 0:
+                            self._release(req, keep=False)
+                        outputs.append(Output(req.request_id, None, finish_reason="abort"))
+        return outputs
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            p = req.prompt
+            items = []
+            if p.image_features is None and p.pixel_values is not None:
+                items += _split_items("image", p.pixel_values, p.image_grid_thw)
+            if p.video_features is None and p.pixel_values_videos is not None:
+                items += _split_items("video", p.pixel_values_videos, p.video_grid_thw)
+            req.vision_pending = items
+            req.identity = self._identity(req, items)
+            req.slot, req.done = self._pick_slot(req.identity)
+            self.prefix_tokens_reused += req.done
+            self.prefilling.append(req)
+
+    def _identity(self, req: Request, items: list) -> list:
+        """The prompt's token ids, with each image/video placeholder replaced by (content hash, index): two
+        prompts share a prefix only if their pictures are the same too."""
+        p, cfg = req.prompt, self.model.config
+        merge = cfg.vision.spatial_merge_size ** 2
+        pads = {cfg.image_token_id: [], cfg.video_token_id: []}  # per kind: [(key, tokens), ...] in order
+        for kind, pixels, grid in items:
+            token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+            pads[token].append((VisionCache.key(pixels, grid), int(grid.prod()) // merge))
+        for token, feats in ((cfg.image_token_id, p.image_features), (cfg.video_token_id, p.video_features)):
+            if feats is not None:  # precomputed features: one key covering all of them
+                pads[token] = [(VisionCache.key(feats, torch.tensor(feats.shape)), feats.shape[0])]
+        out, item, used = [], {t: 0 for t in pads}, {t: 0 for t in pads}
+        for t in req.ids.tolist():
+            if t in pads and item[t] < len(pads[t]):
+                key, count = pads[t][item[t]]
+                out.append((key, used[t]))
+                used[t] += 1
+                if used[t] == count:
+                    item[t], used[t] = item[t] + 1, 0
+            else:
+                out.append(t)
+        return out
+
+    def _pick_slot(self, ids: list) -> tuple[int, int]:
+        """A free slot, preferring the one holding the longest run of whole prefill chunks of this prompt."""
+        best, best_len = self.free_slots[0], 0
+        for slot in self.free_slots:
+            held = self.slot_tokens.get(slot, [])
+            common = 0
+            for a, b in zip(held, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)  # the last prompt token is always run, for its logits
+            whole = common // self.prefill_chunk * self.prefill_chunk
+            if whole > best_len:
+                best, best_len = slot, whole
+        self.free_slots.remove(best)
+        self.slot_tokens.pop(best, None)
+        return best, best_len
+
+    def _release(self, req: Request, keep: bool = True) -> None:
+        if keep:
+            self.slot_tokens[req.slot] = req.identity[: req.done]
+        self.free_slots.append(req.slot)
+        req.slot = -1
+
+    def _prompt_work(self, req: Request) -> Output | None:
+        model = self.model
+        if req.vision_pending:  # one image or video per step
+            kind, pixels, grid = req.vision_pending.pop(0)
+            key = VisionCache.key(pixels, grid)
+            feats = self.vision_cache.get(key)
+            if feats is None:
+                feats = model.encode_vision(pixels, grid)
+                self.vision_cache.put(key, feats)
+            req.features.setdefault(kind, []).append(feats)
+            return None
+        if req.embeds is None:
+            p = req.prompt
+            image = p.image_features if p.image_features is not None else _cat(req.features.get("image"))
+            video = p.video_features if p.video_features is not None else _cat(req.features.get("video"))
+            req.embeds = model.embed(p.input_ids, image, video)
+            req.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
+            req.next_position = p.input_ids.shape[1] + int(deltas[0])
+            req.features = {}
+        length = req.embeds.shape[1]
+        end = min(length, (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
+        hidden = model.model(req.embeds[:, req.done:end], req.positions[:, :, req.done:end].to(model.device),
+                             None, self.pool.view(req.slot), req.done)
+        req.done = end
+        if end < length:
+            return None
+        req.embeds = req.positions = None
+        return self._emit(req, model.logits(hidden[:, -1]).float())
+
+    def _decode(self) -> list[Output]:
+        model = self.model
+        reqs = self.running
+        tokens = torch.tensor([[r.generated[-1]] for r in reqs], device=model.device)
+        lengths = [r.done + len(r.generated) - 1 for r in reqs]
+        pos = torch.tensor([r.next_position + len(r.generated) - 1 for r in reqs], device=model.device)
+        positions = pos.view(1, -1, 1).expand(3, -1, -1)
+        attend = SlotAttend(self.pool, [r.slot for r in reqs], lengths)
+        hidden = model.model(model.model.embed_tokens(tokens).to(model.dtype), positions, attend=attend)
+        logits = model.logits(hidden[:, -1]).float()
+        outputs, still = [], []
+        for i, req in enumerate(reqs):
+            out = self._emit(req, logits[i:i + 1])
+            outputs.append(out)
+            if out.finish_reason is None:
+                still.append(req)
+            else:
+                self._release(req)
+        self.running = still
+        return outputs
+
+    def _emit(self, req: Request, logits: torch.Tensor) -> Output:
+        seen = torch.cat([req.prompt.input_ids.to(logits.device),
+                          torch.tensor([req.generated], dtype=torch.long, device=logits.device)], dim=1)
+        token = int(req.choose(logits, seen)[0])
+        req.generated.append(token)
+        self.generated_tokens += 1
+        logprob, top = None, ()
+        if req.logprobs is not None:
+            lp = torch.log_softmax(logits[0], dim=-1)
+            logprob = float(lp[token])
+            if req.logprobs:
+                values, ids = lp.topk(req.logprobs)
+                top = tuple(zip(ids.tolist(), values.tolist()))
+        reason = None
+        if token in req.stop_token_ids:
+            reason = "stop"
+        elif len(req.generated) >= req.max_new_tokens or req.done + len(req.generated) >= self.max_model_len:
+            reason = "length"
+        return Output(req.request_id, token, logprob, top, reason)
+
+
+def _split_items(kind: str, pixels: torch.Tensor, grids: torch.Tensor) -> list:
+    items, start = [], 0
+    for grid in grids:
+        n = int(grid.prod())
+        items.append((kind, pixels[start:start + n], grid[None]))
+        start += n
+    return items
+
+
+def _cat(parts: list | None) -> torch.Tensor | None:
+    return None if not parts else torch.cat(parts)
