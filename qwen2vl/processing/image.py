@@ -1,0 +1,93 @@
+"""Images: resize rules, RGB conversion, normalisation and patch layout (spec 3).
+
+`smart_resize` matches qwen-vl-utils 0.0.14 (`vision_process.smart_resize`, `max(factor, round(...))`) and, with
+`variant="transformers"`, transformers 4.57/5.x (`image_processing_qwen2_vl.smart_resize`). `to_rgb` matches
+qwen-vl-utils `to_rgb` (RGBA composited on white; every other mode through PIL's convert). `resize_image` is PIL's
+bicubic, as qwen-vl-utils' `image.resize`. `normalize` is the transformers fused rescale+normalise,
+`patchify` the processor's (N, C*T*P*P) merge-window layout (spec 3.5, 4.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+
+MAX_RATIO = 200
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
+                 max_pixels: int = 16384 * 28 * 28, variant: str = "qwen-vl-utils") -> tuple[int, int]:
+    """(h, w), multiples of `factor`, close to the input aspect ratio, with h*w within [min_pixels, max_pixels]."""
+    if max_pixels < min_pixels:
+        raise InputError(f"max_pixels ({max_pixels}) must be at least min_pixels ({min_pixels})")
+    if min(height, width) <= 0:
+        raise InputError(f"image size {width}x{height} is empty")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise InputError(f"aspect ratio {ratio:.1f} of a {width}x{height} image exceeds the limit of {MAX_RATIO}")
+    h = round(height / factor) * factor  # Python round: half to even, as both references
+    w = round(width / factor) * factor
+    if variant == "qwen-vl-utils":
+        h, w = max(factor, h), max(factor, w)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+        if variant == "transformers":
+            h, w = max(factor, h), max(factor, w)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: PIL's convert clips; scale to 8 bits
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    return image.resize((width, height), Image.BICUBIC)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 or 0..255 float (..., 3, H, W) -> float32 (x - 255 mean) / (255 std), per channel."""
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32) * 255
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32) * 255
+    shape = (3, 1, 1)
+    return (pixels.float() - mean.view(shape)) / std.view(shape)
+
+
+def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> tuple[torch.Tensor, list[int]]:
+    """Normalised frames (T, 3, H, W), T a multiple of `temporal` -> rows (T/2 * H/14 * W/14, 3*2*14*14), grid.
+
+    Rows come in 2x2 merge windows, windows in raster order, temporal patches outermost; a row is (c, t, y, x).
+    """
+    t, c, h, w = frames.shape
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    x = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    # (gt, tt, c, bh, mh, py, bw, mw, px) -> (gt, bh, bw, mh, mw, c, tt, py, px)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch), [gt, gh, gw]
+
+
+def image_to_patches(image: Image.Image) -> tuple[torch.Tensor, list[int]]:
+    """An RGB image already at multiples of 28 -> (rows, [1, h/14, w/14]); the frame is repeated in time."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    frames = normalize(arr)[None].expand(2, -1, -1, -1)
+    return patchify(frames)

@@ -1,0 +1,236 @@
+"""Conversations -> model inputs, as qwen-vl-utils' `process_vision_info` + transformers' `Qwen2VLProcessor`.
+
+Per item the qwen-vl-utils rules decide the size (images: `min_pixels`/`max_pixels`/`resized_*`; videos: frames
+and the per-frame budget), then the transformers processor's own bounds apply (a no-op for sizes qwen-vl-utils
+produced within them), pixels are normalised and laid out in merge-window rows, and each `<|image_pad|>` /
+`<|video_pad|>` in the rendered template is expanded to t*h*w/4 copies before tokenising. Batches are left-padded
+with <|endoftext|>. The returned mapping has the transformers keys and layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .chat import normalize_messages, render
+from .errors import InputError
+from .image import image_to_patches, normalize, patchify, resize_image, smart_resize, to_rgb
+from .media import MediaPolicy, load_image, read_bytes
+from .tokenizer import Tokenizer
+from .video import load_video, plan_video
+
+IMAGE_PAD, VIDEO_PAD, PAD = "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    kind: str
+    source: str
+    source_size: tuple[int, int]  # (width, height)
+    resized_size: tuple[int, int]  # (width, height)
+    tokens: int
+    frame_indices: list[int] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Plan:
+    items: list[ItemPlan]
+    prompt_tokens: int
+    context: int
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, min_pixels: int = 3136,
+                 max_pixels: int = 12845056, policy: MediaPolicy | None = None, max_context: int = 32768,
+                 video_defaults: dict | None = None) -> None:
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.policy = policy or MediaPolicy()
+        self.max_context = max_context
+        self.video_defaults = dict(video_defaults or {})
+        self.pad_id = tokenizer.token_id(PAD)
+        self.image_pad_id, self.video_pad_id = tokenizer.token_id(IMAGE_PAD), tokenizer.token_id(VIDEO_PAD)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "Processor":
+        """Read tokenizer.json, the chat template and preprocessor_config.json; keyword arguments override
+        (min_pixels, max_pixels, policy, max_context, video_defaults, chat_template)."""
+        path = Path(path)
+        pre = _read_json(path / "preprocessor_config.json", required=False)
+        tok_cfg = _read_json(path / "tokenizer_config.json", required=False)
+        template = overrides.pop("chat_template", None)
+        if template is None and (path / "chat_template.json").exists():
+            template = _read_json(path / "chat_template.json")["chat_template"]
+        if template is None and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        template = template or tok_cfg.get("chat_template")
+        if not template:
+            raise InputError(f"{path}: no chat template (chat_template.json, chat_template.jinja or tokenizer_config)")
+        if not (path / "tokenizer.json").exists():
+            raise InputError(f"{path}: no tokenizer.json")
+        config = _read_json(path / "config.json", required=False)
+        kwargs = {"min_pixels": pre.get("min_pixels", 3136), "max_pixels": pre.get("max_pixels", 12845056),
+                  "max_context": config.get("max_position_embeddings", (config.get("text_config") or {}).get(
+                      "max_position_embeddings", tok_cfg.get("model_max_length", 32768)))}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(Tokenizer(path / "tokenizer.json"), template, **kwargs)
+
+    # -- text ----------------------------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+        return render(self.chat_template, normalize_messages(conversation), add_generation_prompt,
+                      add_vision_id=add_vision_id)
+
+    # -- media ---------------------------------------------------------------------------------------------------
+    def vision_items(self, messages: list[dict]) -> list[dict]:
+        return [p for m in messages if isinstance(m["content"], list) for p in m["content"]
+                if p["type"] in ("image", "video")]
+
+    def _image_size(self, item: dict, width: int, height: int) -> tuple[int, int]:
+        if "resized_height" in item and "resized_width" in item:
+            h, w = smart_resize(int(item["resized_height"]), int(item["resized_width"]), 28)
+        else:
+            h, w = smart_resize(height, width, 28, int(item.get("min_pixels", self.min_pixels)),
+                                int(item.get("max_pixels", self.max_pixels)))
+        # then the transformers processor's own bounds (a no-op within them)
+        return smart_resize(h, w, 28, self.min_pixels, self.max_pixels, variant="transformers")
+
+    def image(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
+        image = to_rgb(load_image(item["image"], self.policy, what))
+        h, w = self._image_size(item, image.width, image.height)
+        return image_to_patches(resize_image(image, h, w))
+
+    def video(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
+        frames, _ = load_video({**self.video_defaults, **item}, self.policy, what)
+        h, w = smart_resize(frames.shape[2], frames.shape[3], 28, self.min_pixels, self.max_pixels,
+                            variant="transformers")
+        if (h, w) != tuple(frames.shape[2:]):
+            from .video import resize_frames
+
+            frames = resize_frames(frames, h, w)
+        return patchify(normalize(frames))
+
+    # -- the whole batch -----------------------------------------------------------------------------------------
+    def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False) -> dict:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        texts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
+        for c, conv in enumerate(conversations):
+            messages = normalize_messages(conv)
+            text = render(self.chat_template, messages, add_generation_prompt, add_vision_id=add_vision_id)
+            counts = {"image": 0, "video": 0}
+            for item in self.vision_items(messages):
+                kind = item["type"]
+                what = f"conversation {c}, {kind} {counts[kind]} ({_describe(item[kind])})"
+                rows, grid = self.image(item, what) if kind == "image" else self.video(item, what)
+                pixels[kind].append(rows)
+                grids[kind].append(grid)
+                counts[kind] += 1
+            texts.append(text)
+        ids = self._expand_and_tokenize(texts, grids)
+        length = max(map(len, ids))
+        batch = {
+            "input_ids": torch.tensor([[self.pad_id] * (length - len(r)) + r for r in ids], dtype=torch.long),
+            "attention_mask": torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids], dtype=torch.long),
+        }
+        if pixels["image"]:
+            batch["pixel_values"] = torch.cat(pixels["image"])
+            batch["image_grid_thw"] = torch.tensor(grids["image"], dtype=torch.long)
+        if pixels["video"]:
+            batch["pixel_values_videos"] = torch.cat(pixels["video"])
+            batch["video_grid_thw"] = torch.tensor(grids["video"], dtype=torch.long)
+        return batch
+
+    def _expand_and_tokenize(self, texts: list[str], grids: dict) -> list[list[int]]:
+        queues = {IMAGE_PAD: iter(grids["image"]), VIDEO_PAD: iter(grids["video"])}
+        out = []
+        for c, text in enumerate(texts):
+            pieces, rest = [], text
+            while True:
+                cut = [(rest.find(pad), pad) for pad in queues if rest.find(pad) >= 0]
+                if not cut:
+                    pieces.append(rest)
+                    break
+                at, pad = min(cut)
+                grid = next(queues[pad], None)
+                if grid is None:
+                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items", f"conversation {c}")
+                pieces.append(rest[:at] + pad * (grid[0] * grid[1] * grid[2] // 4))
+                rest = rest[at + len(pad):]
+            ids = self.tokenizer.encode("".join(pieces))
+            if len(ids) > self.max_context:
+                raise InputError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                                 f"{self.max_context}", f"conversation {c}")
+            out.append(ids)
+        for pad, q in queues.items():
+            if next(q, None) is not None:
+                raise InputError(f"more {pad[2:7]} items than {pad} placeholders in the chat template's output")
+        return out
+
+    # -- planning ------------------------------------------------------------------------------------------------
+    def plan(self, conversation, add_generation_prompt: bool = True) -> Plan:
+        """Sizes, token counts and frame choices of every item and the whole prompt, decoding no video."""
+        messages = normalize_messages(conversation)
+        text = render(self.chat_template, messages, add_generation_prompt)
+        items, extra = [], 0
+        for i, item in enumerate(self.vision_items(messages)):
+            kind, what = item["type"], f"{item['type']} {i} ({_describe(item[item['type']])})"
+            if kind == "image":
+                image = _lazy_image(item["image"], self.policy, what)
+                h, w = self._image_size(item, image.width, image.height)
+                tokens = (h // 28) * (w // 28)
+                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), tokens))
+            else:
+                vp = plan_video({**self.video_defaults, **item}, self.policy, what)
+                h, w = vp.resized
+                n = len(vp.indices) + len(vp.indices) % 2
+                tokens = n // 2 * (h // 28) * (w // 28)
+                items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), tokens,
+                                      vp.indices, [round(t, 3) for t in vp.timestamps]))
+            extra += tokens - 1
+        total = len(self.tokenizer.encode(text)) + extra
+        return Plan(items, total, self.max_context)
+
+    def with_policy(self, policy: MediaPolicy) -> "Processor":
+        clone = Processor.__new__(Processor)
+        clone.__dict__.update(self.__dict__)
+        clone.policy = policy
+        return clone
+
+
+def _lazy_image(source, policy: MediaPolicy, what: str) -> Image.Image:
+    """The image's header only (size and mode), where the source allows it."""
+    if isinstance(source, (str, Path)):
+        import io
+
+        try:
+            return Image.open(io.BytesIO(read_bytes(str(source), policy, what)))
+        except Image.UnidentifiedImageError:
+            raise InputError("not a recognised image format", what) from None
+    return load_image(source, policy, what)
+
+
+def _describe(source) -> str:
+    if isinstance(source, str):
+        return source if len(source) <= 60 else source[:40] + "..." + source[-12:]
+    if isinstance(source, list):
+        return f"{len(source)} frames"
+    return type(source).__name__
+
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.exists():
+        if required:
+            raise InputError(f"{path} is missing")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+__all__ = ["ItemPlan", "Plan", "Processor"]

@@ -1,0 +1,191 @@
+"""Videos: how many frames, which ones, at what size (spec 4.1), decoded with PyAV reading only what is kept.
+
+Matches qwen-vl-utils 0.0.14 `smart_nframes`, `fetch_video` (frame indices `linspace(start, end, n).round()`,
+`video_start`/`video_end` as its torchcodec reader, the per-frame pixel budget from `total_pixels`) and its
+resize (`torchvision...resize(BICUBIC, antialias=True)` on uint8 tensors = float32 interpolation, clamp, round).
+Deliberate difference (spec 4.1): a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 first
+resizes every frame to multiples of 56 by the image rule and then again (a double resize).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .image import smart_resize, to_rgb
+from .media import MediaPolicy, load_image, local_path, read_bytes
+
+FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    total_frames: int
+    fps: float
+    height: int
+    width: int
+    indices: list[int]
+    resized: tuple[int, int]
+
+    @property
+    def timestamps(self) -> list[float]:
+        return [i / self.fps for i in self.indices] if self.fps else []
+
+
+def smart_nframes(ele: dict, total_frames: int, video_fps: float, what: str = "video") -> int:
+    if "fps" in ele and "nframes" in ele:
+        raise InputError("give either fps or nframes, not both", what)
+    if "nframes" in ele:
+        n = round(ele["nframes"] / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        fps = ele.get("fps", FPS)
+        lo = math.ceil(ele.get("min_frames", FPS_MIN_FRAMES) / FRAME_FACTOR) * FRAME_FACTOR
+        hi = math.floor(ele.get("max_frames", min(FPS_MAX_FRAMES, total_frames)) / FRAME_FACTOR) * FRAME_FACTOR
+        n = total_frames / video_fps * fps
+        n = min(min(max(n, lo), hi), total_frames)
+        n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= n <= total_frames:
+        raise InputError(f"{n} frames requested from a video of {total_frames} decodable frames; need 2..{total_frames}",
+                         what)
+    return int(n)
+
+
+def sample_indices(ele: dict, total_frames: int, video_fps: float, what: str = "video") -> list[int]:
+    start, end = 0, total_frames - 1
+    if ele.get("video_start") is not None:
+        start = max(0, math.ceil(float(ele["video_start"]) * video_fps))
+    if ele.get("video_end") is not None:
+        end = min(math.floor(float(ele["video_end"]) * video_fps), total_frames - 1)
+    if end < start:
+        raise InputError(f"video_start/video_end select no frames (frames {start}..{end})", what)
+    n = smart_nframes(ele, end - start + 1, video_fps, what)
+    return torch.linspace(start, end, n).round().long().tolist()
+
+
+def frame_size(ele: dict, nframes: int, height: int, width: int) -> tuple[int, int]:
+    """Per-frame (h, w) under the video pixel budget of qwen-vl-utils 0.0.14."""
+    if "resized_height" in ele and "resized_width" in ele:
+        return smart_resize(ele["resized_height"], ele["resized_width"], 28)
+    min_pixels = ele.get("min_pixels", VIDEO_MIN_PIXELS)
+    total = ele.get("total_pixels", VIDEO_TOTAL_PIXELS)
+    max_pixels = max(min(VIDEO_MAX_PIXELS, total / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = min(ele.get("max_pixels", max_pixels), max_pixels)
+    return smart_resize(height, width, 28, min_pixels, max_pixels)
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, height, width), bicubic with antialias, as torchvision on tensors."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _open(source: str, policy: MediaPolicy, what: str):
+    import av  # optional extra: pip install qwen2vl[video]
+
+    if source.startswith(("http://", "https://", "data:")):
+        import io
+
+        target = io.BytesIO(read_bytes(source, policy, what))
+    else:
+        target = str(local_path(Path(source[7:] if source.startswith("file://") else source), policy, what))
+    try:
+        return av.open(target)
+    except (av.error.FFmpegError, OSError) as e:
+        raise InputError(f"cannot open as a video ({e})", what) from None
+
+
+def probe(container, what: str) -> tuple[int, float, int, int]:
+    """(frame count, frames per second, height, width) of the first video stream, without decoding pictures."""
+    if not container.streams.video:
+        raise InputError("no video stream", what)
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    total = stream.frames
+    if not total:  # containers without a frame count in the header: count packets
+        total = sum(1 for p in container.demux(stream) if p.size)
+        container.seek(0)
+    if total < 2 or fps <= 0:
+        raise InputError(f"{total} frames at {fps} fps: a video needs at least 2 decodable frames", what)
+    return int(total), fps, stream.codec_context.height, stream.codec_context.width
+
+
+def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
+    """Decode in order, converting to RGB only the frames at `indices` (repeats allowed): memory ~ kept frames."""
+    wanted: dict[int, int] = {}
+    for i in indices:
+        wanted[i] = wanted.get(i, 0) + 1
+    kept, last = [], max(indices)
+    try:
+        for n, frame in enumerate(container.decode(video=0)):
+            if n in wanted:
+                rgb = frame.to_ndarray(format="rgb24")
+                kept += [rgb] * wanted[n]
+            if n >= last:
+                break
+    except Exception as e:  # av raises many types for corrupt data
+        if len(kept) < 2:
+            raise InputError(f"undecodable video ({e})", what) from None
+    if len(kept) < len(indices):
+        if len(kept) < 2:
+            raise InputError(f"only {len(kept)} decodable frames; a video needs at least 2", what)
+        kept += [kept[-1]] * (len(indices) - len(kept))  # header promised more frames than the stream holds
+    return torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2)
+
+
+def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[torch.Tensor, VideoPlan]:
+    """Resized uint8 frames (T, 3, h, w), T even, and the plan that produced them."""
+    source = ele["video"]
+    if isinstance(source, (list, tuple)):
+        frames = [torch.from_numpy(np.asarray(to_rgb(load_image(f, policy, f"{what} frame {i}"))).copy()).permute(2, 0, 1)
+                  for i, f in enumerate(source)]
+        return _from_frames(ele, frames, fps=float(ele.get("sample_fps", FPS)), what=what)
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4 or source.shape[3] != 3 or source.dtype != np.uint8:
+            raise InputError(f"array video must be uint8 (T, H, W, 3), got {source.dtype} {source.shape}", what)
+        return _from_frames(ele, list(torch.from_numpy(source.copy()).permute(0, 3, 1, 2)),
+                            fps=float(ele.get("sample_fps", FPS)), what=what)
+    container = _open(str(source), policy, what)
+    with container:
+        total, fps, height, width = probe(container, what)
+        indices = sample_indices(ele, total, fps, what)
+        h, w = frame_size(ele, len(indices), height, width)
+        frames = decode_frames(container, indices, what)
+    plan = VideoPlan(total, fps, height, width, indices, (h, w))
+    return resize_frames(frames, h, w), plan
+
+
+def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan:
+    """Sizes and frame choice without decoding any picture."""
+    source = ele["video"]
+    if isinstance(source, (list, tuple, np.ndarray)):
+        first = load_image(source[0], policy, what) if isinstance(source, (list, tuple)) else None
+        width, height = first.size if first is not None else (source.shape[2], source.shape[1])
+        n = len(source) + len(source) % 2
+        return VideoPlan(len(source), float(ele.get("sample_fps", FPS)), height, width,
+                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2), frame_size(ele, n, height, width))
+    with _open(str(source), policy, what) as container:
+        total, fps, height, width = probe(container, what)
+    indices = sample_indices(ele, total, fps, what)
+    return VideoPlan(total, fps, height, width, indices, frame_size(ele, len(indices), height, width))
+
+
+def _from_frames(ele: dict, frames: list[torch.Tensor], fps: float, what: str) -> tuple[torch.Tensor, VideoPlan]:
+    if not frames:
+        raise InputError("a video given as frames needs at least one frame", what)
+    if len(frames) % FRAME_FACTOR:
+        frames = frames + [frames[-1]]  # pad to an even count by repeating the last frame
+    height, width = frames[0].shape[-2:]
+    h, w = frame_size(ele, len(frames), height, width)
+    resized = torch.stack([resize_frames(f[None], h, w)[0] for f in frames])
+    plan = VideoPlan(len(frames), fps, height, width, list(range(len(frames))), (h, w))
+    return resized, plan

@@ -1,0 +1,1 @@
+"""Fixture writers for tests and benchmarks: tiny official-format checkpoints, tokenizer files."""
