@@ -1,0 +1,219 @@
+"""The Python API: load a checkpoint, then chat, stream, generate in batches, and ground, with a chat session
+that reuses an unchanged prefix's keys/values and encodes each image once.
+
+    pipe = qwen2vl.load("Qwen/Qwen2-VL-2B-Instruct")
+    pipe.chat([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                            {"type": "text", "text": "What is this?"}]}])
+
+Sampling keywords use transformers' names (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+plus stop); defaults come from the checkpoint's generation_config.json, as in `generate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .generate.decode import Prompt, generate_steps
+from .generate.sampling import SamplingParams, chooser
+from .generate.stopping import StopMatcher
+from .grounding import Box, parse_boxes
+from .hub import resolve_model_path
+from .model import KVCache, Qwen2VL
+from .processing import IncrementalDetokenizer, Processor
+from .processing.media import load_image
+from .weights import load_model
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    new_tokens: int = 0
+    item_tokens: list = field(default_factory=list)
+
+    def report(self) -> str:
+        rate = self.new_tokens / self.decode_s if self.decode_s else 0.0
+        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | vision encode {self.vision_s:.2f}s | "
+                 f"prefill {self.prefill_s:.2f}s ({self.prompt_tokens - self.reused_tokens} of {self.prompt_tokens} "
+                 f"prompt tokens run) | decode {self.new_tokens} tokens in {self.decode_s:.2f}s = {rate:.1f} tok/s"]
+        for kind, tokens in self.item_tokens:
+            lines.append(f"  {kind}: {tokens} tokens")
+        return "\n".join(lines)
+
+
+class Pipeline:
+    def __init__(self, model: Qwen2VL, processor: Processor, generation_config: dict | None = None) -> None:
+        self.model, self.processor = model, processor
+        self.generation_config = generation_config or {}
+        self.last_timings = Timings()
+        self._vision: dict[str, torch.Tensor] = {}  # content hash -> features (chat sessions)
+
+    # -- parameters --------------------------------------------------------------------------------------------
+    def params(self, **sampling) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config, **sampling)
+
+    # -- one or many conversations -------------------------------------------------------------------------------
+    def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None):
+        t0 = time.perf_counter()
+        batch = batch if batch is not None else self.processor(conversations)
+        timings = Timings(preprocess_s=time.perf_counter() - t0, prompt_tokens=int(batch["attention_mask"].sum()))
+        for kind in ("image", "video"):
+            grid = batch.get(f"{kind}_grid_thw")
+            if grid is not None:
+                timings.item_tokens += [(kind, int(g.prod()) // 4) for g in grid]
+        t0 = time.perf_counter()
+        prompt = self._with_cached_vision(Prompt.from_batch(batch))
+        timings.vision_s = time.perf_counter() - t0
+        timings.reused_tokens = reuse
+        self.last_timings = timings
+        steps = generate_steps(self.model, prompt, chooser(params, self.model.device), params.max_new_tokens,
+                               params.stop_token_ids, self.processor.pad_id, cache=cache, reuse=reuse)
+        t0 = time.perf_counter()
+        for i, step in enumerate(steps):
+            if i == 0:
+                timings.prefill_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            timings.new_tokens += 1
+            yield step
+            timings.decode_s = time.perf_counter() - t0
+
+    def _with_cached_vision(self, prompt: Prompt) -> Prompt:
+        """Encode each image/video once per pipeline (keyed by its pixels), so chat turns do not re-encode."""
+        fields = {}
+        for kind, pix, grid in (("image", prompt.pixel_values, prompt.image_grid_thw),
+                                ("video", prompt.pixel_values_videos, prompt.video_grid_thw)):
+            if pix is None:
+                continue
+            parts, start = [], 0
+            for g in grid:
+                n = int(g.prod())
+                item = pix[start:start + n]
+                key = hashlib.blake2b(item.numpy().tobytes() + str(g.tolist()).encode(), digest_size=16).hexdigest()
+                if key not in self._vision:
+                    self._vision[key] = self.model.encode_vision(item, g[None])
+                parts.append(self._vision[key])
+                start += n
+            fields[f"{kind}_features"] = torch.cat(parts)
+        return Prompt(**{**prompt.__dict__, **fields})
+
+    def stream(self, conversation, skip_special_tokens: bool = True, **sampling) -> Iterator[str]:
+        """Text pieces of the answer as they are decoded (never half a character; stop strings cut)."""
+        params = self.params(**sampling)
+        yield from self._stream_steps(self._steps([conversation], params), params, skip_special_tokens)
+
+    def _stream_steps(self, steps, params: SamplingParams, skip_special_tokens: bool) -> Iterator[str]:
+        detok = IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens)
+        stop = StopMatcher(params.stop)
+        for step in steps:
+            token = int(step.tokens[0])
+            if token in params.stop_token_ids:
+                break
+            piece = stop.feed(detok.push(token))
+            if piece:
+                yield piece
+            if stop.stopped:
+                return
+        tail = stop.feed(detok.flush()) + stop.flush()
+        if tail:
+            yield tail
+
+    def chat(self, conversation, **sampling) -> str:
+        return "".join(self.stream(conversation, **sampling))
+
+    def generate(self, conversations: list, **sampling) -> list[str]:
+        """Answers for a batch of conversations (left-padded, decoded together; each equals its own run)."""
+        params = self.params(**sampling)
+        ids: list[list[int]] = [[] for _ in conversations]
+        for step in self._steps(conversations, params):
+            for row, token in enumerate(step.tokens.tolist()):
+                if not ids[row] or ids[row][-1] not in params.stop_token_ids:
+                    ids[row].append(token)
+        texts = []
+        for row in ids:
+            row = [t for t in row if t not in params.stop_token_ids]
+            text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
+            cut = min((text.find(s) for s in params.stop if text.find(s) >= 0), default=-1)
+            texts.append(text if cut < 0 else text[:cut])
+        return texts
+
+    def ground(self, conversation, **sampling) -> tuple[str, list[Box]]:
+        """The answer with grounding markers kept, and its boxes in pixels of the last image of the conversation."""
+        text = "".join(self.stream(conversation, skip_special_tokens=False, **sampling))
+        images = [p for m in conversation if isinstance(m.get("content"), list) for p in m["content"]
+                  if isinstance(p, dict) and (p.get("type") in ("image", "image_url") or "image" in p)]
+        if not images:
+            return text, []
+        from .processing.chat import normalize_part
+
+        source = normalize_part(images[-1], "image")["image"]
+        size = load_image(source, self.processor.policy).size
+        return text, parse_boxes(text, size)
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache: an unchanged history is not run again."""
+
+    def __init__(self, pipe: Pipeline, max_len: int = 8192) -> None:
+        self.pipe, self.max_len = pipe, max_len
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+
+    def reset(self) -> None:
+        self.messages, self.cache, self.cached_ids = [], None, []
+
+    def send(self, content, **sampling) -> Iterator[str]:
+        self.messages.append({"role": "user", "content": content})
+        params = self.pipe.params(**sampling)
+        batch = self.pipe.processor(self.messages)
+        ids = batch["input_ids"][0].tolist()
+        if self.cache is None or len(ids) + params.max_new_tokens > self.cache.max_len:
+            self.cache = KVCache(self.pipe.model.config.text, 1, max(self.max_len, len(ids) + params.max_new_tokens),
+                                 self.pipe.model.dtype, self.pipe.model.device)
+            self.cached_ids = []
+        reuse = 0
+        for a, b in zip(self.cached_ids, ids[:-1]):
+            if a != b:
+                break
+            reuse += 1
+        answer_ids: list[int] = []
+
+        def steps():
+            for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
+                answer_ids.append(int(step.tokens[0]))
+                yield step
+
+        pieces = []
+        for piece in self.pipe._stream_steps(steps(), params, True):
+            pieces.append(piece)
+            yield piece
+        # the cache now holds the prompt and the answer tokens that were fed back (all but the last)
+        self.cached_ids = ids + answer_ids[:-1]
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str | None = None,
+         progress: bool = True, **processor_overrides) -> Pipeline:
+    """Model, processor and generation defaults from a checkpoint directory or hub id."""
+    t0 = time.perf_counter()
+    directory = resolve_model_path(path_or_id)
+    model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress)
+    processor = Processor.from_pretrained(directory, **processor_overrides)
+    gen_path = Path(directory) / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    pipe = Pipeline(model, processor, gen)
+    pipe.last_timings.load_s = time.perf_counter() - t0
+    pipe.load_s = pipe.last_timings.load_s
+    return pipe

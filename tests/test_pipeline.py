@@ -1,0 +1,193 @@
+"""The Python API and the command line on the tiny checkpoint: generation parity with transformers (default
+generation config included), streaming, batching, chat sessions with cache reuse, grounding, hub resolution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import qwen2vl
+from processing_fixtures import noise_image, oracle
+from qwen2vl.grounding import draw_boxes, parse_boxes
+from qwen2vl.hub import ModelNotFound, resolve_model_path
+from qwen2vl.pipeline import ChatSession
+
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    return qwen2vl.load(str(tiny_ckpt), dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    noise_image(200, 150, seed=1).save(d / "a.png")
+    noise_image(90, 260, seed=2).save(d / "b.png")
+    frames = [noise_image(64, 48, seed=10 + i) for i in range(6)]
+    paths = []
+    for i, f in enumerate(frames):
+        paths.append(str(d / f"f{i}.png"))
+        f.save(paths[-1])
+    return d, paths
+
+
+def conversations(media):
+    d, frames = media
+    return {
+        "text only": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
+        "one image": [{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
+                                                   {"type": "text", "text": "Describe this image."}]}],
+        "two images": [{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
+                                                    {"type": "image", "image": str(d / "b.png")},
+                                                    {"type": "text", "text": "Compare them."}]}],
+        "video": [{"role": "user", "content": [{"type": "video", "video": frames},
+                                               {"type": "text", "text": "What happens?"}]}],
+    }
+
+
+def reference_tokens(ckpt, hf_model_factory, batch, defaults: bool):
+    ref = hf_model_factory(ckpt, attn="sdpa")
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW)
+    if not defaults:
+        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None, repetition_penalty=1.0)
+    with torch.no_grad():
+        out = ref.generate(**batch, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def our_tokens(pipe, batch, **sampling):
+    from qwen2vl.generate.decode import Prompt, generate_steps
+    from qwen2vl.generate.sampling import chooser
+
+    params = pipe.params(max_new_tokens=NEW, **sampling).with_(stop_token_ids=())
+
+    steps = generate_steps(pipe.model, Prompt.from_batch(batch), chooser(params), NEW)
+    return torch.stack([s.tokens for s in steps], dim=1)
+
+
+@pytest.mark.parametrize("case", ["text only", "one image", "two images", "video"])
+@pytest.mark.parametrize("defaults", [False, True], ids=["greedy", "checkpoint generation_config"])
+def test_tokens_equal_reference_generate(case, defaults, pipe, media, tiny_ckpt, hf_model_factory):
+    # both sides decode the same input tensors (the processor is compared with its oracle in its own tests;
+    # for frame lists it deliberately differs from qwen-vl-utils' double resize)
+    batch = oracle(tiny_ckpt, conversations(media)[case])
+    expected = reference_tokens(tiny_ckpt, hf_model_factory, batch, defaults)
+    got = our_tokens(pipe, batch) if defaults else our_tokens(pipe, batch, temperature=0, repetition_penalty=1.0)
+    assert torch.equal(got, expected)
+
+
+def test_mixed_batch_equals_reference_and_rows_alone(pipe, media, tiny_ckpt, hf_model_factory):
+    convs = list(conversations(media).values())
+    batch = oracle(tiny_ckpt, convs)
+    expected = reference_tokens(tiny_ckpt, hf_model_factory, batch, defaults=True)
+    assert torch.equal(our_tokens(pipe, batch), expected)
+    texts = pipe.generate(convs, max_new_tokens=12)
+    assert texts == [pipe.generate([c], max_new_tokens=12)[0] for c in convs]
+
+
+def test_stream_chat_and_stop_strings(pipe, media):
+    conv = conversations(media)["one image"]
+    pieces = list(pipe.stream(conv, max_new_tokens=20))
+    assert "".join(pieces) == pipe.chat(conv, max_new_tokens=20) == pipe.generate([conv], max_new_tokens=20)[0]
+    full = "".join(pieces)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    if stop.strip():
+        cut = pipe.chat(conv, max_new_tokens=20, stop=[stop])
+        assert cut == full[: full.find(stop)]
+
+
+def test_chat_session_reuses_history_and_vision(pipe, media):
+    d, _ = media
+    session = ChatSession(pipe)
+    first = "".join(session.send([{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Hi"}],
+                                 max_new_tokens=8))
+    t1 = pipe.last_timings
+    encoded = len(pipe._vision)
+    second = "".join(session.send("And then?", max_new_tokens=8))
+    t2 = pipe.last_timings
+    assert t1.reused_tokens == 0 and t2.reused_tokens > t1.prompt_tokens - 2  # only the new turn is run
+    assert len(pipe._vision) == encoded  # the image was not encoded again
+    # the reused cache gives the same answer as a fresh run of the whole conversation
+    fresh = pipe.chat(session.messages[:-1], max_new_tokens=8)
+    assert second == fresh and first
+
+
+def test_grounding_parse_map_and_draw(tmp_path):
+    text = ("<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|> and "
+            "<|box_start|>(0,0),(1000,1000)<|box_end|><|object_ref_start|>sign<|object_ref_end|>"
+            "<|quad_start|>(10,10),(90,10),(90,50),(10,50)<|quad_end|><|box_start|>(1,2)<|box_end|>")
+    boxes = parse_boxes(text, (640, 480))
+    assert [b.label for b in boxes] == ["the cat", "the cat", "sign"]
+    assert boxes[0].pixels == ((64.0, 96.0), (320.0, 384.0)) and boxes[1].pixels == ((0, 0), (640, 480))
+    assert boxes[2].is_quad and boxes[2].pixels[1] == pytest.approx((57.6, 4.8))
+    image = Image.new("RGB", (640, 480), "white")
+    out = draw_boxes(image, boxes, tmp_path / "boxes.png")
+    assert out.size == (640, 480) and (tmp_path / "boxes.png").exists()
+    assert out.getpixel((64, 200)) != (255, 255, 255) and out.getpixel((200, 200)) == (255, 255, 255)
+
+
+def test_hub_resolution_offline(tmp_path, monkeypatch, tiny_ckpt):
+    assert resolve_model_path(str(tiny_ckpt)) == tiny_ckpt
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(ModelNotFound, match="neither a checkpoint directory nor a hub id"):
+        resolve_model_path(str(tmp_path / "nope" / "deeper" / "x"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelNotFound, match="--local-dir"):
+        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct")
+    # a model already in the local hub cache resolves offline
+    snap = tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs" / "main").write_text("a" * 40)
+    assert resolve_model_path("Qwen/Tiny") == snap
+
+
+def test_cli_run_plan_and_errors(tiny_ckpt, media, tmp_path):
+    d, _ = media
+    run = lambda *a: subprocess.run([sys.executable, "-m", "qwen2vl.cli", *a], capture_output=True, text=True)  # noqa: E731
+    out = run("run", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--prompt", "Describe.",
+              "--max-new-tokens", "6", "--temperature", "0", "--verbose", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    pipe = qwen2vl.load(str(tiny_ckpt), dtype=torch.float32, progress=False)
+    expected = pipe.chat([{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
+                                                       {"type": "text", "text": "Describe."}]}],
+                         max_new_tokens=6, temperature=0)
+    assert out.stdout == expected + "\n"  # the answer and nothing else on stdout
+    assert "decode" in out.stderr and "image: " in out.stderr
+    out = run("plan", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--json")
+    assert out.returncode == 0 and '"prompt_tokens"' in out.stdout
+    out = run("run", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "--prompt", "x")
+    assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
+    out = run("run", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--prompt", "x", "--draw-boxes",
+              str(tmp_path / "b.png"), "--max-new-tokens", "3")
+    assert out.returncode == 0 and (tmp_path / "b.png").exists()
+
+
+def test_cli_chat_session(tiny_ckpt, media):
+    d, _ = media
+    script = f"/image {d / 'a.png'}\nWhat is this?\nAnd the colours?\n/reset\nHello\n/quit\n"
+    out = subprocess.run([sys.executable, "-m", "qwen2vl.cli", "chat", "--model", str(tiny_ckpt), "--dtype",
+                          "float32", "--max-new-tokens", "4", "--verbose"], input=script, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip().splitlines()) == 3
+    turns = [line for line in out.stderr.splitlines() if "prompt tokens run" in line]
+    assert len(turns) == 3
+    # second turn runs only its new tokens
+    import re
+
+    run2, total2 = map(int, re.search(r"\((\d+) of (\d+) prompt tokens run\)", turns[1]).groups())
+    assert run2 < total2 / 2
