@@ -156,6 +156,19 @@ class Engine:
                 "generated_tokens": self.generated_tokens, "prefix_tokens_reused": self.prefix_tokens_reused,
                 "vision_cache_hits": self.vision_cache.hits, "vision_cache_misses": self.vision_cache.misses}
 
+    def fail_all(self, error: str) -> list[Output]:
+        """End every request (after an internal failure), freeing all slots; the engine stays usable."""
+        outputs = []
+        for queue in (self.waiting, self.prefilling, self.running):
+            for req in list(queue):
+                outputs.append(Output(req.request_id, None, finish_reason="error", error=error))
+                if req.slot >= 0:
+                    self._release(req, keep=False)
+        self.waiting.clear()
+        self.prefilling, self.running = [], []
+        self.slot_tokens.clear()
+        return outputs
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running or self._inbox)
 

@@ -1,0 +1,380 @@
+"""`qwen2vl serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
+
+Endpoints: POST /v1/chat/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics
+(Prometheus text). The engine steps in one background thread; requests are prepared (media fetched under the
+server's media policy, tokenised) in a worker pool, submitted to the engine, and fed their tokens through an
+asyncio queue. Streaming and non-streaming responses come from one generator of per-choice deltas. Errors are
+OpenAI-shaped; a bad request never reaches the engine's batch, and a disconnecting client frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..engine.engine import Engine, Output, QueueFull, Request
+from ..generate.decode import Prompt
+from ..generate.sampling import chooser
+from ..generate.stopping import StopMatcher
+from ..pipeline import Pipeline
+from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
+from .protocol import ApiError, ChatRequest, completion_id, now, parse_request
+
+log = logging.getLogger("qwen2vl.serve")
+
+
+class EngineLoop:
+    """Runs engine.step() in a thread and routes each Output to the asyncio queue of its request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopped = False
+        self.tokens_window: list[tuple[float, int]] = []
+        self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            if not self.engine.has_work():
+                self.engine.wait_for_work(0.05)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
+                log.exception("engine step failed")
+                outputs = self.engine.fail_all("internal error in the engine")
+            produced = sum(o.token is not None for o in outputs)
+            if produced:
+                self.tokens_window.append((time.monotonic(), produced))
+            for out in outputs:
+                route = self.routes.get(out.request_id)
+                if route is not None:
+                    route[0].call_soon_threadsafe(route[1].put_nowait, out)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        cutoff = time.monotonic() - window
+        self.tokens_window = [(t, n) for t, n in self.tokens_window if t >= cutoff]
+        return sum(n for _, n in self.tokens_window) / window
+
+
+class Server:
+    def __init__(self, pipe: Pipeline, engine: Engine, model_name: str, api_key: str | None = None,
+                 policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4) -> None:
+        self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
+        self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
+                                                                          allow_local=False))
+        self.max_request_bytes = max_request_bytes
+        self.loop = EngineLoop(engine)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
+        self.requests_total = {"ok": 0, "error": 0}
+        self.app = self._build_app()
+
+    # -- app -------------------------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def lifespan(_app):
+            self.loop.start()
+            yield
+            self.loop.stopped = True
+
+        app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+        @app.exception_handler(ApiError)
+        async def _api_error(_, e: ApiError):
+            self.requests_total["error"] += 1
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+        @app.exception_handler(RequestValidationError)
+        async def _validation(_, e):
+            return JSONResponse(ApiError(400, f"invalid request: {e.errors()[:3]}").body(), status_code=400)
+
+        @app.exception_handler(Exception)
+        async def _unexpected(_, e: Exception):
+            log.exception("unexpected error")
+            return JSONResponse(ApiError(500, "internal server error", "server_error").body(), status_code=500)
+
+        @app.get("/health")
+        async def health():
+            alive = self.loop.thread.is_alive()
+            return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+        @app.get("/v1/models")
+        async def models(request: HttpRequest):
+            self._auth(request)
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
+                                                "owned_by": "qwen2vl", "max_model_len": self.engine.max_model_len}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(self._metrics(), media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: HttpRequest):
+            self._auth(request)
+            req = await self._parse(request)
+            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
+            submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
+            if req.stream:
+                return StreamingResponse(self._sse(request, req, prepared, submission),
+                                         media_type="text/event-stream")
+            return JSONResponse(await self._complete(request, req, prepared, submission))
+
+        return app
+
+    def _auth(self, request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request) -> ChatRequest:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_request_bytes:
+                raise ApiError(413, f"request body exceeds the limit of {self.max_request_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        req = parse_request(body, self.pipe.generation_config)
+        if req.model != self.model_name:
+            raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+        return req
+
+    def _prepare(self, req: ChatRequest) -> dict:
+        """Fetch media, render and tokenise (in a worker thread). Input problems become 400s."""
+        try:
+            batch = self.processor(req.messages)
+        except InputError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise ApiError(400, str(e), param="messages", code=code) from None
+        prompt_tokens = batch["input_ids"].shape[1]
+        if prompt_tokens + 1 > self.engine.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.engine.max_model_len} tokens; the "
+                                f"messages take {prompt_tokens} tokens", param="messages",
+                           code="context_length_exceeded")
+        room = self.engine.max_model_len - prompt_tokens
+        usage_media = {kind: int(batch[f"{kind}_grid_thw"].prod(-1).sum()) // 4 if f"{kind}_grid_thw" in batch else 0
+                       for kind in ("image", "video")}
+        return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
+                "media": usage_media}
+
+    # -- one request, n choices ----------------------------------------------------------------------------------
+    def _submit(self, req: ChatRequest, prepared: dict) -> tuple:
+        """Queue the request's n choices in the engine; returns (queue, request ids, per-id decoding state)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        base = completion_id()
+        ids = [f"{base}-{i}" for i in range(req.n)]
+        states = {}
+        prompt = Prompt.from_batch(prepared["batch"])
+        for i, rid in enumerate(ids):
+            params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
+            self.loop.routes[rid] = (loop, queue)
+            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop))
+            try:
+                self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
+                                        req.top_logprobs if req.logprobs else None))
+            except QueueFull as e:
+                for r in ids:
+                    self.engine.abort(r)
+                    self.loop.routes.pop(r, None)
+                raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
+                               headers={"Retry-After": "1"}) from None
+        return queue, ids, states
+
+    async def _choices(self, http, req: ChatRequest, submission: tuple) -> AsyncIterator[tuple[int, dict]]:
+        """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}."""
+        queue, ids, states = submission
+        open_ids = set(ids)
+        try:
+            while open_ids:
+                try:
+                    out: Output = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if out.request_id not in open_ids:
+                    continue
+                index, detok, stop = states[out.request_id]
+                event = {"text": "", "logprobs": None, "finish_reason": out.finish_reason, "tokens": 0}
+                if out.token is not None and out.token not in req.params.stop_token_ids:
+                    event["tokens"] = 1
+                    event["text"] = stop.feed(detok.push(out.token))
+                    if req.logprobs:
+                        event["logprobs"] = self._logprob_entry(out)
+                    if stop.stopped:
+                        event["finish_reason"] = "stop"
+                        self.engine.abort(out.request_id)
+                elif out.token is not None:
+                    event["tokens"] = 1
+                if event["finish_reason"] is not None:
+                    if event["finish_reason"] != "stop" or not stop.stopped:
+                        event["text"] += stop.feed(detok.flush()) + stop.flush()
+                    if out.finish_reason == "error":
+                        raise ApiError(500, out.error or "generation failed", "server_error")
+                    open_ids.discard(out.request_id)
+                yield index, event
+        finally:
+            for rid in ids:
+                if rid in open_ids:
+                    self.engine.abort(rid)  # client gone or error: free the slot now
+                self.loop.routes.pop(rid, None)
+
+    def _logprob_entry(self, out: Output) -> dict:
+        tok = self.processor.tokenizer
+
+        def entry(token: int, lp: float) -> dict:
+            text = tok.decode([token], skip_special_tokens=False)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {**entry(out.token, out.logprob),
+                "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
+
+    def _usage(self, prepared: dict, completion: int) -> dict:
+        return {"prompt_tokens": prepared["prompt_tokens"], "completion_tokens": completion,
+                "total_tokens": prepared["prompt_tokens"] + completion,
+                "prompt_tokens_details": {"image_tokens": prepared["media"]["image"],
+                                          "video_tokens": prepared["media"]["video"]}}
+
+    async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
+        texts = [""] * req.n
+        reasons: list[str | None] = [None] * req.n
+        logprobs: list[list] = [[] for _ in range(req.n)]
+        completion = 0
+        async for index, ev in self._choices(http, req, submission):
+            texts[index] += ev["text"]
+            completion += ev["tokens"]
+            if ev["logprobs"]:
+                logprobs[index].append(ev["logprobs"])
+            if ev["finish_reason"]:
+                reasons[index] = ev["finish_reason"]
+        self.requests_total["ok"] += 1
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": {"content": logprobs[i]} if req.logprobs else None,
+                    "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
+        return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
+                "choices": choices, "usage": self._usage(prepared, completion)}
+
+    async def _sse(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
+        cid, created = completion_id(), now()
+
+        def chunk(choices, usage=None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(req.n)])
+        completion = 0
+        try:
+            async for index, ev in self._choices(http, req, submission):
+                completion += ev["tokens"]
+                if ev["text"] or ev["finish_reason"] or ev["logprobs"]:
+                    yield chunk([{"index": index, "delta": {"content": ev["text"]} if ev["text"] else {},
+                                  "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
+                                  "finish_reason": ev["finish_reason"]}])
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        if req.include_usage:
+            yield chunk([], self._usage(prepared, completion))
+        self.requests_total["ok"] += 1
+        yield "data: [DONE]\n\n"
+
+    def _metrics(self) -> str:
+        s = self.engine.stats()
+        lines = [
+            ("qwen2vl_requests_waiting", "gauge", "Requests in the queue", s["waiting"]),
+            ("qwen2vl_requests_running", "gauge", "Requests decoding", s["running"] + s["prefilling"]),
+            ("qwen2vl_kv_slots_used", "gauge", "KV cache slots in use", s["kv_slots_used"]),
+            ("qwen2vl_kv_cache_usage", "gauge", "Fraction of KV positions holding live tokens",
+             s["kv_tokens_used"] / max(1, s["kv_tokens_capacity"])),
+            ("qwen2vl_generation_tokens_per_second", "gauge", "Generated tokens per second, last 10 s",
+             self.loop.tokens_per_second()),
+            ("qwen2vl_generation_tokens_total", "counter", "Generated tokens", s["generated_tokens"]),
+            ("qwen2vl_prefix_tokens_reused_total", "counter", "Prompt tokens served from cached KV",
+             s["prefix_tokens_reused"]),
+            ("qwen2vl_vision_cache_hits_total", "counter", "Vision encodings served from the cache",
+             s["vision_cache_hits"]),
+            ("qwen2vl_requests_ok_total", "counter", "Requests completed", self.requests_total["ok"]),
+            ("qwen2vl_requests_error_total", "counter", "Requests refused or failed", self.requests_total["error"]),
+        ]
+        out = []
+        for name, kind, doc, value in lines:
+            out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(out) + "\n"
+
+
+def parse_bytes(text: str, free: int) -> int:
+    """'4GiB', '512MB', '1073741824' or a fraction of free memory such as '0.3'."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"--kv-cache-memory {text!r}: expected bytes with a unit (4GiB) or a fraction (0.3)")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if not unit and value <= 1:
+        return int(value * free)
+    scale = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "TIB": 2**40}[unit]
+    return int(value * scale)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 8 * 2**30
+
+
+def build_server(a) -> Server:
+    from ..pipeline import load
+
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize)
+    kv = parse_bytes(str(a.kv_cache_memory), _free_memory(pipe.model.device))
+    engine = Engine(pipe.model, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, kv_cache_bytes=kv,
+                    prefill_chunk=a.prefill_chunk, max_waiting=a.max_waiting)
+    policy = MediaPolicy(allow_private_addresses=False,
+                         allowed_domains=tuple(a.allowed_media_domains) if a.allowed_media_domains else None,
+                         allow_local=a.allowed_local_media_path is not None,
+                         local_root=Path(a.allowed_local_media_path) if a.allowed_local_media_path else None)
+    return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes)
+
+
+def main(a) -> int:
+    import uvicorn
+
+    server = build_server(a)
+    s = server.engine.stats()
+    print(f"qwen2vl serving {server.model_name} on http://{a.host}:{a.port} ({s['kv_slots']} KV slots of "
+          f"{server.engine.max_model_len} tokens)", flush=True)
+    uvicorn.run(server.app, host=a.host, port=a.port, log_level="warning")
+    return 0
