@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_time
 
 VS, VE, IMG = 151652, 151653, 151655
 
@@ -32,15 +33,6 @@ def status(field: str) -> int:
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def image_prompt(grid: tuple[int, int, int], text_tokens: int, seed: int = 0) -> dict:

@@ -11,12 +11,11 @@ official README does it. Prints the median time of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import median_time
 
 
 def make_photo(path: Path) -> None:
@@ -42,16 +41,6 @@ def make_clip(path: Path, seconds: int = 30, fps: int = 30) -> None:
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-
-
-def median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -87,8 +76,8 @@ def main() -> None:
     for name, conv in cases.items():
         a, b = ours(conv), reference(conv)
         assert a["input_ids"].shape == b["input_ids"].shape, "the two sides must produce the same inputs"
-        t_ours = median(lambda: ours(conv), args.repeats)
-        t_ref = median(lambda: reference(conv), args.repeats)
+        t_ours = median_time(lambda: ours(conv), args.repeats, warmup=True)
+        t_ref = median_time(lambda: reference(conv), args.repeats, warmup=True)
         print(f"{name:<26}{t_ours:>13.3f}{t_ref:>15.3f}{t_ref / t_ours:>8.2f}x")
 
 

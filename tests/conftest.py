@@ -60,6 +60,24 @@ def hf_model_factory():
     return load
 
 
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory):
+    """A checkpoint directory with only the tokenizer, chat template and preprocessor files."""
+    from qwen2vl.testing.tokenizer_files import write_preprocessor_config, write_tokenizer_files
+
+    d = tmp_path_factory.mktemp("repo")
+    write_tokenizer_files(d)
+    write_preprocessor_config(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def proc(repo):
+    from qwen2vl.processing import Processor
+
+    return Processor.from_pretrained(repo)
+
+
 def _has_tokenizer_writer() -> bool:
     try:
         import qwen2vl.testing.tokenizer_files  # noqa: F401

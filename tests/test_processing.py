@@ -10,25 +10,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from processing_fixtures import noise_image, oracle
 from qwen2vl.processing import IncrementalDetokenizer, InputError, MediaPolicy, Processor
 from qwen2vl.processing.image import smart_resize
 from qwen2vl.testing.tokenizer_files import write_preprocessor_config, write_tokenizer_files
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("repo")
-    write_tokenizer_files(d)
-    write_preprocessor_config(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def proc(repo):
-    return Processor.from_pretrained(repo)
 
 
 def assert_same(ours, ref, tol=1e-5):

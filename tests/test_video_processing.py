@@ -11,26 +11,12 @@ import pytest
 import torch
 
 from processing_fixtures import noise_image, oracle
-from qwen2vl.processing import InputError, Processor
+from qwen2vl.processing import InputError
 from qwen2vl.processing.image import IMAGE_STD
 from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.video import plan_video, sample_indices
-from qwen2vl.testing.tokenizer_files import write_preprocessor_config, write_tokenizer_files
 
 GREY_LEVEL = 1.0 / (255 * min(IMAGE_STD)) + 1e-5  # one grey level, in normalised units
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vrepo")
-    write_tokenizer_files(d)
-    write_preprocessor_config(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def proc(repo):
-    return Processor.from_pretrained(repo)
 
 
 def make_video(path, frames=30, fps=10, size=(128, 96), codec="mpeg4", vfr=False):
