@@ -1,86 +1,105 @@
 """Choosing the next token: the logits processors of transformers 4.57 `generate`, in its order.
 
-`SamplingParams.from_generation_config` reads a checkpoint's generation_config.json as `generate` does
-(do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id); the official Qwen2-VL files sample
-with top_k=1, i.e. greedily, with repetition penalty 1.05 where present (spec 8.1). `chooser(params)` returns the
-callable the decode loop takes: repetition penalty (`RepetitionPenaltyLogitsProcessor`: every id seen so far,
-prompt and padding included) -> temperature -> top-k -> top-p (`TopPLogitsWarper`, min_tokens_to_keep=1) ->
-argmax, or a draw from a seeded `torch.Generator`. temperature=0 means greedy.
+Matches `GenerationMixin._get_logits_processor` + `_sample` (transformers/generation/utils.py) for the settings a
+Qwen2-VL generation_config.json uses: repetition penalty (`RepetitionPenaltyLogitsProcessor`: every id in the
+sequence so far, prompt and left padding included) -> temperature -> top-k -> top-p (`TopPLogitsWarper`,
+min_tokens_to_keep=1, ascending-sort cumulative rule), then argmax (greedy) or one `torch.multinomial` draw from
+the softmax. The warpers run only when sampling. The official files sample with top_k=1 (spec 8.1): the draw
+always lands on a maximal processed score, i.e. greedy, but the processors are kept so ties behave as in HF.
+Ours, not HF's: temperature 0 means greedy (HF raises), and `seed` gives a private `torch.Generator`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
+
+# <|im_end|>, <|endoftext|>: the eos_token_id list of the official generation_config.json (spec 1.3, 8.1)
+DEFAULT_STOP_TOKEN_IDS = (151645, 151643)
+
+# transformers' GenerationConfig defaults for keys a generation_config.json leaves out
+_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+# an explicit null in the file means "processor off" to transformers; these are our "off" values
+_OFF = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
     do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = (151645, 151643)
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None  # None: draw from torch's global generator, as transformers does
+    stop: tuple[str, ...] = ()  # stop strings (generate/stopping.py)
+    stop_token_ids: tuple[int, ...] = DEFAULT_STOP_TOKEN_IDS
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else tuple(self.stop_token_ids)
+        if not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise TypeError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k!r}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ValueError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
+        """Argmax after the repetition penalty; the warpers and the draw are skipped."""
         return not self.do_sample or self.temperature == 0
 
     @classmethod
-    def from_generation_config(cls, config: dict | None = None, **overrides) -> "SamplingParams":
-        """The checkpoint's defaults, then the caller's keywords (transformers names; temperature=0: greedy).
+    def from_generation_config(cls, config: dict[str, Any] | None = None, **overrides: Any) -> "SamplingParams":
+        """A checkpoint's generation_config.json read as transformers' `GenerationConfig`, then the caller's keywords.
 
-        Giving temperature, top_p or top_k without do_sample turns sampling on, as users expect."""
+        Keys the file leaves out take transformers' defaults (greedy, top_k 50); a key set to null turns its
+        processor off; eos_token_id may be an int or a list. Keywords that are None are ignored (unset CLI flags).
+        Ours, not HF's: giving temperature, top_p or top_k without do_sample turns sampling on (off for
+        temperature 0), and max_length (a total length) is not read, only max_new_tokens."""
         c = config or {}
-        eos = c.get("eos_token_id", (151645, 151643))
-        values = {
-            "do_sample": bool(c.get("do_sample", False)),
-            "temperature": float(c.get("temperature") if c.get("temperature") is not None else 1.0),
-            "top_k": int(c.get("top_k") if c.get("top_k") is not None else 50),
-            "top_p": float(c.get("top_p") if c.get("top_p") is not None else 1.0),
-            "repetition_penalty": float(c.get("repetition_penalty") or 1.0),
-            "stop_token_ids": tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
-        }
-        if c.get("max_new_tokens"):
+        values: dict[str, Any] = {}
+        for key, default in _HF_DEFAULTS.items():
+            value = c.get(key, default)
+            values[key] = _OFF[key] if value is None else type(default)(value)
+        eos = c.get("eos_token_id")
+        if eos is not None:
+            values["stop_token_ids"] = (eos,) if isinstance(eos, int) else tuple(int(i) for i in eos)
+        if c.get("max_new_tokens") is not None:
             values["max_new_tokens"] = int(c["max_new_tokens"])
         given = {k: v for k, v in overrides.items() if v is not None}
-        if "do_sample" not in given and any(k in given for k in ("temperature", "top_p", "top_k")):
-            given["do_sample"] = given.get("temperature", 1.0) != 0
-        if "stop" in given and isinstance(given["stop"], str):
-            given["stop"] = (given["stop"],)
-        if "stop" in given:
-            given["stop"] = tuple(given["stop"])
         unknown = set(given) - {f.name for f in fields(cls)}
         if unknown:
-            raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
+            raise TypeError(f"unknown sampling parameters: {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if "do_sample" not in given and any(k in given for k in ("temperature", "top_p", "top_k")):
+            given["do_sample"] = given.get("temperature", 1.0) != 0
         return cls(**{**values, **given})
 
-    def with_(self, **changes) -> "SamplingParams":
+    def with_(self, **changes: Any) -> "SamplingParams":
         return replace(self, **changes)
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) float32 logits -> processed scores, exactly as transformers' processor list for these params."""
+    """(B, V) float32 logits and the (B, S) ids so far -> the scores transformers' processor list gives."""
+    if logits.dim() != 2 or seen.dim() != 2 or seen.shape[0] != logits.shape[0]:
+        raise ValueError(f"expected logits (B, V) and seen ids (B, S), got {tuple(logits.shape)} and {tuple(seen.shape)}")
     scores = logits
     if p.repetition_penalty != 1.0:
+        # duplicates in `seen` scatter the same value twice, so each id is penalised once
         picked = scores.gather(1, seen)
         picked = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
         scores = scores.scatter(1, seen, picked)
@@ -89,30 +108,50 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) 
     if p.temperature != 1.0:
         scores = scores / p.temperature
     if p.top_k:
-        k = min(max(p.top_k, 1), scores.shape[-1])
+        k = min(p.top_k, scores.shape[-1])
         kth = torch.topk(scores, k)[0][..., -1, None]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+        scores = scores.masked_fill(scores < kth, -float("inf"))  # ties with the k-th score are kept
     if p.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= (1 - p.top_p)
-        drop[..., -1:] = False  # keep at least one token
+        drop[..., -1:] = False  # min_tokens_to_keep = 1: the largest score always stays
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     return scores
 
 
-def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The token-choice callable for generate_steps / the engine, with its own seeded generator."""
-    gen = None
-    if not p.greedy:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
+def new_generator(p: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator | None:
+    """A generator seeded from p.seed; None (torch's global one) when greedy or unseeded."""
+    if p.greedy or p.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(p.seed)
+
+
+def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Processed (B, V) scores -> (B,) token ids: argmax when greedy, else one draw per row from the softmax."""
+    if p.greedy:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Chooser:
+    """The callable the decode loop takes: choose(logits (B, V), seen (B, S)) -> (B,), with its own generator."""
+    generator = new_generator(p, device)
 
     def choose(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        scores = process_logits(logits, seen, p)
-        if p.greedy:
-            return scores.argmax(-1)
-        probs = scores.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        return sample(process_logits(logits, seen, p), p, generator)
 
     return choose
+
+
+def choose_each(logits: torch.Tensor, seen: Sequence[torch.Tensor], choosers: Sequence[Chooser]) -> torch.Tensor:
+    """A batch whose rows follow different SamplingParams: row i is chosen by choosers[i] from seen[i] (S_i,).
+
+    Each row gets exactly the token that row alone would get, so an engine can batch unrelated requests."""
+    if not logits.shape[0] == len(seen) == len(choosers):
+        raise ValueError(f"{logits.shape[0]} rows of logits, {len(seen)} id sequences, {len(choosers)} choosers")
+    return torch.cat([choose(logits[i:i + 1], ids.reshape(1, -1)) for i, (ids, choose) in
+                      enumerate(zip(seen, choosers))])
