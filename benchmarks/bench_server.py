@@ -98,7 +98,7 @@ def run_clients(base: str, contents: list, concurrency: int, max_tokens: int) ->
 
 def reference(path: str, contents: list, max_tokens: int) -> dict:
     import torch
-    from qwen_vl_utils import process_vision_info
+    from PIL import Image
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="auto", attn_implementation="sdpa").eval()
@@ -106,13 +106,16 @@ def reference(path: str, contents: list, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     ttfts = []
     for content in contents:
-        conv = [{"role": "user", "content": content if isinstance(content, str) else
-                 [{"type": "image", "image": p["image_url"]["url"]} if p["type"] == "image_url" else p
-                  for p in content]}]
+        parts = [content] if isinstance(content, str) else content
+        conv = [{"role": "user", "content": [{"type": "image"} if p["type"] == "image_url" else
+                                             {"type": "text", "text": p if isinstance(p, str) else p["text"]}
+                                             for p in parts]}]
         start = time.perf_counter()
         text = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        images, videos = process_vision_info(conv)
-        batch = proc(text=[text], images=images, videos=videos, return_tensors="pt")
+        # the 224x224 pictures are already multiples of 28, so qwen-vl-utils would not resize them either
+        images = [Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])))
+                  for p in parts if not isinstance(p, str) and p["type"] == "image_url"] or None
+        batch = proc(text=[text], images=images, return_tensors="pt")
         stamps = []
 
         from transformers import LogitsProcessor

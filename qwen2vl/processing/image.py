@@ -3,7 +3,7 @@
 `smart_resize` matches qwen-vl-utils 0.0.14 (`vision_process.smart_resize`, `max(factor, round(...))`) and, with
 `variant="transformers"`, transformers 4.57/5.x (`image_processing_qwen2_vl.smart_resize`). `to_rgb` matches
 qwen-vl-utils `to_rgb` (RGBA composited on white; every other mode through PIL's convert). `resize_image` is PIL's
-bicubic, as qwen-vl-utils' `image.resize`. `normalize` is the transformers fused rescale+normalise,
+bicubic, as qwen-vl-utils' `image.resize`. `normalize_rows` is the transformers fused rescale+normalise,
 `patchify` the processor's (N, C*T*P*P) merge-window layout (spec 3.5, 4.2).
 """
 
@@ -65,12 +65,14 @@ def resize_image(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.resize((width, height), Image.BICUBIC)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 or 0..255 float (..., 3, H, W) -> float32 (x - 255 mean) / (255 std), per channel."""
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32) * 255
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32) * 255
-    shape = (3, 1, 1)
-    return (pixels.float() - mean.view(shape)) / std.view(shape)
+def normalize_rows(rows: torch.Tensor, temporal: int = 2, patch: int = 14) -> torch.Tensor:
+    """transformers' fused rescale+normalise, (x - 255 mean) / (255 std) in float32, applied after `patchify` to
+    rows (N, 3*T*P*P) of 0..255 values (channel = column // (T*P*P)): the same arithmetic per value as normalising
+    the frames first, with the layout copy done on uint8 instead of float32."""
+    per = temporal * patch * patch
+    mean = (torch.tensor(IMAGE_MEAN, dtype=torch.float32) * 255).repeat_interleave(per)
+    std = (torch.tensor(IMAGE_STD, dtype=torch.float32) * 255).repeat_interleave(per)
+    return (rows.float() - mean) / std
 
 
 def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> tuple[torch.Tensor, list[int]]:
@@ -89,5 +91,5 @@ def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: in
 def image_to_patches(image: Image.Image) -> tuple[torch.Tensor, list[int]]:
     """An RGB image already at multiples of 28 -> (rows, [1, h/14, w/14]); the frame is repeated in time."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    frames = normalize(arr)[None].expand(2, -1, -1, -1)
-    return patchify(frames)
+    rows, grid = patchify(arr[None].expand(2, -1, -1, -1))
+    return normalize_rows(rows), grid

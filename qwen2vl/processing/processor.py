@@ -18,7 +18,7 @@ from PIL import Image
 
 from .chat import normalize_messages, render
 from .errors import InputError
-from .image import image_to_patches, normalize, patchify, resize_image, smart_resize, to_rgb
+from .image import image_to_patches, normalize_rows, patchify, resize_image, smart_resize, to_rgb
 from .media import MediaPolicy, load_image, read_bytes
 from .tokenizer import Tokenizer
 from .video import load_video, plan_video
@@ -112,7 +112,8 @@ class Processor:
             from .video import resize_frames
 
             frames = resize_frames(frames, h, w)
-        return patchify(normalize(frames))
+        rows, grid = patchify(frames)
+        return normalize_rows(rows), grid
 
     # -- the whole batch -----------------------------------------------------------------------------------------
     def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False) -> dict:

@@ -125,8 +125,10 @@ def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
     for i in indices:
         wanted[i] = wanted.get(i, 0) + 1
     kept, last = [], max(indices)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
     try:
-        for n, frame in enumerate(container.decode(video=0)):
+        for n, frame in enumerate(container.decode(stream)):
             if n in wanted:
                 rgb = frame.to_ndarray(format="rgb24")
                 kept += [rgb] * wanted[n]
