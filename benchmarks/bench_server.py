@@ -98,24 +98,19 @@ def run_clients(base: str, contents: list, concurrency: int, max_tokens: int) ->
 
 def reference(path: str, contents: list, max_tokens: int) -> dict:
     import torch
-    from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwen2vl.processing import Processor
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="auto", attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(path)
+    # inputs from our processor: equal to qwen-vl-utils + the transformers processor (tests/test_processing.py),
+    # and it needs no torchvision, which transformers' Qwen2-VL processor class requires
+    proc = Processor.from_pretrained(path)
     t0 = time.perf_counter()
     ttfts = []
     for content in contents:
-        parts = [content] if isinstance(content, str) else content
-        conv = [{"role": "user", "content": [{"type": "image"} if p["type"] == "image_url" else
-                                             {"type": "text", "text": p if isinstance(p, str) else p["text"]}
-                                             for p in parts]}]
         start = time.perf_counter()
-        text = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        # the 224x224 pictures are already multiples of 28, so qwen-vl-utils would not resize them either
-        images = [Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])))
-                  for p in parts if not isinstance(p, str) and p["type"] == "image_url"] or None
-        batch = proc(text=[text], images=images, return_tensors="pt")
+        batch = proc([{"role": "user", "content": content}])
         stamps = []
 
         from transformers import LogitsProcessor
