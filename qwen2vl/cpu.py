@@ -18,6 +18,8 @@ from torch import nn
 
 from . import kernels
 from .model import Qwen2VL
+from .model.layers import RMSNorm, apply_rope
+from .model.text import Attention
 
 
 class WeightOnlyLinear(nn.Module):
@@ -28,7 +30,23 @@ class WeightOnlyLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
-        self.fast = kernels.available() and weight.shape[1] % 8 == 0
+        self._product: kernels.Product | None = None  # bound on first use, dropped when the parameters change
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("weight", "bias", "scale"):
+            self.__dict__["_product"] = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ... may move or convert the parameters
+        self.__dict__["_product"] = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _bind(self) -> kernels.Product | None:
+        w, scale, bias = (None if t is None else t.data for t in (self.weight, self.scale, self.bias))
+        if (kernels.available() and w.shape[1] % 8 == 0 and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
+                and all(t is None or t.dtype == torch.float32 for t in (scale, bias))):
+            self._product = kernels.Product(w, scale, bias)
+        return self._product
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> "WeightOnlyLinear":
@@ -45,13 +63,25 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.fast and rows.shape[0] <= kernels.MAX_ROWS and x.dtype == torch.float32:
-            if self.scale is None:
-                y = kernels.gemm_bf16(rows, self.weight, self.bias)
-            else:
-                y = kernels.gemm_int8(rows, self.weight, self.scale, self.bias)
-            return y.view(*x.shape[:-1], -1)
+        if rows.shape[0] <= kernels.MAX_ROWS and x.dtype == torch.float32:
+            kernel = self._product or self._bind()
+            if kernel is not None:
+                return kernel(rows).view(*x.shape[:-1], -1)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class FastRMSNorm(RMSNorm):
+    """RMSNorm in one kernel call for float32 activations (the decode step has 57 of them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x) if y is None else y
+
+
+def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope in place, in one kernel call, when the layout allows it (a fresh projection's output)."""
+    y = kernels.rope_(x, cos, sin)
+    return apply_rope(x, cos, sin) if y is None else y
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +111,13 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
         model.lm_head = (WeightOnlyLinear(embed.to(torch.bfloat16), None) if storage == "bf16"
                          else WeightOnlyLinear.quantize(embed, None, storage))
     for module in model.modules():  # norms, the patch embedding, everything small: float32
-        if isinstance(module, (nn.LayerNorm, nn.Conv3d)) or module.__class__.__name__ == "RMSNorm":
+        if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
+    if kernels.available():  # the decode step's small operations, one kernel call each: same state, other forward
+        for module in model.modules():
+            if type(module) is RMSNorm:
+                module.__class__ = FastRMSNorm
+            elif isinstance(module, Attention):
+                module.rope = fast_rope
     model.compute_dtype = torch.float32
     return model

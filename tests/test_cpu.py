@@ -18,20 +18,36 @@ def test_kernels_build_here():
     assert kernels.available()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
-@pytest.mark.parametrize("k", [72, 96, 1536])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 64])
+@pytest.mark.parametrize("k", [8, 24, 72, 96, 200, 264, 1536])  # every tail: k % 32 in {8, 16, 24, 0}, k % 128
 def test_kernels_match_torch(m, k):
     g = torch.Generator().manual_seed(m * 1000 + k)
     w = torch.randn(37, k, generator=g)
-    x, bias = torch.randn(m, k, generator=g), torch.randn(37, generator=g)
+    x, bias = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4, torch.randn(37, generator=g)
     wb = w.to(torch.bfloat16)
     ref = x.double() @ wb.double().T + bias.double()
     got = kernels.gemm_bf16(x, wb, bias)
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # int8: the kernel multiplies the int16 rounding of x (stated in PyTorch by quantize_rows_int16) exactly
     q, scale = quantize_int8(w)
-    ref = x.double() @ (q.double() * scale.double()[:, None]).T
-    got = kernels.gemm_int8(x, q, scale)
+    wq = q.double() * scale.double()[:, None]
+    xq, xs = kernels.quantize_rows_int16(x)
+    ref = (xq.double() * xs.double()) @ wq.T + bias.double()
+    got = kernels.gemm_int8(x, q, scale, bias)
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # ... and that rounding moves each output by at most sum_k |w| * scale / 2
+    bound = (wq.abs() @ (xs.double() / 2).T).T
+    assert ((ref - (x.double() @ wq.T + bias.double())).abs() <= bound + 1e-9).all()
+
+
+def test_int16_rounding_of_kernel_inputs():
+    x = torch.tensor([[0.0] * 8 + [1.0, -2.0, 0.5, 3.0] * 2 + [0.0] * 112 + [1e-3] * 8])
+    q, s = kernels.quantize_rows_int16(x)
+    assert q[0, 8:16].tolist() == [10922, -21845, 5461, 32767] * 2  # round(v / (3 / 32767)), half to even
+    assert (s[0, :128] == torch.tensor(3.0) / 32767).all() and (s[0, 128:] == torch.tensor(1e-3) / 32767).all()
+    assert (q[0, :8] == 0).all() and (q[0, 128:] == 32767).all() and q.shape == (1, 136)
+    zeros = torch.zeros(2, 16)
+    assert (kernels.quantize_rows_int16(zeros)[1] == 1).all()  # an all-zero group keeps scale 1, not 0/0
 
 
 def test_a_rows_result_does_not_depend_on_its_batch():
@@ -52,9 +68,11 @@ def test_weight_only_linear_paths_agree():
     lin = torch.nn.Linear(64, 40)
     for storage in ("bf16", "int8"):
         wol = WeightOnlyLinear.quantize(lin.weight.data, lin.bias, storage)
-        few, many = torch.randn(3, 64, generator=g), torch.randn(40, 64, generator=g)
+        few, many = torch.randn(3, 64, generator=g), torch.randn(kernels.MAX_ROWS + 1, 64, generator=g)
         ref = lambda x: x @ wol.dequantized().T + wol.bias  # noqa: E731
-        assert torch.allclose(wol(few), ref(few), atol=1e-5) and torch.allclose(wol(many), ref(many), atol=1e-5)
+        # a few rows go through the kernel (int8: on int16-rounded inputs), many through torch's float32 GEMM
+        few_in = few if storage == "bf16" else torch.mul(*kernels.quantize_rows_int16(few))
+        assert torch.allclose(wol(few), ref(few_in), atol=1e-5) and torch.allclose(wol(many), ref(many), atol=1e-5)
 
 
 def test_int8_rounding_error_is_bounded():
@@ -118,3 +136,53 @@ def test_int8_drift_and_greedy_agreement(bf16_ckpt, parity_report):
     agree = (forced == ta).float().mean().item()
     print(f"int8 greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
     parity_report("int8 vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, 0.25)
+
+
+def test_weight_only_linear_follows_its_parameters():
+    # the kernel is bound to the parameters once; replacing or converting them must not leave it stale
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(2, 64, generator=g)
+    lin = WeightOnlyLinear.quantize(w, None, "bf16")
+    first = lin(x)
+    lin.weight = torch.nn.Parameter((w * 2).to(torch.bfloat16), requires_grad=False)
+    assert torch.allclose(lin(x), 2 * first, atol=1e-5)
+    lin.float()  # float32 weights: no kernel applies, plain F.linear
+    assert lin.weight.dtype == torch.float32 and torch.allclose(lin(x), 2 * first, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1536), (2, 5, 72), (3, 8)])
+def test_rms_norm_kernel_matches_the_module(shape):
+    from qwen2vl.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    norm = RMSNorm(shape[-1], 1e-6)
+    norm.weight.data = torch.randn(shape[-1], generator=g)
+    got = kernels.rms_norm(x, norm.weight.data, 1e-6)
+    assert got.shape == x.shape and torch.allclose(got, norm(x), rtol=1e-6, atol=1e-6)
+    assert kernels.rms_norm(x.to(torch.bfloat16), norm.weight.data, 1e-6) is None  # not float32: caller's torch path
+    assert kernels.rms_norm(x.transpose(0, -1), norm.weight.data, 1e-6) is None  # not contiguous
+
+
+def test_rope_kernel_matches_apply_rope_in_place():
+    from qwen2vl.model.layers import apply_rope
+
+    g = torch.Generator().manual_seed(9)
+    for b, heads, n, d in ((1, 12, 1, 128), (2, 3, 7, 24)):
+        cos, sin = torch.randn(b, 1, n, d, generator=g), torch.randn(b, 1, n, d, generator=g)
+        x = torch.randn(b, n, heads, d, generator=g).transpose(1, 2)  # a projection's output viewed per head
+        want = apply_rope(x, cos, sin)
+        got = kernels.rope_(x, cos, sin)
+        assert got is x and torch.allclose(x, want, rtol=1e-6, atol=1e-6)
+        other = torch.randn(b, heads, n, d, generator=g)  # heads-first memory: not this kernel's layout
+        if n > 1:
+            assert kernels.rope_(other, cos, sin) is None
+
+
+def test_cpu_transform_installs_the_small_kernels(bf16_ckpt):
+    from qwen2vl.cpu import FastRMSNorm, fast_rope
+
+    model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+    layer = model.model.layers[0]
+    assert type(layer.input_layernorm) is FastRMSNorm and type(model.model.norm) is FastRMSNorm
+    assert layer.self_attn.rope is fast_rope

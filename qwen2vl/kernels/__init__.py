@@ -1,10 +1,12 @@
 """CPU kernels for weight-only matrix products, compiled on first use, with a plain-PyTorch reference path.
 
 `gemm_bf16` / `gemm_int8` compute Y = X @ W.T (+ bias) in float32 for a few rows of X (decode steps) while
-streaming W once from memory as bf16 or int8 (per-row scale). They are built from `gemv_avx2.c` with the system C
-compiler into a per-user cache the first time they are needed; where there is no compiler, no AVX2/FMA, or the
-build fails, `available()` is False and callers use the reference path (`torch` ops), which the tests compare
-against. Nothing here is imported by the model files: `qwen2vl/runtime.py` applies these as an optional transform.
+streaming W once from memory as bf16 or int8 (per-row scale). The int8 product rounds X to int16 per group of
+`GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding).
+They are built from `gemv_avx2.c` with the system C compiler into a per-user cache the first time they are
+needed; where there is no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the
+reference path (`torch` ops), which the tests compare against. Nothing here is imported by the model files:
+`qwen2vl/cpu.py` applies these as an optional transform.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("gemv_avx2.c")
+_SOURCES = (Path(__file__).with_name("gemv_avx2.c"), Path(__file__).with_name("decode_ops.c"))
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]  # no implicit FMAs: the
+# small ops round like their PyTorch forms; the products use explicit FMA intrinsics
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
+GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in gemv_avx2.c)
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -45,8 +50,8 @@ def _library() -> ctypes.CDLL | None:
         log.info("qwen2vl kernels: CPU lacks AVX2/FMA; using the PyTorch path")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    source = _SOURCE.read_bytes()
-    target = _cache_dir() / f"gemv_avx2-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    digest = hashlib.sha256(" ".join(_FLAGS).encode() + b"".join(f.read_bytes() for f in _SOURCES)).hexdigest()
+    target = _cache_dir() / f"qwen2vl-kernels-{digest[:16]}.so"
     if not target.exists():
         if compiler is None:
             log.warning("qwen2vl kernels: no C compiler found; decoding uses the slower PyTorch path")
@@ -54,7 +59,7 @@ def _library() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
+            cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 log.warning("qwen2vl kernels: build failed, using the PyTorch path:\n%s", res.stderr[-2000:])
@@ -62,8 +67,13 @@ def _library() -> ctypes.CDLL | None:
             os.replace(out, target)  # atomic: concurrent first uses do not see half a file
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gemm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.gemm_i8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    for fn in (lib.gemm_bf16, lib.gemm_i8):  # (w, scale, bias, x, y, n, k, m, threads) -> 0, or -1 out of memory
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    for fn in (lib.rms_norm, lib.rope):
+        fn.restype = None
     return lib
 
 
@@ -71,32 +81,87 @@ def available() -> bool:
     return _library() is not None
 
 
-def _check(w: torch.Tensor, x: torch.Tensor, wdtype: torch.dtype) -> None:
-    if w.dtype != wdtype or not w.is_contiguous() or w.device.type != "cpu":
-        raise ValueError(f"weight must be a contiguous CPU {wdtype} matrix, got {w.dtype} {tuple(w.shape)}")
-    if x.dtype != torch.float32 or x.shape[-1] != w.shape[1] or x.shape[0] > MAX_ROWS or w.shape[1] % 8:
-        raise ValueError(f"x must be float32 (<= {MAX_ROWS}, {w.shape[1]}) with K % 8 == 0, got {tuple(x.shape)}")
+_threads = torch.get_num_threads
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+class Product:
+    """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
+    float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
+        storage = torch.bfloat16 if scale is None else torch.int8
+        if w.dtype != storage or w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.shape[1] % 8:
+            raise ValueError(f"weight must be a contiguous CPU {storage} matrix with K % 8 == 0, "
+                             f"got {w.dtype} {tuple(w.shape)}")
+        for name, v in (("scale", scale), ("bias", bias)):
+            if v is not None and (v.dtype != torch.float32 or v.shape != (w.shape[0],) or not v.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, got {v.dtype} {tuple(v.shape)}")
+        self.n, self.k = w.shape
+        self.tensors = (w, scale, bias)  # kept alive: the kernel reads them through raw pointers
+        self.ptr = w.data_ptr()
+        self._fn = lib.gemm_bf16 if scale is None else lib.gemm_i8
+        self._head = (self.ptr, None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        if k != self.k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
+            raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {self.k}), got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, _threads())
+        if status != 0:
+            raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
+        return y
 
 
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) bfloat16, bias (N,) float32 -> (M, N) float32."""
-    _check(w, x, torch.bfloat16)
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    _library().gemm_bf16(_ptr(w), _ptr(bias), _ptr(x), _ptr(y), w.shape[0], w.shape[1], x.shape[0],
-                         torch.get_num_threads())
-    return y
+    return Product(w, None, bias)(x)
 
 
 def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N) float32 = x @ (w * scale[:, None]).T + bias."""
-    _check(w, x, torch.int8)
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    _library().gemm_i8(_ptr(w), _ptr(scale), _ptr(bias), _ptr(x), _ptr(y), w.shape[0], w.shape[1], x.shape[0],
-                       torch.get_num_threads())
+    """x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N) float32 = x' @ (w * scale[:, None]).T + bias,
+    where x' is x rounded to int16 per group of GROUP inputs (see `quantize_rows_int16`)."""
+    return Product(w, scale, bias)(x)
+
+
+def _f32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
+    float32 (the caller then uses PyTorch)."""
+    if not _f32(x, weight) or weight.shape != x.shape[-1:]:
+        return None
+    y = torch.empty_like(x)
+    _library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x * cos + rotate_half(x) * sin written into x, for x (B, heads, L, D) laid out as (B, L, heads, D) (a
+    projection's output viewed per head) and cos, sin (B, 1, L, D); None (x untouched) for any other layout."""
+    if x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
+        return None
+    rows_first = x.transpose(1, 2)
+    if not _f32(rows_first, cos, sin):
+        return None
+    b, heads, n, d = x.shape
+    _library().rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
+    return x
+
+
+def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 kernel's rounding of its input, in PyTorch: x (M, K) float32 -> q (M, K) int16 values and the
+    scale of every input, s (M, K), with x ~ q * s; one scale max|x| / 32767 per row and group of GROUP inputs."""
+    m, k = x.shape
+    groups = -(-k // GROUP)
+    padded = torch.nn.functional.pad(x, (0, groups * GROUP - k)).view(m, groups, GROUP)
+    amax = padded.abs().amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 32767.0, torch.ones_like(amax))
+    q = torch.round(padded * (1.0 / s)).clamp_(-32767, 32767)
+    return q.view(m, -1)[:, :k], s.expand(m, groups, GROUP).reshape(m, -1)[:, :k]

@@ -19,6 +19,8 @@ from .rope import mrope_cos_sin
 
 
 class Attention(nn.Module):
+    rope = staticmethod(apply_rope)  # a backend may set a fused in-place version on an instance (qwen2vl/cpu.py)
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -33,7 +35,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = attend(layer, q, k, v)  # (B, heads, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
