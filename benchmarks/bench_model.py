@@ -1,6 +1,7 @@
 """Side-by-side speed of qwen2vl and transformers on the same random weights, in one process.
 
     python benchmarks/bench_model.py [--dir /tmp/qwen2vl-2b-random] [--dtype bfloat16] [--repeats 3]
+                                     [--decode-only] [--only qwen2vl|transformers] [--quantize int8] [--device cuda]
 
 Builds (once) a random checkpoint with the real Qwen2-VL-2B shapes, loads it with both libraries and measures,
 median of `--repeats`: vision encode of a 448x448 image (grid 1x32x32) and of a 1024x683 photo (resized to
@@ -13,6 +14,7 @@ table with the ratios (ours vs reference).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -56,11 +58,15 @@ class Bandwidth:
     of 5. The array is allocated once, before either side loads, so it does not count in their peak memory. This
     machine's bandwidth drifts by a third within minutes (other tenants), so decoding is bracketed by probes."""
 
-    def __init__(self) -> None:
-        self.data = torch.ones(2**27, dtype=torch.float32)
+    def __init__(self, device: torch.device) -> None:
+        self.data, self.device = torch.ones(2**27, dtype=torch.float32, device=device), device
+
+    def _sum(self) -> None:
+        self.data.sum()
+        sync(self.device)
 
     def __call__(self) -> float:
-        return self.data.numel() * 4 / median_time(self.data.sum, 5) / 1e9
+        return self.data.numel() * 4 / median_time(self._sum, 5, warmup=self.device.type == "cuda") / 1e9
 
 
 def decode_bytes(model) -> int:
@@ -73,23 +79,32 @@ def decode_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timestamp means the work before it is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Ours:
     name = "qwen2vl"
 
-    def __init__(self, path, dtype, quantize=None):
+    def __init__(self, path, dtype, quantize=None, device="cpu"):
         import qwen2vl
         from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 
-        self.model = qwen2vl.load_model(path, dtype=dtype, progress=False, quantize=quantize)
+        self.device = torch.device(device)
+        self.model = qwen2vl.load_model(path, dtype=dtype, device=self.device, progress=False, quantize=quantize)
         self._prompt, self._steps, self._greedy = Prompt, generate_steps, greedy
 
     def vision(self, batch):
         with torch.inference_mode():
             self.model.encode_vision(batch["pixel_values"], batch["image_grid_thw"])
+        sync(self.device)
 
     def decode_times(self, batch, new):
         stamps = [time.perf_counter()]
         for _ in self._steps(self.model, self._prompt.from_batch(batch), self._greedy, new):
+            sync(self.device)
             stamps.append(time.perf_counter())
         return stamps
 
@@ -97,22 +112,27 @@ class Ours:
 class Reference:
     name = "transformers"
 
-    def __init__(self, path, dtype, quantize=None):
+    def __init__(self, path, dtype, quantize=None, device="cpu"):
         import transformers
 
+        self.device = torch.device(device)
         self.model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa").eval()
+            path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
         self._lp = transformers.LogitsProcessor
 
     def vision(self, batch):
         with torch.inference_mode():
-            self.model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            self.model.model.visual(batch["pixel_values"].to(self.device), grid_thw=batch["image_grid_thw"].to(self.device))
+        sync(self.device)
 
     def decode_times(self, batch, new):
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         stamps = [time.perf_counter()]
+        device = self.device
 
         class Stamp(self._lp):
             def __call__(self, input_ids, scores):
+                sync(device)
                 stamps.append(time.perf_counter())
                 return scores
 
@@ -164,6 +184,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["qwen2vl", "transformers"])
     ap.add_argument("--quantize", choices=["int8"], help="load our side with weight-only int8")
     ap.add_argument("--decode-only", action="store_true", help="skip vision encode and time to first token")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA peak memory is torch's allocator peak")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = Path(args.dir)
@@ -172,20 +193,27 @@ def main() -> None:
 
         write_checkpoint(path, make_config(SHAPES_2B_TEXT, SHAPES_2B_VISION), dtype=torch.bfloat16, tokenizer=False)
     dtype = getattr(torch, args.dtype)
-    bandwidth = Bandwidth()
+    device = torch.device(args.device)
+    bandwidth = Bandwidth(device)
     results, bytes_per_token = {}, {}
     for cls in (Ours, Reference):
         if args.only and cls.name != args.only:
             continue
         rss_peak_reset()
         base = status("VmRSS:")
-        side = cls(str(path), dtype, args.quantize)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        side = cls(str(path), dtype, args.quantize, device)
         bytes_per_token[cls.name] = decode_bytes(side.model)
         results[cls.name] = run_side(side, args.repeats, args.new_tokens, bandwidth, bytes_per_token[cls.name],
                                      args.decode_only)
-        results[cls.name]["peak memory above start (GB)"] = (status("VmHWM:") - base) / 1e9
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status("VmHWM:")
+        results[cls.name]["peak memory above start (GB)"] = (peak - base) / 1e9
         del side
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, median of {args.repeats}")
+        gc.collect()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, median of {args.repeats}")
     names = list(results)
     print(f"{'':<36}" + "".join(f"{n:>14}" for n in names) + ("      ratio" if len(names) == 2 else ""))
     bws = {n: results[n].pop("_bw") for n in names}

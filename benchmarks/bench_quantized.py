@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
-    bandwidth = Bandwidth()
+    bandwidth = Bandwidth(torch.device("cpu"))
     sides = {"bf16": Ours(args.dir, torch.bfloat16), "int8": Ours(args.dir, torch.bfloat16, quantize="int8")}
     nbytes = {name: decode_bytes(side.model) for name, side in sides.items()}
     rates = {(name, b): [] for name in sides for b in (1, 4)}
