@@ -143,6 +143,16 @@ class Reference:
         return stamps
 
 
+def decode_run(side, batch: int, new_tokens: int, bandwidth, weight_bytes: int) -> tuple[float, float, float]:
+    """One decode run bracketed by bandwidth probes -> (tokens/s over the decode steps, prefill excluded; that
+    rate over the bound at the bandwidth measured around the run; that bandwidth in GB/s)."""
+    before = bandwidth()
+    s = side.decode_times(text_prompt(batch, 32), new_tokens)
+    bw = (before + bandwidth()) / 2
+    rate = batch / statistics.median(s[i + 1] - s[i] for i in range(1, len(s) - 1))
+    return rate, rate * weight_bytes / 1e9 / bw, bw
+
+
 def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=False):
     r = {}
     if not decode_only:
@@ -157,21 +167,14 @@ def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=Fal
         r["TTFT 448x448 + text, 281 tok (s)"] = statistics.median(ttft)
     else:
         side.decode_times(text_prompt(1, 32), 2)  # warm-up
+    bws = []
     for b in (1, 4):
-        rates, fractions = [], []
-        for _ in range(repeats):
-            before = bandwidth()
-            s = side.decode_times(text_prompt(b, 32), new_tokens)
-            bw = (before + bandwidth()) / 2
-            steps = [s[i + 1] - s[i] for i in range(1, len(s) - 1)]  # decode steps only, prefill excluded
-            rates.append(b / statistics.median(steps))
-            fractions.append(rates[-1] * weight_bytes / 1e9 / bw)  # tokens/s over the bound tokens/s of this repeat
-            if b == 1:
-                r.setdefault("_bw", []).append(bw)
-        r[f"decode batch {b} (tok/s)"] = statistics.median(rates)
+        runs = [decode_run(side, b, new_tokens, bandwidth, weight_bytes) for _ in range(repeats)]
+        r[f"decode batch {b} (tok/s)"] = statistics.median(rate for rate, _, _ in runs)
         if b == 1:
-            r["decode batch 1: fraction of bound"] = statistics.median(fractions)
-    r["_bw"] = statistics.median(r["_bw"])
+            r["decode batch 1: fraction of bound"] = statistics.median(f for _, f, _ in runs)
+            bws = [bw for _, _, bw in runs]
+    r["_bw"] = statistics.median(bws)
     return r
 
 

@@ -16,7 +16,7 @@ import statistics
 import sys
 
 import torch
-from bench_model import Bandwidth, Ours, decode_bytes, text_prompt
+from bench_model import Bandwidth, Ours, decode_bytes, decode_run, text_prompt
 
 
 def main() -> None:
@@ -35,13 +35,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for b in (1, 4):
             for name, side in sides.items():
-                before = bandwidth()
-                s = side.decode_times(text_prompt(b, 32), args.new_tokens)
-                bw = (before + bandwidth()) / 2
-                rate = b / statistics.median(s[i + 1] - s[i] for i in range(1, len(s) - 1))  # decode steps only
+                rate, fraction, _ = decode_run(side, b, args.new_tokens, bandwidth, nbytes[name])
                 rates[name, b].append(rate)
                 if b == 1:
-                    fractions[name].append(rate * nbytes[name] / 1e9 / bw)
+                    fractions[name].append(fraction)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'':<28}{'bf16':>10}{'int8':>10}{'ratio':>10}")
     for b in (1, 4):

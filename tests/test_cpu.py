@@ -174,9 +174,9 @@ def test_rope_kernel_matches_apply_rope_in_place():
         want = apply_rope(x, cos, sin)
         got = kernels.rope_(x, cos, sin)
         assert got is x and torch.allclose(x, want, rtol=1e-6, atol=1e-6)
-        other = torch.randn(b, heads, n, d, generator=g)  # heads-first memory: not this kernel's layout
-        if n > 1:
-            assert kernels.rope_(other, cos, sin) is None
+    heads_first = torch.randn(2, 3, 7, 24, generator=g)  # (B, heads, L, D) in memory: not this kernel's layout
+    untouched = heads_first.clone()
+    assert kernels.rope_(heads_first, cos, sin) is None and torch.equal(heads_first, untouched)
 
 
 def test_cpu_transform_installs_the_small_kernels(bf16_ckpt):

@@ -1,12 +1,13 @@
-"""CPU kernels for weight-only matrix products, compiled on first use, with a plain-PyTorch reference path.
+"""CPU kernels for the decode step, compiled on first use, each with a plain-PyTorch reference path.
 
-`gemm_bf16` / `gemm_int8` compute Y = X @ W.T (+ bias) in float32 for a few rows of X (decode steps) while
-streaming W once from memory as bf16 or int8 (per-row scale). The int8 product rounds X to int16 per group of
-`GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding).
-They are built from `gemv_avx2.c` with the system C compiler into a per-user cache the first time they are
-needed; where there is no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the
-reference path (`torch` ops), which the tests compare against. Nothing here is imported by the model files:
-`qwen2vl/cpu.py` applies these as an optional transform.
+`Product` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few rows of
+X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
+of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
+`rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
+`decode_ops.c` with the system C compiler into a per-user cache the first time they are needed; where there is
+no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the reference path
+(`torch` ops), which the tests compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
+applies these as an optional transform.
 """
 
 from __future__ import annotations
