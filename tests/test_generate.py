@@ -99,5 +99,5 @@ def test_stops_on_stop_tokens_and_pads_finished_rows(model):
     steps = list(generate_steps(model, Prompt.from_batch(batch), greedy, 3, stop_token_ids=(stop,), pad_token_id=7))
     toks = torch.stack([s.tokens for s in steps], dim=1)
     assert toks[0, 1] == stop and steps[1].finished[0]
-    if len(steps) > 2:
-        assert toks[0, 2] == 7
+    assert len(steps) == 3 and not steps[2].finished[1]  # row 1 runs on, so row 0 must be padded at step 3
+    assert toks[0, 2] == 7

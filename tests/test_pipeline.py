@@ -96,10 +96,11 @@ def test_stream_chat_and_stop_strings(pipe, media):
     pieces = list(pipe.stream(conv, max_new_tokens=20))
     assert "".join(pieces) == pipe.chat(conv, max_new_tokens=20) == pipe.generate([conv], max_new_tokens=20)[0]
     full = "".join(pieces)
-    stop = full[len(full) // 2: len(full) // 2 + 2]
-    if stop.strip():
-        cut = pipe.chat(conv, max_new_tokens=20, stop=[stop])
-        assert cut == full[: full.find(stop)]
+    middle = len(full) // 2
+    at = next(i for i in range(middle, len(full) - 1) if full[i:i + 2].strip())  # a stop that is not just spaces
+    stop = full[at:at + 2]
+    cut = pipe.chat(conv, max_new_tokens=20, stop=[stop])
+    assert cut == full[: full.find(stop)] and len(cut) < len(full)
 
 
 def test_chat_session_reuses_history_and_vision(pipe, media):

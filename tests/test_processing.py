@@ -143,6 +143,7 @@ def test_smart_resize_both_variants_match_references():
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf
 
     rng = np.random.default_rng(0)
+    checked = 0
     for _ in range(400):
         h, w = (int(v) for v in rng.integers(10, 5000, 2))
         if max(h, w) / min(h, w) > 200:
@@ -153,6 +154,8 @@ def test_smart_resize_both_variants_match_references():
             continue
         assert smart_resize(h, w, 28, lo, hi) == qvu(h, w, 28, lo, hi)
         assert smart_resize(h, w, 28, lo, hi, variant="transformers") == hf(h, w, 28, lo, hi)
+        checked += 1
+    assert checked >= 200  # the filters above leave most draws
 
 
 @pytest.mark.parametrize("make, match", [
