@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import socket
 import statistics
-import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,25 +44,15 @@ def requests(n: int) -> list[list]:
 
 
 def start_server(path: str, max_num_seqs: int):
-    import uvicorn
+    from qwen2vl.cli import build_parser
+    from qwen2vl.serve.server import build_server, serve_in_thread
 
-    from qwen2vl.serve.server import build_server
-
-    args = types.SimpleNamespace(model=path, dtype="auto", device="cpu", quantize=None, api_key=None,
-                                 served_model_name="m", max_model_len=1024, max_num_seqs=max_num_seqs,
-                                 kv_cache_memory="4GiB", max_waiting=256, prefill_chunk=256,
-                                 allowed_local_media_path=None, allowed_media_domains=None,
-                                 max_request_bytes=16 * 2**20)
+    args = build_parser().parse_args(["serve", "--model", path, "--served-model-name", "m", "--max-model-len", "1024",
+                                      "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory", "4GiB",
+                                      "--max-request-bytes", str(16 * 2**20)])
     srv = build_server(args)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    uv = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=uv.run, daemon=True).start()
-    while not uv.started:
-        time.sleep(0.05)
-    return srv, uv, f"http://127.0.0.1:{port}/v1"
+    uv, base = serve_in_thread(srv)
+    return srv, uv, base + "/v1"
 
 
 def one(client, content, max_tokens: int) -> tuple[float, list[float], int]:

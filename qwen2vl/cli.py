@@ -196,7 +196,22 @@ def _add_serve(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step (latency of others)")
     p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
     p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
-    p.add_argument("--max-request-bytes", type=int, default=64 * 2**20)
+    p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
+    from .serve.limits import Limits
+
+    limits = Limits()
+    p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
+                   help="images + videos in one request (400 beyond)")
+    p.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                   help="pixels of one image after resizing; items are sized as if they asked for at most this")
+    p.add_argument("--max-video-pixels", type=int, default=limits.max_video_pixels,
+                   help="pixels of one video frame after resizing, likewise")
+    p.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
+                   help="frames of one video (400 beyond)")
+    p.add_argument("--max-source-pixels", type=int, default=limits.max_source_pixels,
+                   help="pixels decoded before resizing, all items of a request together (400 beyond)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may take to send its body")
     p.set_defaults(func=cmd_serve)
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +13,8 @@ import openai
 import pytest
 
 from processing_fixtures import noise_image
-from qwen2vl.serve.server import build_server
+from qwen2vl.cli import build_parser
+from qwen2vl.serve.server import build_server, serve_in_thread
 
 KEY = "sk-test"
 
@@ -27,34 +25,22 @@ def data_uri(w, h, seed=0):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def serve_args(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    import uvicorn
-
     media = tmp_path_factory.mktemp("allowed")
     noise_image(120, 90, seed=5).save(media / "local.png")
-    args = types.SimpleNamespace(
-        model=str(tiny_ckpt), dtype="bfloat16", device="cpu", quantize=None, api_key=KEY, served_model_name="tiny",
-        max_model_len=1024, max_num_seqs=16, kv_cache_memory="1GiB", max_waiting=64, prefill_chunk=64,
-        allowed_local_media_path=str(media), allowed_media_domains=None, max_request_bytes=2 * 2**20)
-    srv = build_server(args)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    config = uvicorn.Config(srv.app, host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    srv.base = f"http://127.0.0.1:{port}"
+    srv = build_server(serve_args(
+        "--model", str(tiny_ckpt), "--dtype", "bfloat16", "--api-key", KEY, "--served-model-name", "tiny",
+        "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-memory", "1GiB", "--max-waiting", "64",
+        "--prefill-chunk", "64", "--allowed-local-media-path", str(media), "--max-request-bytes", str(2 * 2**20)))
+    uv, srv.base = serve_in_thread(srv, header_timeout_s=2.0)
     srv.media = media
     yield srv
     uv.should_exit = True
-    thread.join(5)
 
 
 @pytest.fixture

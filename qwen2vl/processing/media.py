@@ -16,7 +16,8 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,34 @@ class MediaPolicy:
     allow_local: bool = True
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """The bytes behind a URL or data: URI, fetched once so that planning and decoding read the same copy."""
+
+    source: str
+    data: bytes = field(repr=False)
+
+
+def fetch(source, policy: MediaPolicy, what: str):
+    """URL and data: sources (and lists of them, a video's frames) as `Fetched`; anything else unchanged."""
+    if isinstance(source, list):
+        return [fetch(s, policy, f"{what} frame {i}") for i, s in enumerate(source)]
+    if isinstance(source, str) and source.startswith(("http://", "https://", "data:")):
+        return Fetched(source, read_bytes(source, policy, what))
+    return source
+
+
 def describe(source) -> str:
     if isinstance(source, str):
         return source if len(source) < 80 else source[:60] + "..."
     return type(source).__name__
 
 
-def read_bytes(source: str, policy: MediaPolicy, what: str) -> bytes:
+def read_bytes(source, policy: MediaPolicy, what: str) -> bytes:
     """The bytes behind a path, file:// URL, data: URI or http(s) URL, within the policy's limits."""
+    if isinstance(source, Fetched):
+        return source.data
+    source = str(source)
     if source.startswith("data:"):
         header, _, payload = source.partition(",")
         if ";base64" not in header:
@@ -136,9 +157,8 @@ def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
         if arr.dtype != np.uint8:
             raise InputError(f"array dtype {arr.dtype}; expected uint8", what)
         image = Image.fromarray(arr)
-    elif isinstance(source, (str, Path)):
-        data = read_bytes(str(source), policy, what)
-        image = _decode(data, policy, what)
+    elif isinstance(source, (str, Path, Fetched)):
+        image = _decode(read_bytes(source, policy, what), policy, what)
     else:
         raise InputError(f"unsupported image source of type {type(source).__name__}", what)
     w, h = image.size
@@ -147,16 +167,26 @@ def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
     return image
 
 
-def _decode(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+def open_image(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+    """The image's header (size, mode), pixels not decoded yet; over the policy's pixel cap is refused here."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"refused as a decompression bomb ({e})", what) from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError("not a recognised image format", what) from None
     w, h = image.size
-    if w * h > policy.max_image_pixels:  # checked before decoding the pixels
+    if w * h > policy.max_image_pixels:
         raise InputError(f"{w}x{h} = {w * h} pixels exceed the limit of {policy.max_image_pixels}", what)
+    return image
+
+
+def _decode(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+    image = open_image(data, policy, what)
     try:
         image.load()
-    except (OSError, SyntaxError) as e:
+    except Exception as e:  # PIL's plugins raise many types for corrupt data
         raise InputError(f"undecodable or truncated image ({e})", what) from None
     return image

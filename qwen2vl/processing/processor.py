@@ -19,7 +19,7 @@ from PIL import Image
 from .chat import normalize_messages, render
 from .errors import InputError
 from .image import image_to_patches, normalize_rows, patchify, resize_image, smart_resize, to_rgb
-from .media import MediaPolicy, load_image, read_bytes
+from .media import Fetched, MediaPolicy, fetch, load_image, open_image, read_bytes
 from .tokenizer import Tokenizer
 from .video import load_video, plan_video
 
@@ -35,6 +35,7 @@ class ItemPlan:
     tokens: int
     frame_indices: list[int] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)
+    source_pixels: int = 0  # pixels decoded before resizing (every kept frame of a video)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,26 @@ class Plan:
     items: list[ItemPlan]
     prompt_tokens: int
     context: int
+
+    @property
+    def source_pixels(self) -> int:
+        return sum(item.source_pixels for item in self.items)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What preparing one conversation may cost, checked against its plan before any picture is decoded."""
+
+    prompt_tokens: int | None = None  # None: the model's context
+    source_pixels: int | None = None  # pixels decoded before resizing, all items together; None: no limit
+
+
+class OverBudget(InputError):
+    """A conversation's plan exceeds its budget; raised before decoding, with the numbers."""
+
+    def __init__(self, message: str, item: str | None = None, tokens: int = 0, limit: int = 0) -> None:
+        super().__init__(message, item)
+        self.tokens, self.limit = tokens, limit
 
 
 class Processor:
@@ -116,13 +137,18 @@ class Processor:
         return normalize_rows(rows), grid
 
     # -- the whole batch -----------------------------------------------------------------------------------------
-    def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False) -> dict:
+    def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False,
+                 budget: Budget | None = None) -> dict:
+        """Each conversation is planned from cheap facts (image headers, video containers' headers) and checked
+        against `budget` and the model's context before any picture is decoded: a prompt that cannot fit costs
+        milliseconds. URL and data: sources are fetched once, so the plan and the decode see the same bytes."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         texts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
         for c, conv in enumerate(conversations):
-            messages = normalize_messages(conv)
+            messages = self._fetch(normalize_messages(conv))
             text = render(self.chat_template, messages, add_generation_prompt, add_vision_id=add_vision_id)
+            self._check(self._plan(messages, text), budget or Budget(), f"conversation {c}")
             counts = {"image": 0, "video": 0}
             for item in self.vision_items(messages):
                 kind = item["type"]
@@ -174,9 +200,37 @@ class Processor:
 
     # -- planning ------------------------------------------------------------------------------------------------
     def plan(self, conversation, add_generation_prompt: bool = True) -> Plan:
-        """Sizes, token counts and frame choices of every item and the whole prompt, decoding no video."""
-        messages = normalize_messages(conversation)
-        text = render(self.chat_template, messages, add_generation_prompt)
+        """Sizes, token counts and frame choices of every item and the whole prompt, decoding no picture."""
+        messages = self._fetch(normalize_messages(conversation))
+        return self._plan(messages, render(self.chat_template, messages, add_generation_prompt))
+
+    def _fetch(self, messages: list[dict]) -> list[dict]:
+        """URL and data: sources (and frame lists of them) replaced by their bytes, fetched once under the policy."""
+        out = []
+        for m in messages:
+            if isinstance(m["content"], list):
+                parts = []
+                for p in m["content"]:
+                    if p["type"] in ("image", "video"):
+                        p = {**p, p["type"]: fetch(p[p["type"]], self.policy, f"{p['type']} ({_describe(p[p['type']])})")}
+                    parts.append(p)
+                m = {**m, "content": parts}
+            out.append(m)
+        return out
+
+    def _check(self, plan: Plan, budget: Budget, what: str) -> None:
+        limit = min(self.max_context, budget.prompt_tokens or self.max_context)
+        if plan.prompt_tokens > limit:
+            allowed = (f"the model's context of {limit}" if limit == self.max_context else
+                       f"the {limit} this request allows (the model's context is {self.max_context})")
+            raise OverBudget(f"the prompt has {plan.prompt_tokens} tokens, more than {allowed}", what,
+                             plan.prompt_tokens, limit)
+        if budget.source_pixels is not None and plan.source_pixels > budget.source_pixels:
+            raise OverBudget(f"its images and video frames hold {plan.source_pixels} pixels before resizing, more "
+                             f"than the {budget.source_pixels} allowed", what, plan.source_pixels,
+                             budget.source_pixels)
+
+    def _plan(self, messages: list[dict], text: str) -> Plan:
         items, extra = [], 0
         for i, item in enumerate(self.vision_items(messages)):
             kind, what = item["type"], f"{item['type']} {i} ({_describe(item[item['type']])})"
@@ -184,14 +238,15 @@ class Processor:
                 image = _lazy_image(item["image"], self.policy, what)
                 h, w = self._image_size(item, image.width, image.height)
                 tokens = (h // 28) * (w // 28)
-                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), tokens))
+                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), tokens,
+                                      source_pixels=image.width * image.height))
             else:
                 vp = plan_video({**self.video_defaults, **item}, self.policy, what)
                 h, w = vp.resized
                 n = len(vp.indices) + len(vp.indices) % 2
                 tokens = n // 2 * (h // 28) * (w // 28)
                 items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), tokens,
-                                      vp.indices, [round(t, 3) for t in vp.timestamps]))
+                                      vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels))
             extra += tokens - 1
         total = len(self.tokenizer.encode(text)) + extra
         return Plan(items, total, self.max_context)
@@ -205,17 +260,14 @@ class Processor:
 
 def _lazy_image(source, policy: MediaPolicy, what: str) -> Image.Image:
     """The image's header only (size and mode), where the source allows it."""
-    if isinstance(source, (str, Path)):
-        import io
-
-        try:
-            return Image.open(io.BytesIO(read_bytes(str(source), policy, what)))
-        except Image.UnidentifiedImageError:
-            raise InputError("not a recognised image format", what) from None
+    if isinstance(source, (str, Path, Fetched)):
+        return open_image(read_bytes(source, policy, what), policy, what)
     return load_image(source, policy, what)
 
 
 def _describe(source) -> str:
+    if isinstance(source, Fetched):
+        source = source.source
     if isinstance(source, str):
         return source if len(source) <= 60 else source[:40] + "..." + source[-12:]
     if isinstance(source, list):
@@ -234,4 +286,4 @@ def _read_json(path: Path, required: bool = True) -> dict:
         raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
-__all__ = ["ItemPlan", "Plan", "Processor"]
+__all__ = ["Budget", "ItemPlan", "OverBudget", "Plan", "Processor"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .image import smart_resize, to_rgb
-from .media import MediaPolicy, load_image, local_path, read_bytes
+from .media import Fetched, MediaPolicy, load_image, local_path, open_image, read_bytes
 
 FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
@@ -34,6 +34,15 @@ class VideoPlan:
     width: int
     indices: list[int]
     resized: tuple[int, int]
+
+    frame_pixels: tuple[int, ...] = ()  # per source frame of a frame list; empty for a video file
+
+    @property
+    def source_pixels(self) -> int:
+        """Pixels decoded before resizing: every kept frame at its source size."""
+        if self.frame_pixels:
+            return sum(self.frame_pixels[i] for i in self.indices)
+        return len(self.indices) * self.height * self.width
 
     @property
     def timestamps(self) -> list[float]:
@@ -89,10 +98,10 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
-def _open(source: str, policy: MediaPolicy, what: str):
+def _open(source, policy: MediaPolicy, what: str):
     import av  # optional extra: pip install qwen2vl[video]
 
-    if source.startswith(("http://", "https://", "data:")):
+    if isinstance(source, Fetched) or source.startswith(("http://", "https://", "data:")):
         import io
 
         target = io.BytesIO(read_bytes(source, policy, what))
@@ -156,7 +165,7 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[tor
             raise InputError(f"array video must be uint8 (T, H, W, 3), got {source.dtype} {source.shape}", what)
         return _from_frames(ele, list(torch.from_numpy(source.copy()).permute(0, 3, 1, 2)),
                             fps=float(ele.get("sample_fps", FPS)), what=what)
-    container = _open(str(source), policy, what)
+    container = _open(source if isinstance(source, Fetched) else str(source), policy, what)
     with container:
         total, fps, height, width = probe(container, what)
         indices = sample_indices(ele, total, fps, what)
@@ -170,15 +179,27 @@ def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan
     """Sizes and frame choice without decoding any picture."""
     source = ele["video"]
     if isinstance(source, (list, tuple, np.ndarray)):
-        first = load_image(source[0], policy, what) if isinstance(source, (list, tuple)) else None
-        width, height = first.size if first is not None else (source.shape[2], source.shape[1])
+        if isinstance(source, np.ndarray):
+            sizes = [(source.shape[2], source.shape[1])] * len(source)
+        else:  # every frame's header, so that a large frame anywhere in the list is seen before decoding
+            sizes = [_frame_header(f, policy, f"{what} frame {i}") for i, f in enumerate(source)]
+        if not sizes:
+            raise InputError("a video given as frames needs at least one frame", what)
+        width, height = sizes[0]
         n = len(source) + len(source) % 2
         return VideoPlan(len(source), float(ele.get("sample_fps", FPS)), height, width,
-                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2), frame_size(ele, n, height, width))
-    with _open(str(source), policy, what) as container:
+                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2), frame_size(ele, n, height, width),
+                         tuple(w * h for w, h in sizes))
+    with _open(source if isinstance(source, Fetched) else str(source), policy, what) as container:
         total, fps, height, width = probe(container, what)
     indices = sample_indices(ele, total, fps, what)
     return VideoPlan(total, fps, height, width, indices, frame_size(ele, len(indices), height, width))
+
+
+def _frame_header(frame, policy: MediaPolicy, what: str) -> tuple[int, int]:
+    if isinstance(frame, (str, Path, Fetched)):
+        return open_image(read_bytes(frame, policy, what), policy, what).size
+    return load_image(frame, policy, what).size
 
 
 def _from_frames(ele: dict, frames: list[torch.Tensor], fps: float, what: str) -> tuple[torch.Tensor, VideoPlan]:

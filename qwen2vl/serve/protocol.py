@@ -1,21 +1,34 @@
-"""OpenAI chat-completions request parsing and response shapes (the subset vLLM's server also takes).
+"""The OpenAI chat-completions request as typed models, and the error object every failure becomes.
 
-A request body becomes (conversation, sampling parameters, options); anything malformed becomes an
-`ApiError` with the HTTP status and the OpenAI error object (`{"error": {"message", "type", "param", "code"}}`).
-Per-item extension fields (min_pixels, max_pixels, resized_height, resized_width, fps, nframes) may sit on the
-content part or inside its image_url / video_url object; a video may also be a list of frame URLs.
+A body is read as JSON with `NaN`/`Infinity` refused, then validated by pydantic models that mirror the OpenAI
+schema (the subset vLLM's server also takes): strict types (`"stream": "false"` is not a boolean), ranges, finite
+numbers. Fields that change what is generated and that this server does not implement (tools, response_format,
+penalties, logit_bias, ...) are refused by name unless they carry their no-op value; other unknown top-level
+fields are accepted and ignored, as OpenAI-compatible servers do. Per-item extension fields (min_pixels,
+max_pixels, resized_height, resized_width, fps, nframes, ...) may sit on the content part or inside its
+image_url / video_url object; a video may also be a list of frame URLs. Any failure is an `ApiError` carrying the
+HTTP status and the OpenAI error object (`{"error": {"message", "type", "param", "code"}}`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError,
+                      model_validator)
 
 from ..generate.sampling import SamplingParams
 
+# per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
 ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
                "max_frames", "total_pixels", "video_start", "video_end")
+# below this a temperature overflows float32 logits (30 / 1e-40 = inf); vLLM's _SAMPLING_EPS treats it as greedy too
+GREEDY_BELOW = 1e-5
 
 
 class ApiError(Exception):
@@ -28,11 +41,154 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# -- field types -----------------------------------------------------------------------------------------------
+def _integral(value: Any) -> int:
+    """An integer, also when JSON spells it as a float (2e7); never a bool, a string or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be an integer, got {type(value).__name__}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"must be a finite integer, got {value}")
+    return int(value)
+
+
+Count = Annotated[int, BeforeValidator(_integral)]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # strict: "1.5" is not a number
+PositiveCount = Annotated[Count, Field(ge=1, le=2**40)]  # bounded so that products of them stay exact
+
+
+class ItemFields(BaseModel):
+    """qwen-vl-utils' per-item sizing fields, where the client may put them (part or image_url/video_url)."""
+
+    model_config = ConfigDict(extra="ignore")
+    min_pixels: PositiveCount | None = None
+    max_pixels: PositiveCount | None = None
+    total_pixels: PositiveCount | None = None
+    resized_height: PositiveCount | None = None
+    resized_width: PositiveCount | None = None
+    fps: Annotated[Number, Field(gt=0, le=1000)] | None = None
+    nframes: PositiveCount | None = None
+    min_frames: PositiveCount | None = None
+    max_frames: PositiveCount | None = None
+    video_start: Annotated[Number, Field(ge=0)] | None = None
+    video_end: Annotated[Number, Field(ge=0)] | None = None
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in ITEM_FIELDS if getattr(self, k) is not None}
+
+
+class ImageUrl(ItemFields):
+    url: StrictStr
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; sizing follows the pixel fields
+
+
+class VideoUrl(ItemFields):
+    url: StrictStr | list[StrictStr]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(ItemFields):
+    type: Literal["image_url"]
+    image_url: ImageUrl | StrictStr
+
+
+class VideoPart(ItemFields):
+    type: Literal["video_url"]
+    video_url: VideoUrl | StrictStr | list[StrictStr]
+
+
+PART_TYPES = {"text": TextPart, "image_url": ImagePart, "video_url": VideoPart}
+
+
+def _part(value: Any) -> Any:
+    if isinstance(value, str):  # a bare string part is text
+        return TextPart(type="text", text=value)
+    if not isinstance(value, dict):
+        raise ValueError("a content part must be an object")
+    kind = value.get("type")
+    if kind not in PART_TYPES:
+        raise ValueError(f"content part type {kind!r} is not supported (text, image_url, video_url)")
+    return PART_TYPES[kind].model_validate(value)
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, BeforeValidator(_part)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[Part] | None = None
+    name: StrictStr | None = None  # accepted; Qwen2-VL's template has no place for it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_tools(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("role") == "tool":
+                raise ValueError("'tool' messages are not supported: this server does not implement tool calling")
+            for key in ("tool_calls", "function_call"):
+                if value.get(key):
+                    raise ValueError(f"'{key}' in a message is not supported: this server does not implement tool "
+                                     f"calling")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+# fields that change what is generated, that this server does not implement, and their no-op values
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "web_search_options": (None,), "reasoning_effort": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
+    "min_p": (None, 0), "min_tokens": (None, 0), "ignore_eos": (None, False), "echo": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "prompt_logprobs": (None,), "length_penalty": (None, 1),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields (user, metadata, store, ...) are harmless
+    model: StrictStr
+    messages: Annotated[list[Message], Field(min_length=1, max_length=4096)]
+    max_tokens: Annotated[Count, Field(ge=1, le=2**31)] | None = None
+    max_completion_tokens: Annotated[Count, Field(ge=1, le=2**31)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[Count, Field(ge=-1, le=2**31)] | None = None  # vLLM's extra field; -1 (and 0) mean off
+    repetition_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
+    seed: Annotated[Count, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # torch.Generator's seed range
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    n: Annotated[Count, Field(ge=1, le=8)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
+    parallel_tool_calls: StrictBool | None = None  # meaningless without tools; accepted
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key, no_ops in UNSUPPORTED.items():
+                if key in value and value[key] not in no_ops:
+                    raise ApiError(400, f"'{key}' is not supported by this server", param=key,
+                                   code="unsupported_parameter")
+        return value
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
-    messages: list[dict]
+    messages: list[dict]  # qwen-vl-utils form: {"role", "content": str | [{"type": "image", "image": ...}, ...]}
     params: SamplingParams
+    max_tokens_given: bool  # the client named max_tokens: over the context is a 400, not a silent cap
     n: int
     stream: bool
     include_usage: bool
@@ -40,92 +196,70 @@ class ChatRequest:
     top_logprobs: int
 
 
-def _number(body: dict, key: str, kind, lo=None, hi=None):
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-        raise ApiError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}, got {value!r}", param=key)
-    value = kind(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return value
-
-
-def _part(part, where: str) -> dict:
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    if not isinstance(part, dict):
-        raise ApiError(400, f"{where}: a content part must be an object", param="messages")
-    kind = part.get("type")
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise ApiError(400, f"{where}: text part without a string 'text'", param="messages")
-        return {"type": "text", "text": part["text"]}
-    if kind in ("image_url", "video_url"):
-        inner = part.get(kind)
-        url = inner.get("url") if isinstance(inner, dict) else inner
-        media = "image" if kind == "image_url" else "video"
-        if not (isinstance(url, str) or (media == "video" and isinstance(url, list)
-                                         and all(isinstance(u, str) for u in url))):
-            raise ApiError(400, f"{where}: {kind} needs a 'url' string" + (" or a list of frame URLs"
-                                                                          if media == "video" else ""), param="messages")
-        out = {"type": media, media: url}
-        for source in (part, inner if isinstance(inner, dict) else {}):
-            for key in ITEM_FIELDS:
-                if key in source:
-                    out[key] = source[key]
-        return out
-    raise ApiError(400, f"{where}: unsupported content part type {kind!r} (text, image_url, video_url)",
-                   param="messages")
-
-
-def parse_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+def _conversation(messages: list[Message]) -> list[dict]:
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
-        content = m.get("content")
+    for m in messages:
+        content: Any = m.content if m.content is not None else ""
         if isinstance(content, list):
-            content = [_part(p, f"messages[{i}]") for p in content]
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or an array of parts", param="messages")
-        out.append({"role": m["role"], "content": content})
+            content = [_item(p) for p in content]
+        # 'developer' is OpenAI's newer name for the system role
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
 
-def parse_request(body, generation_config: dict) -> ChatRequest:
+def _item(part: TextPart | ImagePart | VideoPart) -> dict:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    kind = "image" if isinstance(part, ImagePart) else "video"
+    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
+    url = inner.url if isinstance(inner, ItemFields) else inner
+    fields = part.fields()
+    if isinstance(inner, ItemFields):
+        fields.update(inner.fields())
+    return {"type": kind, kind: url, **fields}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(raw: bytes) -> Any:
+    """Standard JSON only: NaN/Infinity refused, nesting bounded by the parser's recursion limit."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def _describe(error: ValidationError) -> tuple[str, str | None]:
+    first = error.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), (str(first["loc"][0]) if first["loc"] else None)
+
+
+def parse_request(body: Any, generation_config: dict) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' is required", param="model")
-    messages = parse_messages(body.get("messages"))
-    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 16
-                                                           and all(isinstance(s, str) for s in stop))):
-        raise ApiError(400, "'stop' must be a string or an array of at most 16 strings", param="stop")
-    n = _number(body, "n", int, 1, 8) or 1
-    top_logprobs = _number(body, "top_logprobs", int, 0, 20) or 0
-    top_k = _number(body, "top_k", int, -1)
-    top_k = 0 if top_k == -1 else top_k  # vLLM's spelling of "off"
+    try:
+        r = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise ApiError(400, message, param=param) from None
+    max_tokens = r.max_completion_tokens or r.max_tokens
+    temperature = 0.0 if r.temperature is not None and r.temperature < GREEDY_BELOW else r.temperature
     try:
         params = SamplingParams.from_generation_config(
-            generation_config, max_new_tokens=max_tokens or 512, temperature=_number(body, "temperature", float, 0, 2),
-            top_p=_number(body, "top_p", float, 0, 1), top_k=top_k,
-            repetition_penalty=_number(body, "repetition_penalty", float, 0), seed=_number(body, "seed", int),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()))
-    except ValueError as e:
+            generation_config, max_new_tokens=max_tokens or 512, temperature=temperature, top_p=r.top_p,
+            top_k=0 if r.top_k == -1 else r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
+            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()))
+    except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
-    stream_options = body.get("stream_options") or {}
-    return ChatRequest(model, messages, params, n, bool(body.get("stream", False)),
-                       bool(stream_options.get("include_usage", False)), bool(body.get("logprobs", False)),
-                       top_logprobs)
+    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.n, r.stream,
+                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0)
 
 
 def completion_id() -> str:

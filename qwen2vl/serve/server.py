@@ -1,10 +1,12 @@
 """`qwen2vl serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
 Endpoints: POST /v1/chat/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics
-(Prometheus text). The engine steps in one background thread; requests are prepared (media fetched under the
-server's media policy, tokenised) in a worker pool, submitted to the engine, and fed their tokens through an
-asyncio queue. Streaming and non-streaming responses come from one generator of per-choice deltas. Errors are
-OpenAI-shaped; a bad request never reaches the engine's batch, and a disconnecting client frees its slot at once.
+(Prometheus text). The engine steps in one background thread; requests are prepared (limits applied, media
+planned from headers, then fetched and decoded under the server's media policy, tokenised) in a worker pool,
+submitted to the engine, and fed their tokens through an asyncio queue. Streaming and non-streaming responses come
+from one generator of per-choice deltas. Every error, 404/405 and the unforeseen included, is the OpenAI error
+object; a bad request never reaches the engine's batch; a client that goes away, streaming or not, is aborted
+within one engine step and frees its slot; slow clients are cut off by header and body read deadlines.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.engine import Engine, Output, QueueFull, Request
 from ..generate.decode import Prompt
@@ -31,7 +35,9 @@ from ..generate.sampling import chooser
 from ..generate.stopping import StopMatcher
 from ..pipeline import Pipeline
 from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
-from .protocol import ApiError, ChatRequest, completion_id, now, parse_request
+from ..processing.processor import Budget, OverBudget
+from .limits import LimitExceeded, Limits
+from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -43,6 +49,7 @@ class EngineLoop:
         self.engine = engine
         self.routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopped = False
+        self.step_started: float | None = None  # monotonic time the step in progress began
         self.tokens_window: list[tuple[float, int]] = []
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
 
@@ -54,11 +61,13 @@ class EngineLoop:
             if not self.engine.has_work():
                 self.engine.wait_for_work(0.05)
                 continue
+            self.step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all("internal error in the engine")
+            self.step_started = None
             produced = sum(o.token is not None for o in outputs)
             if produced:
                 self.tokens_window.append((time.monotonic(), produced))
@@ -66,6 +75,11 @@ class EngineLoop:
                 route = self.routes.get(out.request_id)
                 if route is not None:
                     route[0].call_soon_threadsafe(route[1].put_nowait, out)
+
+    def stalled_for(self) -> float:
+        """Seconds the step in progress has run (0 between steps)."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         cutoff = time.monotonic() - window
@@ -75,11 +89,13 @@ class EngineLoop:
 
 class Server:
     def __init__(self, pipe: Pipeline, engine: Engine, model_name: str, api_key: str | None = None,
-                 policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4) -> None:
+                 policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4,
+                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0) -> None:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
-        self.max_request_bytes = max_request_bytes
+        self.max_request_bytes, self.body_timeout_s, self.stall_after_s = max_request_bytes, body_timeout_s, stall_after_s
+        self.limits = limits or Limits()
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
@@ -95,26 +111,44 @@ class Server:
             yield
             self.loop.stopped = True
 
-        app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, lifespan=lifespan)
+        app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-        @app.exception_handler(ApiError)
-        async def _api_error(_, e: ApiError):
+        def error(e: ApiError) -> JSONResponse:
             self.requests_total["error"] += 1
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+        @app.exception_handler(ApiError)
+        async def _api_error(_, e: ApiError):
+            return error(e)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+            what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+            kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+            return error(ApiError(e.status_code, what.get(e.status_code, str(e.detail)), kind,
+                                  headers=dict(e.headers or {})))
+
         @app.exception_handler(RequestValidationError)
         async def _validation(_, e):
-            return JSONResponse(ApiError(400, f"invalid request: {e.errors()[:3]}").body(), status_code=400)
+            return error(ApiError(400, f"invalid request: {e.errors()[:1]}"))
+
+        @app.exception_handler(ClientDisconnect)
+        async def _gone(_, e):  # the client left while sending its body: nobody reads the answer
+            return Response(status_code=499)
 
         @app.exception_handler(Exception)
         async def _unexpected(_, e: Exception):
-            log.exception("unexpected error")
-            return JSONResponse(ApiError(500, "internal server error", "server_error").body(), status_code=500)
+            log.error("unexpected error", exc_info=e)  # the traceback stays in the log, once
+            return error(ApiError(500, "internal server error", "server_error"))
 
         @app.get("/health")
         async def health():
-            alive = self.loop.thread.is_alive()
-            return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+            if not self.loop.thread.is_alive():
+                return JSONResponse({"status": "engine stopped"}, status_code=503)
+            stalled = self.loop.stalled_for()
+            if stalled > self.stall_after_s:
+                return JSONResponse({"status": f"engine step running for {stalled:.0f} s"}, status_code=503)
+            return JSONResponse({"status": "ok"})
 
         @app.get("/v1/models")
         async def models(request: HttpRequest):
@@ -132,10 +166,9 @@ class Server:
             req = await self._parse(request)
             prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
             submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
-            if req.stream:
-                return StreamingResponse(self._sse(request, req, prepared, submission),
-                                         media_type="text/event-stream")
-            return JSONResponse(await self._complete(request, req, prepared, submission))
+            if req.stream:  # Starlette cancels the stream when the client goes away
+                return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
+            return await self._complete(request, req, prepared, submission)
 
         return app
 
@@ -146,19 +179,28 @@ class Server:
         if header != f"Bearer {self.api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
-    async def _parse(self, request) -> ChatRequest:
+    async def _read_body(self, request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.max_request_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {self.max_request_bytes} bytes")
+        chunks: list[bytes] = []  # joined once: appending to bytes would copy the body per chunk
+
+        async def collect() -> None:
+            size = 0
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_request_bytes:
+                    raise ApiError(413, f"request body exceeds the limit of {self.max_request_bytes} bytes")
+
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+            await asyncio.wait_for(collect(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+        return b"".join(chunks)
+
+    async def _parse(self, request) -> ChatRequest:
+        body = read_json(await self._read_body(request))
         req = parse_request(body, self.pipe.generation_config)
         if req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
@@ -166,18 +208,31 @@ class Server:
         return req
 
     def _prepare(self, req: ChatRequest) -> dict:
-        """Fetch media, render and tokenise (in a worker thread). Input problems become 400s."""
+        """Limits, plan, then fetch, decode, render and tokenise (in a worker thread). Input problems become 400s,
+        and a request over a limit is refused from its plan, before any picture is decoded."""
+        context = self.engine.max_model_len
+        completion = req.params.max_new_tokens if req.max_tokens_given else 1
+        if completion >= context:
+            raise ApiError(400, f"max_tokens is {completion}, but this model's maximum context length is {context} "
+                                f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
         try:
-            batch = self.processor(req.messages)
+            messages = self.limits.apply(req.messages)
+            batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels))
+        except LimitExceeded as e:
+            raise ApiError(400, str(e), param="messages", code=e.code) from None
+        except OverBudget as e:
+            if "pixels" in str(e):
+                raise ApiError(400, str(e), param="messages") from None
+            asked = f"{e.tokens} in the messages" + (f" + {completion} in the completion" if req.max_tokens_given else "")
+            raise ApiError(400, f"this model's maximum context length is {context} tokens; the request needs more "
+                                f"({asked})", param="messages", code="context_length_exceeded") from None
         except InputError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise ApiError(400, str(e), param="messages", code=code) from None
+            raise ApiError(400, str(e), param="messages") from None
         prompt_tokens = batch["input_ids"].shape[1]
-        if prompt_tokens + 1 > self.engine.max_model_len:
-            raise ApiError(400, f"this model's maximum context length is {self.engine.max_model_len} tokens; the "
-                                f"messages take {prompt_tokens} tokens", param="messages",
-                           code="context_length_exceeded")
-        room = self.engine.max_model_len - prompt_tokens
+        if prompt_tokens + completion > context:  # the plan counted the same tokens; this guards the rule's one home
+            raise ApiError(400, f"this model's maximum context length is {context} tokens; the messages take "
+                                f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
+        room = context - prompt_tokens
         usage_media = {kind: int(batch[f"{kind}_grid_thw"].prod(-1).sum()) // 4 if f"{kind}_grid_thw" in batch else 0
                        for kind in ("image", "video")}
         return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
@@ -207,18 +262,14 @@ class Server:
                                headers={"Retry-After": "1"}) from None
         return queue, ids, states
 
-    async def _choices(self, http, req: ChatRequest, submission: tuple) -> AsyncIterator[tuple[int, dict]]:
-        """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}."""
+    async def _choices(self, req: ChatRequest, submission: tuple) -> AsyncIterator[tuple[int, dict]]:
+        """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}. Cancelling
+        the consumer (the client went away) aborts every open choice in the engine."""
         queue, ids, states = submission
         open_ids = set(ids)
         try:
             while open_ids:
-                try:
-                    out: Output = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+                out: Output = await queue.get()
                 if out.request_id not in open_ids:
                     continue
                 index, detok, stop = states[out.request_id]
@@ -262,12 +313,28 @@ class Server:
                 "prompt_tokens_details": {"image_tokens": prepared["media"]["image"],
                                           "video_tokens": prepared["media"]["video"]}}
 
-    async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
+    async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> Response:
+        """The whole answer, or nothing if the client goes away first: a task waits for the disconnect message
+        while the choices are collected, and whichever ends first cancels the other."""
+        answer = asyncio.ensure_future(self._answer(req, prepared, submission))
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, gone):
+                if not task.done():
+                    task.cancel()
+        if not answer.done() or answer.cancelled():
+            await asyncio.gather(answer, return_exceptions=True)  # let _choices' cleanup run
+            return Response(status_code=499)
+        return JSONResponse(answer.result())
+
+    async def _answer(self, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
         texts = [""] * req.n
         reasons: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
         completion = 0
-        async for index, ev in self._choices(http, req, submission):
+        async for index, ev in self._choices(req, submission):
             texts[index] += ev["text"]
             completion += ev["tokens"]
             if ev["logprobs"]:
@@ -281,7 +348,7 @@ class Server:
         return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
                 "choices": choices, "usage": self._usage(prepared, completion)}
 
-    async def _sse(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
+    async def _sse(self, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
 
         def chunk(choices, usage=None) -> str:
@@ -295,7 +362,7 @@ class Server:
                       "finish_reason": None} for i in range(req.n)])
         completion = 0
         try:
-            async for index, ev in self._choices(http, req, submission):
+            async for index, ev in self._choices(req, submission):
                 completion += ev["tokens"]
                 if ev["text"] or ev["finish_reason"] or ev["logprobs"]:
                     yield chunk([{"index": index, "delta": {"content": ev["text"]} if ev["text"] else {},
@@ -332,6 +399,12 @@ class Server:
         return "\n".join(out) + "\n"
 
 
+async def _disconnected(http) -> None:
+    """Returns when the client closes its connection (the ASGI http.disconnect message)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def parse_bytes(text: str, free: int) -> int:
     """'4GiB', '512MB', '1073741824' or a fraction of free memory such as '0.3'."""
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", text, re.I)
@@ -354,6 +427,65 @@ def _free_memory(device: torch.device) -> int:
     return 8 * 2**30
 
 
+def http_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out idle keep-alive
+    connections but not a client that sends its headers a byte at a time (slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        header_deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # between requests: headers expected
+            if waiting and self.header_deadline is None:
+                self.header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+            super().data_received(data)
+            if self.header_deadline is not None and self.cycle is not None and not self.cycle.response_complete:
+                self.header_deadline.cancel()  # the request's headers are complete
+                self.header_deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self.header_deadline = None
+            if not self.transport.is_closing():
+                self.send_400_response(f"request headers not received within {header_timeout_s:g} s")
+
+        def connection_lost(self, exc) -> None:
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+                self.header_deadline = None
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def uvicorn_config(app, host: str, port: int, header_timeout_s: float = 10.0, drain_s: float = 30.0):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=http_protocol(header_timeout_s),
+                          timeout_graceful_shutdown=int(drain_s), h11_max_incomplete_event_size=64 * 1024)
+
+
+def serve_in_thread(server: Server, host: str = "127.0.0.1", header_timeout_s: float = 10.0):
+    """Start uvicorn on a free port in a daemon thread (tests, benchmarks); returns (uvicorn server, base URL).
+    Stop it with `uv.should_exit = True`."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn_config(server.app, host, port, header_timeout_s))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    return uv, f"http://{host}:{port}"
+
+
 def build_server(a) -> Server:
     from ..pipeline import load
 
@@ -366,7 +498,10 @@ def build_server(a) -> Server:
                          allowed_domains=tuple(a.allowed_media_domains) if a.allowed_media_domains else None,
                          allow_local=a.allowed_local_media_path is not None,
                          local_root=Path(a.allowed_local_media_path) if a.allowed_local_media_path else None)
-    return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes)
+    limits = Limits(max_media_items=a.max_media_items, max_pixels=a.max_pixels, max_video_pixels=a.max_video_pixels,
+                    max_video_frames=a.max_video_frames, max_source_pixels=a.max_source_pixels)
+    return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes,
+                  limits=limits, body_timeout_s=a.body_timeout)
 
 
 def main(a) -> int:
@@ -376,5 +511,5 @@ def main(a) -> int:
     s = server.engine.stats()
     print(f"qwen2vl serving {server.model_name} on http://{a.host}:{a.port} ({s['kv_slots']} KV slots of "
           f"{server.engine.max_model_len} tokens)", flush=True)
-    uvicorn.run(server.app, host=a.host, port=a.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(server.app, a.host, a.port, a.header_timeout)).run()
     return 0
