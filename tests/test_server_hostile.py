@@ -204,6 +204,8 @@ BAD_BODIES = [
     request("Hi", top_p=0),
     request("Hi", stop=[1, 2]),
     request("Hi", stop=["x"] * 17),
+    request("Hi", stop=["x" * 5000]),
+    request("Hi", stop=[""]),
     request([image_part(png_uri(8, 8), max_pixels="abc")]),
     request([image_part(png_uri(8, 8), max_pixels=[1])]),
     request([image_part(png_uri(8, 8), min_pixels=-5)]),
@@ -239,6 +241,17 @@ def test_json_that_python_accepts_but_json_does_not(server):
                  '{"a": ' * 100000 + "1" + "}" * 100000,
                  b"\xff\xfe not utf-8"):
         error_of(post(server, text), 400)
+
+
+def test_megabytes_of_text_are_refused_without_tokenising(server, monkeypatch):
+    from qwen2vl.processing.tokenizer import Tokenizer
+
+    encoded = []
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: encoded.append(len(text)) or [])
+    with RssPeak() as rss:
+        err = error_of(post(server, request("hello world " * 300_000)), 400)  # 3.6 MB (60 MB took 36 s, 8 GB)
+    assert err["code"] == "context_length_exceeded" and "at least" in err["message"]
+    assert encoded == [] and rss.grew < 200 * 2**20
 
 
 def test_tiny_temperature_is_greedy_not_an_overflow(server):
@@ -353,3 +366,19 @@ def test_a_client_that_goes_away_frees_its_slot_within_a_step(server, stream):
     produced = _metric(server, "qwen2vl_generation_tokens_total") - before
     time.sleep(0.3)
     assert _metric(server, "qwen2vl_generation_tokens_total") - before == produced < 900
+
+
+def test_requests_waiting_for_preparation_are_bounded(server):
+    engine, saved = server.engine, server.engine.max_waiting
+    engine.max_waiting = 1
+    try:
+        with _raw_socket(server) as s:  # one request stuck in its body read holds the only place
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                      b"\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.2)
+            busy = post(server, request("Hi"))
+            assert error_of(busy, 429)["type"] == "rate_limit_error" and busy.headers["retry-after"] == "1"
+        time.sleep(1.5)  # the stuck one timed out (408) and gave its place back
+        assert post(server, request("Hi")).status_code == 200
+    finally:
+        engine.max_waiting = saved

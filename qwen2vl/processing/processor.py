@@ -60,9 +60,10 @@ class Budget:
 class OverBudget(InputError):
     """A conversation's plan exceeds its budget; raised before decoding, with the numbers."""
 
-    def __init__(self, message: str, item: str | None = None, tokens: int = 0, limit: int = 0) -> None:
+    def __init__(self, message: str, item: str | None = None, tokens: int = 0, limit: int = 0,
+                 at_least: bool = False) -> None:
         super().__init__(message, item)
-        self.tokens, self.limit = tokens, limit
+        self.tokens, self.limit, self.at_least = tokens, limit, at_least  # at_least: tokens is a lower bound
 
 
 class Processor:
@@ -148,7 +149,9 @@ class Processor:
         for c, conv in enumerate(conversations):
             messages = self._fetch(normalize_messages(conv))
             text = render(self.chat_template, messages, add_generation_prompt, add_vision_id=add_vision_id)
-            self._check(self._plan(messages, text), budget or Budget(), f"conversation {c}")
+            budget, what = budget or Budget(), f"conversation {c}"
+            self._check_tokens(self.tokenizer.min_tokens(text), budget, what, at_least=True)  # before tokenising
+            self._check(self._plan(messages, text), budget, what)
             counts = {"image": 0, "video": 0}
             for item in self.vision_items(messages):
                 kind = item["type"]
@@ -218,13 +221,16 @@ class Processor:
             out.append(m)
         return out
 
-    def _check(self, plan: Plan, budget: Budget, what: str) -> None:
+    def _check_tokens(self, tokens: int, budget: Budget, what: str, at_least: bool = False) -> None:
         limit = min(self.max_context, budget.prompt_tokens or self.max_context)
-        if plan.prompt_tokens > limit:
+        if tokens > limit:
             allowed = (f"the model's context of {limit}" if limit == self.max_context else
                        f"the {limit} this request allows (the model's context is {self.max_context})")
-            raise OverBudget(f"the prompt has {plan.prompt_tokens} tokens, more than {allowed}", what,
-                             plan.prompt_tokens, limit)
+            raise OverBudget(f"the prompt has {'at least ' if at_least else ''}{tokens} tokens, more than {allowed}",
+                             what, tokens, limit, at_least)
+
+    def _check(self, plan: Plan, budget: Budget, what: str) -> None:
+        self._check_tokens(plan.prompt_tokens, budget, what)
         if budget.source_pixels is not None and plan.source_pixels > budget.source_pixels:
             raise OverBudget(f"its images and video frames hold {plan.source_pixels} pixels before resizing, more "
                              f"than the {budget.source_pixels} allowed", what, plan.source_pixels,

@@ -7,6 +7,7 @@ recognised in text); decoding matches `batch_decode(skip_special_tokens=..., cle
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizer
@@ -22,6 +23,15 @@ class Tokenizer:
         if i is None:
             raise KeyError(f"{token!r} is not in the vocabulary")
         return i
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """No token stands for more UTF-8 bytes than this, so a text of n bytes has at least n / this tokens: a
+        bound that refuses a text far over the context without tokenising it (megabytes take seconds and GBs)."""
+        return max(len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True))
+
+    def min_tokens(self, text: str) -> int:
+        return -(-len(text.encode()) // self.max_token_bytes)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

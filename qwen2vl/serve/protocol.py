@@ -54,6 +54,7 @@ def _integral(value: Any) -> int:
 Count = Annotated[int, BeforeValidator(_integral)]
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # strict: "1.5" is not a number
 PositiveCount = Annotated[Count, Field(ge=1, le=2**40)]  # bounded so that products of them stay exact
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=4096)]  # matched against every new token
 
 
 class ItemFields(BaseModel):
@@ -164,7 +165,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: Annotated[Count, Field(ge=-1, le=2**31)] | None = None  # vLLM's extra field; -1 (and 0) mean off
     repetition_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
     seed: Annotated[Count, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # torch.Generator's seed range
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
     n: Annotated[Count, Field(ge=1, le=8)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -99,6 +99,7 @@ class Server:
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
+        self.preparing = 0  # requests between arrival and the engine (touched on the event loop only)
         self.app = self._build_app()
 
     # -- app -------------------------------------------------------------------------------------------------
@@ -163,8 +164,17 @@ class Server:
         @app.post("/v1/chat/completions")
         async def chat(request: HttpRequest):
             self._auth(request)
-            req = await self._parse(request)
-            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
+            # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
+            # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
+            if self.preparing >= self.engine.max_waiting:
+                raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
+                                    f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
+            self.preparing += 1
+            try:
+                req = await self._parse(request)
+                prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
+            finally:
+                self.preparing -= 1
             submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
             if req.stream:  # Starlette cancels the stream when the client goes away
                 return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
@@ -223,7 +233,8 @@ class Server:
         except OverBudget as e:
             if "pixels" in str(e):
                 raise ApiError(400, str(e), param="messages") from None
-            asked = f"{e.tokens} in the messages" + (f" + {completion} in the completion" if req.max_tokens_given else "")
+            asked = (f"{'at least ' if e.at_least else ''}{e.tokens} in the messages" +
+                     (f" + {completion} in the completion" if req.max_tokens_given else ""))
             raise ApiError(400, f"this model's maximum context length is {context} tokens; the request needs more "
                                 f"({asked})", param="messages", code="context_length_exceeded") from None
         except InputError as e:
