@@ -1,22 +1,27 @@
 """Fetching images and videos from where users point: PIL/numpy objects, paths, file://, data: URIs, http(s).
 
 Matches the sources qwen-vl-utils' `fetch_image` / `fetch_video` accept, with explicit limits it lacks: a time
-limit, a byte cap and a redirect cap for URLs, a decompression-bomb pixel cap, and (for servers) a directory that
-file:// and paths must stay inside, an allow-list of domains, and refusal of loopback, private and link-local
-addresses. Every failure is an `InputError` naming the item.
+limit over a whole fetch, a byte cap and a redirect cap for URLs, a decompression-bomb pixel cap, and (for servers)
+a directory that file:// and paths must stay inside, an allow-list of domains, and refusal of any address that is
+not globally routable. A URL's host is resolved once per hop and the connection goes to the address that was
+checked, so the name cannot answer differently in between (DNS rebinding). Every failure is an `InputError`
+naming the item.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
+import re
 import socket
-import urllib.error
+import ssl
+import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,12 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # for a whole URL fetch, redirects included
     max_bytes: int = 64 * 2**20
     max_redirects: int = 3
     max_image_pixels: int = 64_000_000  # decompression-bomb cap on the decoded image
     allow_http: bool = True
-    allow_private_addresses: bool = True  # servers set False: no loopback/private/link-local targets
+    allow_private_addresses: bool = True  # servers set False: only globally routable addresses
     allowed_domains: tuple[str, ...] | None = None  # None: any
     local_root: Path | None = None  # when set, paths and file:// must resolve inside it
     allow_local: bool = True
@@ -76,52 +81,207 @@ def local_path(path: Path, policy: MediaPolicy, what: str) -> Path:
     return resolved
 
 
-def _check_host(url: str, policy: MediaPolicy, what: str) -> None:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if policy.allowed_domains is not None and not any(host == d or host.endswith("." + d) for d in policy.allowed_domains):
-        raise InputError(f"host {host!r} is not among the allowed media domains", what)
+# -- http(s) -----------------------------------------------------------------------------------------------------
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # after IDNA encoding; underscores occur in real names
+# IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at: judge that address instead
+_IPV4_INSIDE_IPV6 = (ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
+                     ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64
+                     ipaddress.IPv6Network("::/96"))  # IPv4-compatible (deprecated, still routable on some hosts)
+
+
+@dataclass(frozen=True)
+class _Url:
+    https: bool
+    host: str  # lower-case ASCII name (IDNA) or IP literal without brackets
+    port: int
+    target: str  # path and query as sent in the request line, percent-encoded
+
+
+def _parse_url(url: str, what: str) -> _Url:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as e:
+        raise InputError(f"invalid URL {describe(url)} ({e})", what) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise InputError(f"unsupported URL scheme {scheme!r} (expected http or https)", what)
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise InputError(f"URL {describe(url)} has no host", what)
+    if port == 0:
+        raise InputError(f"URL {describe(url)} has port 0", what)
+    try:
+        if ":" in host:
+            ipaddress.IPv6Address(host)
+        else:
+            host = host.encode("idna").decode("ascii")  # also refuses empty and over-long labels
+            if not _HOST_NAME.fullmatch(host):
+                raise UnicodeError("characters not allowed in a host name")
+    except (UnicodeError, ValueError) as e:
+        raise InputError(f"invalid host {host!r} in URL ({e})", what) from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    target = urllib.parse.quote(target, safe="!#$%&'()*+,/:;=?@[]~")  # spaces, non-ASCII: encoded, not refused
+    return _Url(scheme == "https", host, port or (443 if scheme == "https" else 80), target)
+
+
+def _is_public(address: str) -> bool:
+    addr = ipaddress.ip_address(address)
+    if addr.version == 6:
+        if addr.sixtofour is not None:  # 6to4 reaches the embedded IPv4 address
+            addr = addr.sixtofour
+        elif any(addr in net for net in _IPV4_INSIDE_IPV6):
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFF_FFFF)
+    # is_global excludes loopback, private, link-local, shared (CGNAT 100.64/10), reserved and documentation ranges
+    return addr.is_global and not addr.is_multicast
+
+
+def _check_host(url: _Url, policy: MediaPolicy, what: str) -> list[tuple]:
+    """Resolve the host once and check every address; the fetch connects only to the addresses returned."""
+    host = url.host
+    if policy.allowed_domains is not None:
+        allowed = [d.lower().rstrip(".") for d in policy.allowed_domains]
+        if not any(host == d or host.endswith("." + d) for d in allowed):
+            raise InputError(f"host {host!r} is not among the allowed media domains", what)
+    try:
+        infos = socket.getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InputError(f"cannot resolve {host!r} ({e})", what) from None
     if not policy.allow_private_addresses:
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except socket.gaierror as e:
-            raise InputError(f"cannot resolve {host!r} ({e})", what) from None
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0])
-            if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-                raise InputError(f"host {host!r} resolves to a non-public address ({addr})", what)
+        for *_, sockaddr in infos:
+            if not _is_public(sockaddr[0]):
+                raise InputError(f"host {host!r} resolves to a non-public address ({sockaddr[0]})", what)
+    return infos
 
 
-class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, policy: MediaPolicy, what: str) -> None:
-        self.policy, self.what, self.count = policy, what, 0
+def _arm(sock: socket.socket, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("time limit reached")
+    sock.settimeout(left)  # a connect, sendall, TLS handshake or receive: each bounded as a whole by this
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.count += 1
-        if self.count > self.policy.max_redirects:
-            raise InputError(f"more than {self.policy.max_redirects} redirects", self.what)
-        _check_host(newurl, self.policy, self.what)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+class _DeadlineReader(io.RawIOBase):
+    """What http.client's response reads the socket through: every receive gets only the time left before the
+    fetch's deadline. A plain socket timeout restarts with each byte, so a server trickling bytes would stretch a
+    fetch without end."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+        self.raw = sock.makefile("rb", buffering=0)  # keeps the socket open until the body is read, as usual
+
+    def makefile(self, mode: str) -> io.BufferedReader:  # HTTPResponse reads through sock.makefile("rb")
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        _arm(self.sock, self.deadline)
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # verifies the certificate chain and the host name
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """One request to one of the addresses `_check_host` approved, never to a fresh lookup of the name. The Host
+    header, the TLS server name (SNI) and certificate verification still use the name from the URL. Every socket
+    operation is bounded by the fetch's deadline."""
+
+    def __init__(self, url: _Url, addresses: list[tuple], deadline: float) -> None:
+        super().__init__(url.host, url.port)
+        self.default_port = 443 if url.https else 80  # Host: carries the port only when it is not the default
+        self.tls, self.addresses, self.deadline = url.https, addresses, deadline
+
+    def connect(self) -> None:
+        error: OSError = ConnectionError("no address to connect to")
+        for family, kind, proto, _, sockaddr in self.addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                _arm(sock, self.deadline)
+                sock.connect(sockaddr)
+                if self.tls:
+                    _arm(sock, self.deadline)
+                    sock = _tls_context().wrap_socket(sock, server_hostname=self.host)
+                self.sock = sock
+                return
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+    def send(self, data) -> None:
+        if self.sock is not None:
+            _arm(self.sock, self.deadline)
+        super().send(data)
+
+    def response_class(self, sock, **kwargs) -> http.client.HTTPResponse:  # getresponse() calls this
+        return http.client.HTTPResponse(_DeadlineReader(sock, self.deadline), **kwargs)
 
 
 def _http_get(url: str, policy: MediaPolicy, what: str) -> bytes:
     if not policy.allow_http:
         raise InputError("URLs are not accepted here", what)
-    _check_host(url, policy, what)
-    opener = urllib.request.build_opener(_LimitedRedirects(policy, what))
+    deadline = time.monotonic() + policy.timeout_s
+    for _ in range(policy.max_redirects + 1):
+        location, body = _fetch_once(url, policy, deadline, what)
+        if location is None:
+            return body
+        url = urllib.parse.urljoin(url, location)  # checked like the first URL on the next hop
+    raise InputError(f"more than {policy.max_redirects} redirects", what)
+
+
+def _fetch_once(url: str, policy: MediaPolicy, deadline: float, what: str) -> tuple[str | None, bytes]:
+    """One hop: (the redirect's Location, b"") or (None, the body)."""
+    parsed = _parse_url(url, what)
+    conn = _PinnedConnection(parsed, _check_host(parsed, policy, what), deadline)
     try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "qwen2vl"}), timeout=policy.timeout_s) as r:
-            length = r.headers.get("Content-Length")
-            if length and int(length) > policy.max_bytes:
-                raise InputError(f"{length} bytes exceed the limit of {policy.max_bytes}", what)
-            data = r.read(policy.max_bytes + 1)
+        # identity: a compressed body would be a second size to bound, and we never asked for one
+        conn.request("GET", parsed.target, headers={"User-Agent": "qwen2vl", "Accept-Encoding": "identity",
+                                                    "Connection": "close"})
+        r = conn.getresponse()
+        if r.status in _REDIRECTS:
+            if not r.getheader("Location"):
+                raise InputError(f"redirect ({r.status}) without a Location from {describe(url)}", what)
+            return r.getheader("Location"), b""
+        if r.status != 200:
+            raise InputError(f"could not fetch {describe(url)} (HTTP {r.status} {r.reason})", what)
+        encoding = r.getheader("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise InputError(f"{describe(url)} sent a {encoding}-encoded body, which was not asked for", what)
+        declared = r.length  # None when chunked or absent
+        if declared is not None and declared > policy.max_bytes:
+            raise InputError(f"{declared} bytes exceed the limit of {policy.max_bytes}", what)
+        chunks, size = [], 0
+        while chunk := r.read1(64 * 1024):  # read1: a body cut short just ends the loop; worded below
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise InputError(f"response exceeds the limit of {policy.max_bytes} bytes", what)
+            chunks.append(chunk)
+        if declared is not None and size < declared:
+            raise InputError(f"connection closed after {size} of {declared} bytes", what)
+        return None, b"".join(chunks)
+    except TimeoutError:
+        raise InputError(f"fetching took longer than the limit of {policy.timeout_s} s", what) from None
     except InputError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise InputError(f"could not fetch {url} ({getattr(e, 'reason', e)})", what) from None
-    if len(data) > policy.max_bytes:
-        raise InputError(f"response exceeds the limit of {policy.max_bytes} bytes", what)
-    return data
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise InputError(f"could not fetch {describe(url)} ({e})", what) from None
+    finally:
+        conn.close()
 
+
+# -- images ------------------------------------------------------------------------------------------------------
 
 def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
     """A fully decoded PIL image (any mode) from any supported source."""
