@@ -1,4 +1,5 @@
-"""Media fetching against hostile input: DNS rebinding, redirects, slow and oversized responses, odd URLs and hosts.
+"""Media fetching against hostile input: DNS rebinding, redirects, slow and oversized responses, odd URLs and hosts,
+other URL schemes, paths and data: URIs.
 
 Network: only loopback servers started here. Test host names resolve through a fake `socket.getaddrinfo` (IP
 literals are parsed locally, nothing is looked up), and a guard on `socket.socket.connect` refuses every address
@@ -7,8 +8,10 @@ but loopback, except a public address a test routes to one of its loopback ports
 
 from __future__ import annotations
 
+import base64
 import io
 import ipaddress
+import os
 import shutil
 import socket
 import ssl
@@ -341,3 +344,94 @@ def test_allowed_domains(web, net):
     for host in ("notmedia.test", "media.test.evil.test"):
         with pytest.raises(InputError, match="not among the allowed media domains"):
             read_bytes(web.url("/a.png", host), policy, "image 0")
+
+
+# -- other schemes, paths and data: URIs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x.png", "gopher://127.0.0.1:70/_x", "Dict://127.0.0.1:11211/stat"])
+def test_other_url_schemes_are_refused_by_name(url, net):
+    """Not taken for a local file name (which a server with local files allowed would then look for)."""
+    with pytest.raises(InputError, match=f"unsupported URL scheme '{url.split(':')[0].lower()}'"):
+        read_bytes(url, OPEN, "image 0")
+
+
+def test_scheme_case_does_not_matter(web, net):
+    web.routes["/a.png"] = body(PNG)
+    assert read_bytes(web.url("/a.png").replace("http://", "HTTP://"), OPEN, "image 0") == PNG
+
+
+def test_paths_that_are_not_readable_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(PNG)
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    os.mkfifo(tmp_path / "fifo")
+    cases = [
+        (f"{tmp_path}/a\0.png", "NUL byte"),
+        (f"file://{tmp_path}/a.png\0.txt", "NUL byte"),
+        (str(tmp_path), "is a directory"),
+        (f"file://{tmp_path}/", "is a directory"),
+        (str(tmp_path / ("x" * 300)), "File name too long"),
+        ("/".join([str(tmp_path)] + ["d" * 200] * 25), "File name too long"),  # a path over PATH_MAX
+        ("~no_such_user_qwen2vl/a.png", "cannot resolve"),
+        (str(loop), "cannot resolve"),
+        (str(tmp_path / "fifo"), "not a regular file"),  # reading would wait for a writer forever
+        ("/dev/zero", "not a regular file"),  # would never end
+        (str(tmp_path / "missing.png"), "no such file"),
+    ]
+    for source, match in cases:
+        with pytest.raises(InputError, match=match):
+            read_bytes(source, OPEN, "image 0")
+    assert read_bytes(f"file://{tmp_path}/a.png", OPEN, "image 0") == PNG
+
+
+def test_unreadable_files(tmp_path):
+    if os.path.exists("/proc/self/mem"):  # a regular file even root cannot read from offset 0
+        with pytest.raises(InputError, match="cannot read .*Input/output error"):
+            read_bytes("/proc/self/mem", OPEN, "image 0")
+    if os.geteuid() != 0:  # root reads through permission bits
+        p = tmp_path / "locked.png"
+        p.write_bytes(PNG)
+        p.chmod(0)
+        with pytest.raises(InputError, match="Permission denied"):
+            read_bytes(str(p), OPEN, "image 0")
+
+
+def test_paths_cannot_leave_the_local_root(tmp_path, monkeypatch):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(PNG)
+    (root / "ok.png").write_bytes(PNG)
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "dir").symlink_to(outside)
+    monkeypatch.setenv("HOME", str(outside))
+    policy = MediaPolicy(local_root=root)
+    for source in (root / "link.png", root / "dir" / "secret.png", root / ".." / "outside" / "secret.png",
+                   "~/secret.png", f"file://{outside}/secret.png"):
+        with pytest.raises(InputError, match="outside the allowed media directory"):
+            read_bytes(str(source), policy, "image 0")
+    assert read_bytes(str(root / "ok.png"), policy, "image 0") == PNG
+    with pytest.raises(InputError, match="local files are not accepted"):
+        read_bytes(str(root / "ok.png"), MediaPolicy(allow_local=False), "image 0")
+
+
+def test_data_uris(monkeypatch):
+    wrapped = base64.encodebytes(PNG).decode()  # line breaks every 76 characters, as many encoders write
+    assert read_bytes("data:image/png;base64," + wrapped, OPEN, "image 0") == PNG
+    assert read_bytes("DATA:image/png;BASE64," + base64.b64encode(PNG).decode(), OPEN, "image 0") == PNG
+    for uri, match in [
+        ("data:image/png;base64,!!!!" + base64.b64encode(PNG).decode(), "not valid base64"),
+        ("data:image/png;base64,AAA", "not valid base64"),  # bad padding
+        ("data:image/png;base64,AAAA\u00e9", "not valid base64"),
+        ("data:image/png;base64", "without a ','"),
+        ("data:image/png,%89PNG", "only base64"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            read_bytes(uri, OPEN, "image 0")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the size check must come before decoding")
+    monkeypatch.setattr(media.base64, "b64decode", no_decoding)
+    with pytest.raises(InputError, match="about 6000 bytes exceeds the limit of 1000"):
+        read_bytes("data:image/png;base64," + "A" * 8000, MediaPolicy(max_bytes=1000), "image 0")

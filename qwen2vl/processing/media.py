@@ -18,6 +18,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -49,36 +50,76 @@ def describe(source) -> str:
     return type(source).__name__
 
 
+# -- where the bytes come from -----------------------------------------------------------------------------------
+
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def read_bytes(source: str, policy: MediaPolicy, what: str) -> bytes:
     """The bytes behind a path, file:// URL, data: URI or http(s) URL, within the policy's limits."""
-    if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if ";base64" not in header:
-            raise InputError("only base64 data: URIs are supported", what)
-        try:
-            data = base64.b64decode(payload, validate=False)
-        except (binascii.Error, ValueError) as e:
-            raise InputError(f"invalid base64 payload ({e})", what) from None
-        if len(data) > policy.max_bytes:
-            raise InputError(f"{len(data)} bytes exceed the limit of {policy.max_bytes}", what)
-        return data
-    if source.startswith(("http://", "https://")):
+    if "\0" in source:  # the OS would stop the name there; refuse rather than guess
+        raise InputError("the source contains a NUL byte", what)
+    if source[:5].lower() == "data:":
+        return _data_uri(source, policy, what)
+    scheme = _URL_SCHEME.match(source)
+    scheme = scheme.group(1).lower() if scheme else None
+    if scheme in ("http", "https"):
         return _http_get(source, policy, what)
-    path = Path(source[7:] if source.startswith("file://") else source)
-    return local_path(path, policy, what).read_bytes()
+    if scheme not in (None, "file"):  # ftp://, gopher://, ... are not local file names either
+        raise InputError(f"unsupported URL scheme {scheme!r} (expected http, https, file or data)", what)
+    return _read_file(local_path(Path(source[7:] if scheme else source), policy, what), policy, what)
+
+
+def _data_uri(source: str, policy: MediaPolicy, what: str) -> bytes:
+    header, comma, payload = source[5:].partition(",")
+    if not comma:
+        raise InputError("data: URI without a ',' before its payload", what)
+    if not header.lower().endswith(";base64"):
+        raise InputError("only base64 data: URIs are supported", what)
+    if len(payload) // 4 * 3 > policy.max_bytes:  # 4 base64 characters carry 3 bytes: refuse before decoding
+        raise InputError(f"base64 payload of about {len(payload) // 4 * 3} bytes exceeds the limit of "
+                         f"{policy.max_bytes}", what)
+    try:  # validate: characters outside the alphabet are an error, not silently dropped; line breaks are fine
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"data: URI payload is not valid base64 ({e})", what) from None
 
 
 def local_path(path: Path, policy: MediaPolicy, what: str) -> Path:
+    """The regular file `path` names, symlinks resolved, inside `policy.local_root` when that is set."""
     if not policy.allow_local:
         raise InputError("local files are not accepted here", what)
-    resolved = path.expanduser().resolve()
+    name = describe(str(path))
+    try:  # resolving follows symlinks, so the root check below sees where a link really points
+        resolved = path.expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: unknown ~user, or a symlink loop (Python 3.11)
+        raise InputError(f"cannot resolve {name} ({e})", what) from None
     if policy.local_root is not None and not resolved.is_relative_to(Path(policy.local_root).resolve()):
-        raise InputError(f"{path} is outside the allowed media directory {policy.local_root}", what)
-    if not resolved.is_file():
-        raise InputError(f"no such file: {path}", what)
-    if resolved.stat().st_size > policy.max_bytes:
-        raise InputError(f"file is {resolved.stat().st_size} bytes, over the limit of {policy.max_bytes}", what)
+        raise InputError(f"{name} is outside the allowed media directory {policy.local_root}", what)
+    try:
+        st = resolved.stat()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {name}", what) from None
+    except OSError as e:  # name too long, permission denied on a parent, ...
+        raise InputError(f"cannot read {name} ({e.strerror or e})", what) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{name} is a directory, not a file", what)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader, a device may never end
+        raise InputError(f"{name} is not a regular file", what)
+    if st.st_size > policy.max_bytes:
+        raise InputError(f"file is {st.st_size} bytes, over the limit of {policy.max_bytes}", what)
     return resolved
+
+
+def _read_file(path: Path, policy: MediaPolicy, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(policy.max_bytes + 1)  # bounded even if the file grew after local_path's size check
+    except OSError as e:
+        raise InputError(f"cannot read {describe(str(path))} ({e.strerror or e})", what) from None
+    if len(data) > policy.max_bytes:
+        raise InputError(f"file is over the limit of {policy.max_bytes} bytes", what)
+    return data
 
 
 # -- http(s) -----------------------------------------------------------------------------------------------------
