@@ -1,5 +1,5 @@
 """Media fetching against hostile input: DNS rebinding, redirects, slow and oversized responses, odd URLs and hosts,
-other URL schemes, paths and data: URIs.
+other URL schemes, paths, data: URIs, decompression bombs and corrupt images.
 
 Network: only loopback servers started here. Test host names resolve through a fake `socket.getaddrinfo` (IP
 literals are parsed locally, nothing is looked up), and a guard on `socket.socket.connect` refuses every address
@@ -15,18 +15,23 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
+import warnings
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from qwen2vl.processing import InputError, MediaPolicy, media
-from qwen2vl.processing.media import read_bytes
+from qwen2vl.processing.media import load_image, read_bytes
 
 PUBLIC = "93.184.216.34"  # globally routable; never reached: the guard refuses it or routes it to loopback
 OPEN = MediaPolicy()  # a library user's default: private addresses allowed
@@ -435,3 +440,67 @@ def test_data_uris(monkeypatch):
     monkeypatch.setattr(media.base64, "b64decode", no_decoding)
     with pytest.raises(InputError, match="about 6000 bytes exceeds the limit of 1000"):
         read_bytes("data:image/png;base64," + "A" * 8000, MediaPolicy(max_bytes=1000), "image 0")
+
+
+# -- images: bombs and corrupt data --------------------------------------------------------------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds one row: what a decompression bomb's header looks like."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * 16)))
+            + chunk(b"IEND", b""))
+
+
+def _data(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("size", [(50000, 50000), (10000, 10000), (9000, 9000)])
+@pytest.mark.parametrize("warnings_are_errors", [False, True])
+def test_decompression_bombs(size, warnings_are_errors):
+    """Over PIL's own limits (179M pixels: an error; 89M: a warning, an exception under -W error) and over only
+    the policy's (64M): always an InputError, before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if warnings_are_errors else "ignore", Image.DecompressionBombWarning)
+        with pytest.raises(InputError, match="pixels"):
+            load_image(_data(_png_header(*size)), OPEN, "image 0")
+    with pytest.raises(InputError, match="pixels"):  # a policy looser than PIL does not lift PIL's refusal
+        load_image(_data(_png_header(50000, 50000)), MediaPolicy(max_image_pixels=10**10), "image 0")
+
+
+SEEDS = {}
+for _fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "ICO", "PPM"):
+    _buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(_buf, _fmt)
+    SEEDS[_fmt] = _buf.getvalue()
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """edits: (kind, position, byte): overwrite a byte, cut the file there, or insert four copies of the byte."""
+    d = bytearray(data)
+    for kind, pos, byte in edits:
+        if not d:
+            break
+        pos %= len(d)
+        if kind == 0:
+            d[pos] = byte
+        elif kind == 1:
+            del d[pos:]
+        else:
+            d[pos:pos] = bytes([byte]) * 4
+    return bytes(d)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's notes on the corrupt TIFF tags it skips
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(fmt=st.sampled_from(sorted(SEEDS)), edits=EDITS)
+def test_corrupt_images_raise_input_errors_only(fmt, edits):
+    try:
+        load_image(_data(_mutate(SEEDS[fmt], edits)), OPEN, "image 0")
+    except InputError:
+        pass

@@ -348,16 +348,26 @@ def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
     return image
 
 
-def _decode(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+def open_image(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+    """The image's header (size and mode), pixels not yet decoded, within the policy's pixel cap."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise InputError("not a recognised image format", what) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning under -W error
+        raise InputError(f"refused as a decompression bomb ({e})", what) from None
+    except Exception as e:  # plugins raise many types on hostile headers (OSError, ValueError, SyntaxError, ...)
+        raise InputError(f"unreadable image header ({e})", what) from None
     w, h = image.size
     if w * h > policy.max_image_pixels:  # checked before decoding the pixels
         raise InputError(f"{w}x{h} = {w * h} pixels exceed the limit of {policy.max_image_pixels}", what)
+    return image
+
+
+def _decode(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
+    image = open_image(data, policy, what)
     try:
         image.load()
-    except (OSError, SyntaxError) as e:
+    except Exception as e:  # as above: a decoder meeting hostile data may raise nearly anything
         raise InputError(f"undecodable or truncated image ({e})", what) from None
     return image
