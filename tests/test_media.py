@@ -1,5 +1,5 @@
-"""Media fetching against hostile input: DNS rebinding, redirects, slow and oversized responses, odd URLs and hosts,
-other URL schemes, paths, data: URIs, decompression bombs and corrupt images.
+"""Media fetching against hostile input: DNS rebinding, redirects, slow and oversized responses, odd URLs, paths,
+data: URIs, decompression bombs, corrupt images and videos, and video formats that would open other files.
 
 Network: only loopback servers started here. Test host names resolve through a fake `socket.getaddrinfo` (IP
 literals are parsed locally, nothing is looked up), and a guard on `socket.socket.connect` refuses every address
@@ -504,3 +504,78 @@ def test_corrupt_images_raise_input_errors_only(fmt, edits):
         load_image(_data(_mutate(SEEDS[fmt], edits)), OPEN, "image 0")
     except InputError:
         pass
+
+
+# -- videos --------------------------------------------------------------------------------------------------------
+
+def _video(fmt="mp4", codec="mpeg4", size=(64, 48), frames=8, title=None) -> bytes:
+    av = pytest.importorskip("av")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        if title:
+            out.metadata["title"] = title
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for i in range(frames):
+            img = np.full((size[1], size[0], 3), i * 30 % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_video_lists_and_playlists_cannot_open_other_files(tmp_path, monkeypatch):
+    """concat and HLS name other files; FFmpeg would open them past allow_local and local_root. A concat list in a
+    data: URI read a video from the server's working directory; an HLS playlist inside local_root read one outside."""
+    from qwen2vl.processing.video import load_video
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "v.ts").write_bytes(_video("mpegts", "mpeg2video"))
+    monkeypatch.chdir(outside)
+    concat = b"ffconcat version 1.0\nfile v.ts\n"
+    with pytest.raises(InputError, match="cannot open as a video"):
+        load_video({"video": _data(concat, "text/plain")}, MediaPolicy(allow_local=False))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n"
+                                    f"{outside / 'v.ts'}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(InputError, match="cannot open as a video"):
+        load_video({"video": str(root / "list.m3u8")}, MediaPolicy(local_root=root))
+    frames, _ = load_video({"video": str(outside / "v.ts")}, OPEN)  # the same video given directly is fine
+    assert frames.shape[0] >= 2
+
+
+def test_videos_with_awkward_contents():
+    from qwen2vl.processing.video import load_video
+
+    # tags that are not UTF-8 (raised UnicodeDecodeError from av.open)
+    tagged = _video("matroska", title="QQQQQQQQ").replace(b"QQQQQQQQ", b"\xff\xfe\xfdQQQQQ")
+    assert load_video({"video": _data(tagged, "video/x-matroska")}, OPEN)[0].shape[0] >= 2
+    # a stream whose picture size changes midway (raised ValueError from np.stack)
+    two = _video("mpegts", "mpeg2video", (64, 48), 6) + _video("mpegts", "mpeg2video", (96, 64), 6)
+    assert load_video({"video": _data(two, "video/mp2t"), "nframes": 12}, OPEN)[0].shape[0] == 12
+    # frames over the pixel cap, refused before decoding
+    with pytest.raises(InputError, match="frames of 64x48 exceed the limit of 1000 pixels"):
+        load_video({"video": _data(_video())}, MediaPolicy(max_image_pixels=1000))
+    # files cut short: in the header, and after it (counting frames then rewinding raised av's PermissionError)
+    for cut in (_video()[:len(_video()) // 2], _video("matroska")[:600]):
+        with pytest.raises(InputError, match="cannot open as a video|no video stream|unreadable video stream"):
+            load_video({"video": _data(cut, "video/x")}, OPEN)
+
+
+VIDEO_SEEDS: dict[str, bytes] = {}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(fmt=st.sampled_from(["mp4", "matroska"]), edits=EDITS)
+def test_corrupt_videos_raise_input_errors_only(fmt, edits):
+    from qwen2vl.processing.video import load_video
+
+    seed = VIDEO_SEEDS.setdefault(fmt, _video(fmt, "mpeg4" if fmt == "mp4" else "h264", frames=12))
+    try:
+        load_video({"video": _data(_mutate(seed, edits), "video/x")}, OPEN)
+    except InputError:
+        pass
+
