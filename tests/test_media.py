@@ -240,7 +240,7 @@ def test_the_time_limit_covers_the_redirects_together(web, net):
     start = time.monotonic()
     with pytest.raises(InputError, match="longer than the limit of 0.5 s"):
         read_bytes(web.url("/slow"), MediaPolicy(timeout_s=0.5, max_redirects=20), "image 0")
-    assert time.monotonic() - start < 1.0 and len(web.requests) <= 3
+    assert time.monotonic() - start < 1.5 and len(web.requests) <= 3  # without the shared deadline: 4.2 s
 
 
 def test_compressed_and_truncated_bodies_are_refused(web, net):

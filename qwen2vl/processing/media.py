@@ -266,8 +266,8 @@ class _PinnedConnection(http.client.HTTPConnection):
             _arm(self.sock, self.deadline)
         super().send(data)
 
-    def response_class(self, sock, **kwargs) -> http.client.HTTPResponse:  # getresponse() calls this
-        return http.client.HTTPResponse(_DeadlineReader(sock, self.deadline), **kwargs)
+    def response_class(self, sock, *args, **kwargs) -> http.client.HTTPResponse:  # getresponse() calls this
+        return http.client.HTTPResponse(_DeadlineReader(sock, self.deadline), *args, **kwargs)
 
 
 def _http_get(url: str, policy: MediaPolicy, what: str) -> bytes:
@@ -342,10 +342,7 @@ def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
         image = _decode(data, policy, what)
     else:
         raise InputError(f"unsupported image source of type {type(source).__name__}", what)
-    w, h = image.size
-    if w * h > policy.max_image_pixels:
-        raise InputError(f"{w}x{h} = {w * h} pixels exceed the limit of {policy.max_image_pixels}", what)
-    return image
+    return _within_pixel_cap(image, policy, what)
 
 
 def open_image(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
@@ -358,8 +355,12 @@ def open_image(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
         raise InputError(f"refused as a decompression bomb ({e})", what) from None
     except Exception as e:  # plugins raise many types on hostile headers (OSError, ValueError, SyntaxError, ...)
         raise InputError(f"unreadable image header ({e})", what) from None
+    return _within_pixel_cap(image, policy, what)  # before any pixel is decoded
+
+
+def _within_pixel_cap(image: Image.Image, policy: MediaPolicy, what: str) -> Image.Image:
     w, h = image.size
-    if w * h > policy.max_image_pixels:  # checked before decoding the pixels
+    if w * h > policy.max_image_pixels:
         raise InputError(f"{w}x{h} = {w * h} pixels exceed the limit of {policy.max_image_pixels}", what)
     return image
 
