@@ -18,7 +18,6 @@ import zlib
 
 import httpx
 import pytest
-from PIL import Image
 
 from processing_fixtures import noise_image
 from qwen2vl.cli import build_parser

@@ -9,6 +9,7 @@ resizes every frame to multiples of 56 by the image rule and then again (a doubl
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .image import smart_resize, to_rgb
-from .media import Fetched, MediaPolicy, load_image, local_path, open_image, read_bytes
+from .media import Fetched, MediaPolicy, load_image, open_image, read_bytes
 
 FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
@@ -101,16 +102,22 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
 def _open(source, policy: MediaPolicy, what: str):
     import av  # optional extra: pip install qwen2vl[video]
 
-    if isinstance(source, Fetched) or source.startswith(("http://", "https://", "data:")):
-        import io
-
-        target = io.BytesIO(read_bytes(source, policy, what))
-    else:
-        target = str(local_path(Path(source[7:] if source.startswith("file://") else source), policy, what))
+    data = read_bytes(source, policy, what)  # local files too: the checks and caps of every source apply
     try:
-        return av.open(target)
-    except (av.error.FFmpegError, OSError) as e:
+        # protocol_whitelist "none": the demuxer reads these bytes and may open nothing else. Playlist and list
+        # formats (hls, concat) otherwise open the files and URLs they name, past local_root and the address checks.
+        # metadata_errors: a tag that is not UTF-8 is not a reason to refuse the video.
+        container = av.open(io.BytesIO(data), container_options={"protocol_whitelist": "none"},
+                            metadata_errors="replace")
+    except Exception as e:  # FFmpeg reports hostile data under many exception types
         raise InputError(f"cannot open as a video ({e})", what) from None
+    video = container.streams.video
+    context = video[0].codec_context if video else None
+    if context is not None and context.width * context.height > policy.max_image_pixels:  # the image bomb cap
+        container.close()
+        raise InputError(f"frames of {context.width}x{context.height} exceed the limit of {policy.max_image_pixels} "
+                         "pixels", what)
+    return container
 
 
 def probe(container, what: str) -> tuple[int, float, int, int]:
@@ -118,14 +125,22 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
     if not container.streams.video:
         raise InputError("no video stream", what)
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise InputError("no decoder for the video stream's codec", what)
     fps = float(stream.average_rate or stream.guessed_rate or 0)
     total = stream.frames
     if not total:  # containers without a frame count in the header: count packets
-        total = sum(1 for p in container.demux(stream) if p.size)
-        container.seek(0)
+        try:
+            total = sum(1 for p in container.demux(stream) if p.size)
+            container.seek(0)
+        except Exception as e:  # as in decode_frames: corrupt data raises many types
+            raise InputError(f"unreadable video stream ({e})", what) from None
     if total < 2 or fps <= 0:
         raise InputError(f"{total} frames at {fps} fps: a video needs at least 2 decodable frames", what)
-    return int(total), fps, stream.codec_context.height, stream.codec_context.width
+    height, width = stream.codec_context.height, stream.codec_context.width
+    if not height or not width:
+        raise InputError("the video stream declares no picture size", what)
+    return int(total), fps, height, width
 
 
 def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
@@ -139,6 +154,8 @@ def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
     try:
         for n, frame in enumerate(container.decode(stream)):
             if n in wanted:
+                if kept and (frame.height, frame.width) != kept[0].shape[:2]:  # the stream changed size midway
+                    frame = frame.reformat(width=kept[0].shape[1], height=kept[0].shape[0])
                 rgb = frame.to_ndarray(format="rgb24")
                 kept += [rgb] * wanted[n]
             if n >= last:
