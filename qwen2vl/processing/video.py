@@ -143,20 +143,26 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
     return int(total), fps, height, width
 
 
-def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
-    """Decode in order, converting to RGB only the frames at `indices` (repeats allowed): memory ~ kept frames."""
+def decode_frames(container, indices: list[int], what: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode in order, converting to RGB only the frames at `indices` (repeats allowed), each resized to `size`
+    (h, w) as it arrives: memory ~ the kept frames at their final size, never the whole clip at source size.
+    Resizing one frame at a time gives the same bytes as resizing the stack (`resize_frames` is per image)."""
     wanted: dict[int, int] = {}
     for i in indices:
         wanted[i] = wanted.get(i, 0) + 1
-    kept, last = [], max(indices)
+    kept, last, source_size = [], max(indices), None
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
     try:
         for n, frame in enumerate(container.decode(stream)):
             if n in wanted:
-                if kept and (frame.height, frame.width) != kept[0].shape[:2]:  # the stream changed size midway
-                    frame = frame.reformat(width=kept[0].shape[1], height=kept[0].shape[0])
-                rgb = frame.to_ndarray(format="rgb24")
+                if source_size is None:
+                    source_size = (frame.height, frame.width)
+                elif (frame.height, frame.width) != source_size:  # the stream changed size midway
+                    frame = frame.reformat(width=source_size[1], height=source_size[0])
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                if size is not None:
+                    rgb = resize_frames(rgb[None], *size)[0]
                 kept += [rgb] * wanted[n]
             if n >= last:
                 break
@@ -167,7 +173,7 @@ def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
         if len(kept) < 2:
             raise InputError(f"only {len(kept)} decodable frames; a video needs at least 2", what)
         kept += [kept[-1]] * (len(indices) - len(kept))  # header promised more frames than the stream holds
-    return torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2)
+    return torch.stack(kept)
 
 
 def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[torch.Tensor, VideoPlan]:
@@ -187,9 +193,8 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[tor
         total, fps, height, width = probe(container, what)
         indices = sample_indices(ele, total, fps, what)
         h, w = frame_size(ele, len(indices), height, width)
-        frames = decode_frames(container, indices, what)
-    plan = VideoPlan(total, fps, height, width, indices, (h, w))
-    return resize_frames(frames, h, w), plan
+        frames = decode_frames(container, indices, what, (h, w))
+    return frames, VideoPlan(total, fps, height, width, indices, (h, w))
 
 
 def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan:
