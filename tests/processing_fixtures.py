@@ -6,12 +6,14 @@ import copy
 from fractions import Fraction
 
 import numpy as np
+import torch
 from PIL import Image
 
 
 def oracle(directory, conversations, add_generation_prompt=True, **overrides):
     """qwen-vl-utils' process_vision_info + transformers' processor, as the official README does:
-    `AutoProcessor.from_pretrained(directory, **overrides)`."""
+    `AutoProcessor.from_pretrained(directory, **overrides)`. Tensor and array images, which qwen-vl-utils does not
+    take, are handed to it as transformers' `to_pil_image` converts them."""
     from qwen_vl_utils import process_vision_info
     from transformers import AutoProcessor
 
@@ -20,10 +22,20 @@ def oracle(directory, conversations, add_generation_prompt=True, **overrides):
     hp.tokenizer.padding_side = "left"
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
+    conversations = [[{**m, "content": [_as_pil(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+                      for m in c] for c in conversations]
     texts = [hp.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
              for c in conversations]
     images, videos = process_vision_info(conversations)
     return hp(text=texts, images=images, videos=videos, return_tensors="pt", padding=True)
+
+
+def _as_pil(part):
+    from transformers.image_transforms import to_pil_image
+
+    if isinstance(part.get("image"), (np.ndarray, torch.Tensor)):
+        return {**part, "image": to_pil_image(part["image"])}
+    return part
 
 
 def _fresh_processor_defaults():

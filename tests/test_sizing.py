@@ -1,12 +1,13 @@
 """The processor's pixel bounds applied as the reference applies them: qwen-vl-utils sizes every item with its own
 defaults (or the item's fields), then transformers' processor sizes it again with the checkpoint's bounds, as
 `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=...)` leaves them. Named cases from the issue, the
-option that lets those keywords reach videos, hub ids and `qwen2vl plan`."""
+option that lets those keywords reach videos, tensors as images, hub ids and `qwen2vl plan`."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,25 @@ def test_from_pretrained_bounds_skip_videos_as_in_the_reference(repo, tmp_path, 
     assert ref["video_grid_thw"].tolist() == [[2, 26, 38]]
     diffs = compare(reaching(conv), ref)
     assert diffs["image"] <= EXACT and diffs["video"] <= TWO_GREY_LEVELS
+
+
+@pytest.mark.parametrize("layout", ["CHW uint8", "HWC uint8", "CHW float", "HWC float", "1HW float", "HWC numpy float"])
+def test_tensor_images_as_transformers_reads_them(layout, repo, tmp_path):
+    hwc = torch.from_numpy(np.asarray(noise_image(301, 187, seed=5)).copy())  # (187, 301, 3) uint8
+    pixels = {"CHW uint8": hwc.permute(2, 0, 1), "HWC uint8": hwc, "CHW float": hwc.permute(2, 0, 1) / 255.0,
+              "HWC float": hwc / 255.0, "1HW float": hwc[..., :1].permute(2, 0, 1) / 255.0,
+              "HWC numpy float": (hwc.numpy() / 255.0).astype(np.float32)}[layout]
+    d = checkpoint(repo, tmp_path / "ckpt", {"min_pixels": 3136, "max_pixels": 20000})
+    conv = user({"type": "image", "image": pixels, "max_pixels": 30000}, {"type": "text", "text": "?"})
+    ref = oracle(d, conv)
+    assert compare(Processor.from_pretrained(d)(conv), ref)["image"] <= EXACT
+
+
+def test_tensor_values_outside_both_ranges_are_refused(proc):
+    with pytest.raises(InputError, match=r"values span \[0.0, 2.5\]"):
+        proc(user({"type": "image", "image": torch.linspace(0, 2.5, 3 * 40 * 40).reshape(3, 40, 40)}))
+    with pytest.raises(InputError, match="not \\(H, W\\), \\(C, H, W\\)"):
+        proc(user({"type": "image", "image": torch.zeros(5, 40, 40, dtype=torch.uint8)}))
 
 
 def test_bounds_from_files_and_keywords_follow_transformers():

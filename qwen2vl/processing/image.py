@@ -4,7 +4,7 @@
 `variant="transformers"`, transformers 4.57/5.x (`image_processing_qwen2_vl.smart_resize`). `to_rgb` matches
 qwen-vl-utils `to_rgb` (RGBA composited on white; every other mode through PIL's convert). `resize_image` is PIL's
 bicubic, as qwen-vl-utils' `image.resize`; `resize_tensor` is the transformers processors' torchvision resize.
-`normalize_rows` is the transformers
+`array_to_image` reads arrays and tensors as transformers' `to_pil_image`. `normalize_rows` is the transformers
 fused rescale+normalise, `patchify` the processors' (N, C*T*P*P) merge-window layout.
 """
 
@@ -79,6 +79,38 @@ def resize_tensor(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor
     flat = pixels.reshape(-1, *pixels.shape[-3:])
     out = F.interpolate(flat, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     return out.reshape(*pixels.shape[:-2], height, width)
+
+
+def array_to_image(array, what: str = "image") -> Image.Image:
+    """A numpy array or torch tensor as an image, read as transformers' `to_pil_image` reads it.
+
+    (H, W), or (C, H, W) / (H, W, C) with C = 1 or 3, the channel axis first when it could be either
+    (`infer_channel_dimension_format`); 4 channels last are RGBA. Values: uint8 as they are; other dtypes holding
+    whole numbers within 0..255 as they are; other floats within [0, 1] scaled by 255 and truncated to uint8.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
+        raise InputError(f"array of shape {tuple(arr.shape)} is not (H, W), (C, H, W) or (H, W, C) with C = 1 or 3 "
+                         f"(or 4, last)", what)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise InputError(f"array dtype {arr.dtype}; expected uint8, or floats in [0, 1]", what)
+        low, high = arr.min(), arr.max()
+        if np.allclose(arr, arr.astype(np.int64)) and 0 <= low and high <= 255:
+            arr = arr.astype(np.uint8)  # whole numbers: already 0..255
+        elif 0 <= low and high <= 1:
+            arr = (arr.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+        else:
+            raise InputError(f"array values span [{low}, {high}]; expected [0, 1] floats or 0..255 whole numbers",
+                             what)
+    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def normalize_rows(rows: torch.Tensor, temporal: int = 2, patch: int = 14) -> torch.Tensor:
