@@ -1,7 +1,8 @@
 """The processor's pixel bounds applied as the reference applies them: qwen-vl-utils sizes every item with its own
 defaults (or the item's fields), then transformers' processor sizes it again with the checkpoint's bounds, as
 `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=...)` leaves them. Named cases from the issue, the
-option that lets those keywords reach videos, tensors as images, hub ids and `qwen2vl plan`."""
+option that lets those keywords reach videos, tensors as images, hub ids, and a seeded sweep over random sizes,
+checkpoint bounds, keywords and per-item fields, each case run through the reference and through us."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from processing_fixtures import make_video, noise_image, oracle
 from qwen2vl.processing import InputError, Processor
 from qwen2vl.processing.image import IMAGE_STD
-from qwen2vl.processing.sizing import Bounds, ProcessorBounds
+from qwen2vl.processing.sizing import Bounds, ProcessorBounds, image_size
+from qwen2vl.processing.video import plan_video
 from qwen2vl.testing.tokenizer_files import PREPROCESSOR_CONFIG
 
 GREY_LEVEL = 1.0 / (255 * min(IMAGE_STD))  # one grey level, in normalised units
@@ -199,3 +201,96 @@ def test_cli_plan_sizes_as_the_reference(repo, tmp_path, capsys):
     item = json.loads(capsys.readouterr().out)["items"][0]
     _, h, w = oracle(d, user({"type": "image", "image": image}))["image_grid_thw"][0].tolist()
     assert item["tokens"] == h * w // 4 == 252 and item["resized_size"] == [w * 14, h * 14]  # 896x504, then 588x336
+
+
+# -- the sweep -----------------------------------------------------------------------------------------------------
+
+def _pixels(rng, low, high) -> int:
+    """Log-uniform in [low, high]: small and large bounds equally likely."""
+    return int(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _bounds(rng):
+    a, b = _pixels(rng, 50, 400000), _pixels(rng, 50, 3000000)
+    return min(a, b), max(a, b)
+
+
+def _config(rng):
+    lo, hi = _bounds(rng)
+    return [{"min_pixels": lo, "max_pixels": hi}, {"min_pixels": lo // 40 + 1, "max_pixels": hi // 400 + 1},
+            {"size": {"shortest_edge": lo, "longest_edge": hi}}, {"max_pixels": hi}, {},
+            {"min_pixels": 3136, "max_pixels": 12845056}][rng.integers(6)]
+
+
+def _keywords(rng):
+    lo, hi = _bounds(rng)
+    return [{}, {}, {"min_pixels": lo, "max_pixels": hi}, {"max_pixels": hi}, {"min_pixels": lo},
+            {"size": {"shortest_edge": lo, "longest_edge": hi}}][rng.integers(6)]
+
+
+def _item_fields(rng):
+    return [{}, {}, {"max_pixels": _pixels(rng, 2500, 2000000)}, {"min_pixels": _pixels(rng, 3136, 2000000)},
+            {"resized_height": _pixels(rng, 20, 1200), "resized_width": _pixels(rng, 20, 1200)},
+            {"min_pixels": _pixels(rng, 3136, 40000), "max_pixels": _pixels(rng, 40000, 1000000)}][rng.integers(6)]
+
+
+def _image(rng, seed):
+    pil = noise_image(_pixels(rng, 16, 1600), _pixels(rng, 16, 1600), seed=seed)
+    hwc = torch.from_numpy(np.asarray(pil).copy())
+    return [pil, pil, pil, hwc.permute(2, 0, 1), hwc / 255.0][rng.integers(5)]
+
+
+def _case(rng, clips, seed):
+    parts = [{"type": "image", "image": _image(rng, seed * 10 + i), **_item_fields(rng)}
+             for i in range(rng.integers(0, 3))]
+    if not parts or rng.random() < 0.4:
+        frames = [{"nframes": 2}, {"nframes": 4}, {}][rng.integers(3)]
+        fields = [{}, {"max_pixels": _pixels(rng, 90000, 600000)}, {"min_pixels": _pixels(rng, 3136, 300000)}][
+            rng.integers(3)]
+        parts.append({"type": "video", "video": str(clips[rng.integers(len(clips))]), **frames, **fields})
+    video_config = {"size": dict(zip(("shortest_edge", "longest_edge"), _bounds(rng)))} if rng.random() < 0.2 else None
+    return _config(rng), video_config, _keywords(rng), user(*parts, {"type": "text", "text": "Describe."})
+
+
+def test_sweep_against_the_reference(repo, tmp_path, parity_report):
+    rng = np.random.default_rng(12)
+    clips = [make_video(tmp_path / f"clip{w}x{h}.mp4", frames=8, fps=4, size=(w, h))
+             for w, h in ((120, 90), (360, 240), (840, 560))]
+    cases, compared, refused, worst = 60, 0, 0, {"image": 0.0, "video": 0.0}
+    second_resizes = {"image": 0, "video": 0}  # items whose size the processor's bounds changed
+    for n in range(cases):
+        config, video_config, keywords, conv = _case(rng, clips, n)
+        d = checkpoint(repo, tmp_path / f"ckpt{n}", config, video_config)
+        context = f"case {n}: config {config}, video config {video_config}, keywords {keywords}, items " + str(
+            [{k: v for k, v in p.items() if k not in ("image", "text")} for p in conv[0]["content"]])
+        try:
+            ref = oracle(d, conv, **keywords)
+        except Exception:  # the reference refuses (a qwen-vl-utils assert, a zero size): so must we
+            with pytest.raises(InputError):
+                Processor.from_pretrained(d, **keywords)(conv)
+            refused += 1
+            continue
+        proc = Processor.from_pretrained(d, **keywords)
+        ours = proc(conv)
+        try:
+            for kind, diff in compare(ours, ref).items():
+                worst[kind] = max(worst[kind], diff)
+                assert diff <= {"image": EXACT, "video": TWO_GREY_LEVELS}[kind], f"{kind} pixels differ by {diff}"
+            plan = proc.plan(conv)  # the token budget follows the same two-step rule, decoding nothing
+            grids = ref.get("image_grid_thw", torch.zeros(0, 3)).tolist() + ref.get("video_grid_thw",
+                                                                                    torch.zeros(0, 3)).tolist()
+            kinds = [p["type"] for p in conv[0]["content"] if p["type"] != "text"]
+            order = sorted(range(len(kinds)), key=lambda i: kinds[i] != "image")  # images' grids come first
+            assert [plan.items[i].tokens for i in order] == [int(t * h * w) // 4 for t, h, w in grids]
+            assert plan.prompt_tokens == ref["input_ids"].shape[1]
+        except AssertionError as e:
+            raise AssertionError(f"{context}: {e}") from None
+        compared += 1
+        for part, item in zip([p for p in conv[0]["content"] if p["type"] != "text"], plan.items):
+            w, h = item.source_size
+            first = image_size(part, h, w) if item.kind == "image" else plan_video(part, proc.policy).resized
+            second_resizes[item.kind] += first != item.resized_size[::-1]
+    assert compared >= 0.8 * cases, f"only {compared} of {cases} cases ran through the reference ({refused} refused)"
+    assert refused >= 1 and min(second_resizes.values()) >= 5, (refused, second_resizes)  # the sweep reaches both
+    parity_report("sizing sweep: image pixels vs reference", worst["image"], EXACT)
+    parity_report("sizing sweep: video pixels vs reference", worst["video"], TWO_GREY_LEVELS)
