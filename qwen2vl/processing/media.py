@@ -1,4 +1,5 @@
-"""Fetching images and videos from where users point: PIL images, numpy arrays, torch tensors, paths, file://, data: URIs, http(s).
+"""Fetching images and videos from where users point: PIL images, numpy arrays, torch tensors, paths, file://,
+data: URIs, http(s).
 
 Matches the sources qwen-vl-utils' `fetch_image` / `fetch_video` accept, with explicit limits it lacks: a time
 limit, a byte cap and a redirect cap for URLs, a decompression-bomb pixel cap, and (for servers) a directory that
