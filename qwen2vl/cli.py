@@ -27,8 +27,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _media_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
-    p.add_argument("--min-pixels", type=int, help="per-image lower pixel bound (default from the checkpoint)")
-    p.add_argument("--max-pixels", type=int, help="per-image upper pixel bound (default from the checkpoint)")
+    p.add_argument("--min-pixels", type=int, help="per-image lower pixel bound of the first (qwen-vl-utils) resize "
+                                                  "(default 3136); the checkpoint's bounds then apply")
+    p.add_argument("--max-pixels", type=int, help="per-image upper pixel bound of the first (qwen-vl-utils) resize "
+                                                  "(default 12845056); the checkpoint's bounds then apply")
     p.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
     p.add_argument("--nframes", type=int, help="video frames to sample (instead of --fps)")
 

@@ -1,10 +1,11 @@
 """Conversations -> model inputs, as qwen-vl-utils' `process_vision_info` + transformers' `Qwen2VLProcessor`.
 
-Per item the qwen-vl-utils rules decide the size (images: `min_pixels`/`max_pixels`/`resized_*`; videos: frames
-and the per-frame budget), then the transformers processor's own bounds apply (a no-op for sizes qwen-vl-utils
-produced within them), pixels are normalised and laid out in merge-window rows, and each `<|image_pad|>` /
-`<|video_pad|>` in the rendered template is expanded to t*h*w/4 copies before tokenising. Batches are left-padded
-with <|endoftext|>. The returned mapping has the transformers keys and layouts.
+Every item is resized twice, as the reference does (`sizing`): first by qwen-vl-utils' rules (its own defaults or
+the item's `min_pixels`/`max_pixels`/`resized_*`; for videos the frames and the per-frame budget), then by the
+transformers processor's bounds from the checkpoint (a no-op for sizes within them). Pixels are normalised and laid
+out in merge-window rows, and each `<|image_pad|>` / `<|video_pad|>` in the rendered template is expanded to
+t*h*w/4 copies before tokenising. Batches are left-padded with <|endoftext|>. The returned mapping has the
+transformers keys and layouts.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from PIL import Image
 
 from .chat import normalize_messages, render
 from .errors import InputError
-from .image import image_to_patches, normalize_rows, patchify, resize_image, smart_resize, to_rgb
+from .image import image_tensor, image_to_patches, normalize_rows, patchify, resize_image, resize_tensor, to_rgb
 from .media import Fetched, MediaPolicy, fetch, load_image, open_image, read_bytes
+from .sizing import ProcessorBounds, image_sizes, processor_size, tokens
 from .tokenizer import Tokenizer
 from .video import load_video, plan_video
 
@@ -67,11 +69,11 @@ class OverBudget(InputError):
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, min_pixels: int = 3136,
-                 max_pixels: int = 12845056, policy: MediaPolicy | None = None, max_context: int = 32768,
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, bounds: ProcessorBounds | None = None,
+                 policy: MediaPolicy | None = None, max_context: int = 32768,
                  video_defaults: dict | None = None) -> None:
         self.tokenizer, self.chat_template = tokenizer, chat_template
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.bounds = bounds or ProcessorBounds()
         self.policy = policy or MediaPolicy()
         self.max_context = max_context
         self.video_defaults = dict(video_defaults or {})
@@ -79,11 +81,24 @@ class Processor:
         self.image_pad_id, self.video_pad_id = tokenizer.token_id(IMAGE_PAD), tokenizer.token_id(VIDEO_PAD)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "Processor":
-        """Read tokenizer.json, the chat template and preprocessor_config.json; keyword arguments override
-        (min_pixels, max_pixels, policy, max_context, video_defaults, chat_template)."""
+    def from_pretrained(cls, path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
+                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> "Processor":
+        """Read tokenizer.json, the chat template, preprocessor_config.json (and video_preprocessor_config.json)
+        from a checkpoint directory or hub id.
+
+        `min_pixels`, `max_pixels` and `size` are `AutoProcessor.from_pretrained`'s keywords and act as there: they
+        bound the processor's resize (step 2), for images only unless `overrides_reach_videos`. Other keywords
+        override policy, max_context, video_defaults and chat_template.
+        """
         path = Path(path)
-        pre = _read_json(path / "preprocessor_config.json", required=False)
+        if not path.is_dir():
+            from ..hub import resolve_model_path
+
+            path = resolve_model_path(str(path))
+        pre_path, video_path = path / "preprocessor_config.json", path / "video_preprocessor_config.json"
+        # without preprocessor_config.json (which transformers cannot load), the official checkpoints' bounds
+        pre = _read_json(pre_path) if pre_path.exists() else {"min_pixels": 3136, "max_pixels": 12845056}
+        video_pre = _read_json(video_path) if video_path.exists() else None
         tok_cfg = _read_json(path / "tokenizer_config.json", required=False)
         template = overrides.pop("chat_template", None)
         if template is None and (path / "chat_template.json").exists():
@@ -96,7 +111,8 @@ class Processor:
         if not (path / "tokenizer.json").exists():
             raise InputError(f"{path}: no tokenizer.json")
         config = _read_json(path / "config.json", required=False)
-        kwargs = {"min_pixels": pre.get("min_pixels", 3136), "max_pixels": pre.get("max_pixels", 12845056),
+        bounds = ProcessorBounds.from_configs(pre, video_pre, min_pixels, max_pixels, size, overrides_reach_videos)
+        kwargs = {"bounds": bounds,
                   "max_context": config.get("max_position_embeddings", (config.get("text_config") or {}).get(
                       "max_position_embeddings", tok_cfg.get("model_max_length", 32768)))}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -112,28 +128,18 @@ class Processor:
         return [p for m in messages if isinstance(m["content"], list) for p in m["content"]
                 if p["type"] in ("image", "video")]
 
-    def _image_size(self, item: dict, width: int, height: int) -> tuple[int, int]:
-        if "resized_height" in item and "resized_width" in item:
-            h, w = smart_resize(int(item["resized_height"]), int(item["resized_width"]), 28)
-        else:
-            h, w = smart_resize(height, width, 28, int(item.get("min_pixels", self.min_pixels)),
-                                int(item.get("max_pixels", self.max_pixels)))
-        # then the transformers processor's own bounds (a no-op within them)
-        return smart_resize(h, w, 28, self.min_pixels, self.max_pixels, variant="transformers")
-
     def image(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
         image = to_rgb(load_image(item["image"], self.policy, what))
-        h, w = self._image_size(item, image.width, image.height)
-        return image_to_patches(resize_image(image, h, w))
+        first, final = image_sizes(item, image.height, image.width, self.bounds.image)
+        pixels = image_tensor(resize_image(image, *first))  # qwen-vl-utils fetch_image: PIL bicubic
+        return image_to_patches(resize_tensor(pixels, *final))  # Qwen2VLImageProcessorFast: torch uint8 bicubic
 
     def video(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
-        frames, _ = load_video({**self.video_defaults, **item}, self.policy, what)
-        h, w = smart_resize(frames.shape[2], frames.shape[3], 28, self.min_pixels, self.max_pixels,
-                            variant="transformers")
-        if (h, w) != tuple(frames.shape[2:]):
-            from .video import resize_frames
-
-            frames = resize_frames(frames, h, w)
+        frames, plan = load_video({**self.video_defaults, **item}, self.policy, what)  # uint8, first size
+        # Qwen2VLVideoProcessor gets qwen-vl-utils' frames as float 0..255 and resizes them in float
+        final = processor_size(*plan.resized, self.bounds.video)
+        if final != plan.resized:
+            frames = resize_tensor(frames.float(), *final)
         rows, grid = patchify(frames)
         return normalize_rows(rows), grid
 
@@ -242,18 +248,17 @@ class Processor:
             kind, what = item["type"], f"{item['type']} {i} ({_describe(item[item['type']])})"
             if kind == "image":
                 image = _lazy_image(item["image"], self.policy, what)
-                h, w = self._image_size(item, image.width, image.height)
-                tokens = (h // 28) * (w // 28)
-                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), tokens,
+                _, (h, w) = image_sizes(item, image.height, image.width, self.bounds.image)
+                count = tokens(1, h, w)
+                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), count,
                                       source_pixels=image.width * image.height))
             else:
                 vp = plan_video({**self.video_defaults, **item}, self.policy, what)
-                h, w = vp.resized
-                n = len(vp.indices) + len(vp.indices) % 2
-                tokens = n // 2 * (h // 28) * (w // 28)
-                items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), tokens,
+                h, w = processor_size(*vp.resized, self.bounds.video)
+                count = tokens((len(vp.indices) + 1) // 2, h, w)
+                items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), count,
                                       vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels))
-            extra += tokens - 1
+            extra += count - 1
         total = len(self.tokenizer.encode(text)) + extra
         return Plan(items, total, self.max_context)
 

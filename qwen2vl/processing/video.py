@@ -1,10 +1,11 @@
-"""Videos: how many frames, which ones, at what size (spec 4.1), decoded with PyAV reading only what is kept.
+"""Videos: how many frames, which ones, at what first size, decoded with PyAV reading only what is kept.
 
 Matches qwen-vl-utils 0.0.14 `smart_nframes`, `fetch_video` (frame indices `linspace(start, end, n).round()`,
-`video_start`/`video_end` as its torchcodec reader, the per-frame pixel budget from `total_pixels`) and its
-resize (`torchvision...resize(BICUBIC, antialias=True)` on uint8 tensors = float32 interpolation, clamp, round).
-Deliberate difference (spec 4.1): a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 first
-resizes every frame to multiples of 56 by the image rule and then again (a double resize).
+`video_start`/`video_end` as its torchcodec reader, the per-frame pixel budget of `sizing.frame_size`) and its
+resize (`torchvision.transforms.functional.resize(BICUBIC, antialias=True)` on uint8 tensors = float32
+interpolation, clamp, round). The processor's own resize (step 2) follows in `Processor.video`.
+Deliberate difference: a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 `fetch_video`
+first resizes every frame to multiples of 56 by the image rule and then again (a double resize).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .image import smart_resize, to_rgb
+from .image import to_rgb
 from .media import Fetched, MediaPolicy, load_image, open_image, read_bytes
+from .sizing import FRAME_FACTOR, frame_size
 
-FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
-VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 4, 768
 
 
 @dataclass(frozen=True)
@@ -80,19 +80,9 @@ def sample_indices(ele: dict, total_frames: int, video_fps: float, what: str = "
     return torch.linspace(start, end, n).round().long().tolist()
 
 
-def frame_size(ele: dict, nframes: int, height: int, width: int) -> tuple[int, int]:
-    """Per-frame (h, w) under the video pixel budget of qwen-vl-utils 0.0.14."""
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(ele["resized_height"], ele["resized_width"], 28)
-    min_pixels = ele.get("min_pixels", VIDEO_MIN_PIXELS)
-    total = ele.get("total_pixels", VIDEO_TOTAL_PIXELS)
-    max_pixels = max(min(VIDEO_MAX_PIXELS, total / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
-    max_pixels = min(ele.get("max_pixels", max_pixels), max_pixels)
-    return smart_resize(height, width, 28, min_pixels, max_pixels)
-
-
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> uint8 (T, 3, height, width), bicubic with antialias, as torchvision on tensors."""
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, height, width), bicubic with antialias, as qwen-vl-utils' torchvision v1
+    `resize` on uint8 tensors: float32 interpolation, clamp, round (not torch's native uint8 kernel)."""
     if frames.shape[-2:] == (height, width):
         return frames
     out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
