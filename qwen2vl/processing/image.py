@@ -4,7 +4,7 @@
 `variant="transformers"`, transformers 4.57/5.x (`image_processing_qwen2_vl.smart_resize`). `to_rgb` matches
 qwen-vl-utils `to_rgb` (RGBA composited on white; every other mode through PIL's convert). `resize_image` is PIL's
 bicubic, as qwen-vl-utils' `image.resize`; `resize_tensor` is the transformers processors' torchvision resize.
-`array_to_image` reads arrays and tensors as transformers' `to_pil_image`. `normalize_rows` is the transformers
+`array_to_image` reads arrays and tensors as transformers' `to_pil_image`. `normalize_rows_` is the transformers
 fused rescale+normalise, `patchify` the processors' (N, C*T*P*P) merge-window layout.
 """
 
@@ -113,27 +113,33 @@ def array_to_image(array, what: str = "image") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def normalize_rows(rows: torch.Tensor, temporal: int = 2, patch: int = 14) -> torch.Tensor:
-    """transformers' fused rescale+normalise, (x - 255 mean) / (255 std) in float32, applied after `patchify` to
-    rows (N, 3*T*P*P) of 0..255 values (channel = column // (T*P*P)): the same arithmetic per value as normalising
-    the frames first, with the layout copy done on uint8 instead of float32."""
+def normalize_rows_(rows: torch.Tensor, temporal: int = 2, patch: int = 14) -> torch.Tensor:
+    """transformers' fused rescale+normalise, (x - 255 mean) / (255 std) in float32, in place on float32 rows
+    (N, 3*T*P*P) of 0..255 values laid out by `patchify` (channel = column // (T*P*P)): the same two roundings per
+    value as normalising the frames first, with no second float32 copy of the pixels."""
+    if rows.dtype != torch.float32:
+        raise TypeError(f"normalize_rows_ works in place on float32 rows, got {rows.dtype}")
     per = temporal * patch * patch
     mean = (torch.tensor(IMAGE_MEAN, dtype=torch.float32) * 255).repeat_interleave(per)
     std = (torch.tensor(IMAGE_STD, dtype=torch.float32) * 255).repeat_interleave(per)
-    return (rows.float() - mean) / std
+    return rows.sub_(mean).div_(std)
 
 
-def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> tuple[torch.Tensor, list[int]]:
-    """Normalised frames (T, 3, H, W), T a multiple of `temporal` -> rows (T/2 * H/14 * W/14, 3*2*14*14), grid.
+def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2,
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[int]]:
+    """Frames (T, 3, H, W), T a multiple of `temporal` -> rows (T/2 * H/14 * W/14, 3*2*14*14) of `dtype`, grid.
 
     Rows come in 2x2 merge windows, windows in raster order, temporal patches outermost; a row is (c, t, y, x).
+    The layout change and the conversion to `dtype` are one copy (uint8 frames stay uint8 until here).
     """
     t, c, h, w = frames.shape
     gt, gh, gw = t // temporal, h // patch, w // patch
     x = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
     # (gt, tt, c, bh, mh, py, bw, mw, px) -> (gt, bh, bw, mh, mw, c, tt, py, px)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, c * temporal * patch * patch), [gt, gh, gw]
+    rows = torch.empty(x.shape, dtype=dtype)
+    rows.copy_(x)
+    return rows.view(gt * gh * gw, c * temporal * patch * patch), [gt, gh, gw]
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
@@ -144,4 +150,4 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 def image_to_patches(pixels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """(3, h, w) of 0..255 values, h and w multiples of 28 -> (rows, [1, h/14, w/14]); the frame is repeated in time."""
     rows, grid = patchify(pixels[None].expand(2, -1, -1, -1))
-    return normalize_rows(rows), grid
+    return normalize_rows_(rows), grid

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,37 +133,60 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
     return int(total), fps, height, width
 
 
-def decode_frames(container, indices: list[int], what: str, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode in order, converting to RGB only the frames at `indices` (repeats allowed), each resized to `size`
-    (h, w) as it arrives: memory ~ the kept frames at their final size, never the whole clip at source size.
-    Resizing one frame at a time gives the same bytes as resizing the stack (`resize_frames` is per image)."""
-    wanted: dict[int, int] = {}
-    for i in indices:
-        wanted[i] = wanted.get(i, 0) + 1
-    kept, last, source_size = [], max(indices), None
+def decode_frames(container, indices: list[int], what: str, size: tuple[int, int],
+                  chunk_bytes: int = 32 * 2**20) -> torch.Tensor:
+    """The frames at `indices` (repeats allowed), resized to `size` (h, w), as uint8 (T, 3, h, w).
+
+    Decoding runs in order and converts to RGB only the wanted frames; those are resized a chunk at a time (about
+    `chunk_bytes` of source pixels) straight into the output, so memory holds the clip at its final size plus one
+    chunk, never the whole clip at source size. Chunking does not change a byte: `resize_frames` works per image
+    (tests compare the two). One call per chunk rather than per frame: per call, the resize costs ~9x more."""
+    slots: dict[int, list[int]] = {}
+    for slot, i in enumerate(indices):
+        slots.setdefault(i, []).append(slot)
+    out = torch.empty(len(indices), 3, *size, dtype=torch.uint8)
+    out_np = out.numpy()
+    chunk: torch.Tensor | None = None  # source frames waiting for their resize (allocated at the first frame)
+    targets: list[list[int]] = []  # the output slots of each waiting frame
+    filled, last, source_size = 0, max(indices), None
+
+    def flush() -> None:
+        nonlocal filled
+        if targets:
+            resized = resize_frames(chunk[:len(targets)].permute(0, 3, 1, 2), *size).contiguous()
+            for frame, slots_of_frame in zip(resized.numpy(), targets):
+                out_np[slots_of_frame] = frame
+            filled = targets[-1][-1] + 1
+            targets.clear()
+
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
     try:
         for n, frame in enumerate(container.decode(stream)):
-            if n in wanted:
+            if n in slots:
                 if source_size is None:
                     source_size = (frame.height, frame.width)
+                    # frames as decoded (H, W, 3): seen as (N, 3, H, W) in channels-last strides, which the
+                    # resize reads as they are (same bytes out; a planar copy per frame cost 5 ms)
+                    chunk = torch.empty(max(1, chunk_bytes // (3 * frame.height * frame.width)), *source_size, 3,
+                                        dtype=torch.uint8)
                 elif (frame.height, frame.width) != source_size:  # the stream changed size midway
                     frame = frame.reformat(width=source_size[1], height=source_size[0])
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                if size is not None:
-                    rgb = resize_frames(rgb[None], *size)[0]
-                kept += [rgb] * wanted[n]
+                chunk.numpy()[len(targets)] = frame.to_ndarray(format="rgb24")  # numpy: a plain memcpy, no threads
+                targets.append(slots[n])
+                if len(targets) == len(chunk):
+                    flush()
             if n >= last:
                 break
     except Exception as e:  # av raises many types for corrupt data
-        if len(kept) < 2:
+        flush()
+        if filled < 2:
             raise InputError(f"undecodable video ({e})", what) from None
-    if len(kept) < len(indices):
-        if len(kept) < 2:
-            raise InputError(f"only {len(kept)} decodable frames; a video needs at least 2", what)
-        kept += [kept[-1]] * (len(indices) - len(kept))  # header promised more frames than the stream holds
-    return torch.stack(kept)
+    flush()
+    if filled < 2:
+        raise InputError(f"only {filled} decodable frames; a video needs at least 2", what)
+    out[filled:] = out[filled - 1]  # the header promised more frames than the stream holds: repeat the last
+    return out
 
 
 def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[torch.Tensor, VideoPlan]:
@@ -206,6 +229,16 @@ def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan
         total, fps, height, width = probe(container, what)
     indices = sample_indices(ele, total, fps, what)
     return VideoPlan(total, fps, height, width, indices, frame_size(ele, len(indices), height, width))
+
+
+def replan_video(ele: dict, facts: VideoPlan, what: str = "video") -> VideoPlan:
+    """`plan_video` for other sampling fields (fps, nframes, total_pixels, ...) of a video already probed: the same
+    frame choice and sizes, from the facts in `facts` (frame count, rate, size), with no I/O."""
+    if facts.frame_pixels:  # a frame list: every frame is used, only the size follows the fields
+        n = len(facts.indices)
+        return replace(facts, resized=frame_size(ele, n, facts.height, facts.width))
+    indices = sample_indices(ele, facts.total_frames, facts.fps, what)
+    return replace(facts, indices=indices, resized=frame_size(ele, len(indices), facts.height, facts.width))
 
 
 def _frame_header(frame, policy: MediaPolicy, what: str) -> tuple[int, int]:
