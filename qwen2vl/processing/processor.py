@@ -136,8 +136,8 @@ class Processor:
         pixels = image_tensor(resize_image(image, *first))  # qwen-vl-utils fetch_image: PIL bicubic
         return image_to_patches(resize_tensor(pixels, *final))  # Qwen2VLImageProcessorFast: torch uint8 bicubic
 
-    def video(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
-        frames, plan = load_video({**self.video_defaults, **item}, self.policy, what)  # uint8, first size
+    def video(self, item: dict, what: str, progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        frames, plan = load_video({**self.video_defaults, **item}, self.policy, what, progress)  # uint8, first size
         # Qwen2VLVideoProcessor gets qwen-vl-utils' frames as float 0..255 and resizes them in float
         final = processor_size(*plan.resized, self.bounds.video)
         if final != plan.resized:
@@ -148,12 +148,12 @@ class Processor:
 
     # -- the whole batch -----------------------------------------------------------------------------------------
     def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False,
-                 budget: Budget | None = None, fit: bool = False) -> dict:
+                 budget: Budget | None = None, fit: bool = False, progress: bool = False) -> dict:
         """Each conversation is planned from cheap facts (image headers, video containers' headers) and checked
         against `budget` and the model's context before any picture is decoded: a prompt that cannot fit costs
         milliseconds. URL and data: sources are fetched once, so the plan and the decode see the same bytes.
         With `fit`, videos that do not fit are sampled smaller, then sparser, until they do (`_fit`); a prompt
-        that fits is the reference's, unchanged."""
+        that fits is the reference's, unchanged. `progress` shows a bar on stderr while a video is decoded."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         texts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
@@ -171,7 +171,7 @@ class Processor:
             for item in self.vision_items(messages):
                 kind = item["type"]
                 what = f"conversation {c}, {kind} {counts[kind]} ({_describe(item[kind])})"
-                rows, grid = self.image(item, what) if kind == "image" else self.video(item, what)
+                rows, grid = self.image(item, what) if kind == "image" else self.video(item, what, progress)
                 pixels[kind].append(rows)
                 grids[kind].append(grid)
                 counts[kind] += 1

@@ -134,13 +134,16 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
 
 
 def decode_frames(container, indices: list[int], what: str, size: tuple[int, int],
-                  chunk_bytes: int = 32 * 2**20) -> torch.Tensor:
+                  chunk_bytes: int = 32 * 2**20, progress: bool = False) -> torch.Tensor:
     """The frames at `indices` (repeats allowed), resized to `size` (h, w), as uint8 (T, 3, h, w).
 
     Decoding runs in order and converts to RGB only the wanted frames; those are resized a chunk at a time (about
     `chunk_bytes` of source pixels) straight into the output, so memory holds the clip at its final size plus one
     chunk, never the whole clip at source size. Chunking does not change a byte: `resize_frames` works per image
-    (tests compare the two). One call per chunk rather than per frame: per call, the resize costs ~9x more."""
+    (tests compare the two). One call per chunk rather than per frame: per call, the resize costs ~9x more.
+    `progress`: a bar on stderr over the frames decoded, with the rate and the time left."""
+    from tqdm import tqdm
+
     slots: dict[int, list[int]] = {}
     for slot, i in enumerate(indices):
         slots.setdefault(i, []).append(slot)
@@ -161,8 +164,11 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
 
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
+    bar = tqdm(total=last + 1, desc=f"decoding {what}", unit="frame", disable=not progress, leave=False,
+               mininterval=0.5)
     try:
         for n, frame in enumerate(container.decode(stream)):
+            bar.update()
             if n in slots:
                 if source_size is None:
                     source_size = (frame.height, frame.width)
@@ -179,9 +185,11 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
             if n >= last:
                 break
     except Exception as e:  # av raises many types for corrupt data
+        bar.close()
         flush()
         if filled < 2:
             raise InputError(f"undecodable video ({e})", what) from None
+    bar.close()
     flush()
     if filled < 2:
         raise InputError(f"only {filled} decodable frames; a video needs at least 2", what)
@@ -189,7 +197,8 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
     return out
 
 
-def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[torch.Tensor, VideoPlan]:
+def load_video(ele: dict, policy: MediaPolicy, what: str = "video",
+               progress: bool = False) -> tuple[torch.Tensor, VideoPlan]:
     """Resized uint8 frames (T, 3, h, w), T even, and the plan that produced them."""
     source = ele["video"]
     if isinstance(source, (list, tuple)):
@@ -206,7 +215,7 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[tor
         total, fps, height, width = probe(container, what)
         indices = sample_indices(ele, total, fps, what)
         h, w = frame_size(ele, len(indices), height, width)
-        frames = decode_frames(container, indices, what, (h, w))
+        frames = decode_frames(container, indices, what, (h, w), progress=progress)
     return frames, VideoPlan(total, fps, height, width, indices, (h, w))
 
 
