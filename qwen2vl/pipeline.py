@@ -224,22 +224,55 @@ class Pipeline:
         return text, parse_boxes(text, size)
 
 
-class ChatSession:
-    """A multi-turn conversation that keeps its KV cache: an unchanged history is not run again."""
+class Reply:
+    """The answer to one `ChatSession.send`: iterate it for text pieces as they are decoded, or read `.text`
+    (waits for the whole answer). The answer joins the session's history when it is complete."""
 
-    def __init__(self, pipe: Pipeline, max_len: int = 8192) -> None:
-        self.pipe, self.max_len = pipe, max_len
-        self.messages: list[dict] = []
-        self.cache: KVCache | None = None
-        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces, self._parts = pieces, []
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self._parts.append(piece)
+            yield piece
+
+    @property
+    def text(self) -> str:
+        for _ in self:
+            pass
+        return "".join(self._parts)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache: an unchanged history is not run again.
+
+    `send` records the user's turn at once (a bad image or video raises there, and the turn is withdrawn) and
+    returns a `Reply`; the answer is decoded as the reply is read, and at the latest when the next turn is sent."""
+
+    def __init__(self, pipe: Pipeline, max_len: int = 8192, system: str | None = None) -> None:
+        self.pipe, self.max_len, self.system = pipe, max_len, system
+        self.reset()
 
     def reset(self) -> None:
-        self.messages, self.cache, self.cached_ids = [], None, []
+        """Forget the conversation (the system prompt stays)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+        self._reply: Reply | None = None
 
-    def send(self, content, **sampling) -> Iterator[str]:
+    def send(self, content, **sampling) -> Reply:
+        if self._reply is not None:
+            _ = self._reply.text  # finish the previous answer, so the history alternates user, assistant
         self.messages.append({"role": "user", "content": content})
-        params = self.pipe.params(**sampling)
-        batch = self.pipe.processor(self.messages)
+        try:
+            params = self.pipe.params(**sampling)
+            batch = self.pipe.processor(self.messages)
+        except BaseException:
+            self.messages.pop()
+            raise
         ids = batch["input_ids"][0].tolist()
         if self.cache is None or len(ids) + params.max_new_tokens > self.cache.max_len:
             self.cache = KVCache(self.pipe.model.config.text, 1, max(self.max_len, len(ids) + params.max_new_tokens),
@@ -250,7 +283,11 @@ class ChatSession:
             if a != b:
                 break
             reuse += 1
-        answer_ids: list[int] = []
+        self._reply = Reply(self._answer(batch, ids, params, reuse))
+        return self._reply
+
+    def _answer(self, batch: dict, ids: list[int], params: SamplingParams, reuse: int) -> Iterator[str]:
+        messages, answer_ids = self.messages, []
 
         def steps():
             for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
@@ -261,9 +298,12 @@ class ChatSession:
         for piece in self.pipe._stream_steps(steps(), params, True):
             pieces.append(piece)
             yield piece
+        if messages is not self.messages:  # reset while this answer was unread
+            return
         # the cache now holds the prompt and the answer tokens that were fed back (all but the last)
         self.cached_ids = ids + answer_ids[:-1]
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self._reply = None
 
 
 def check_device(device: str | torch.device) -> torch.device:
