@@ -167,18 +167,24 @@ def _check_media(kind: str, source: str) -> None:
 
 
 def _load(a):
-    """The pipeline, after every check that needs no model: media, device, quantization, then the model's path."""
+    """The pipeline, after every check that needs no model: media, then device and quantization."""
     for kind, source in getattr(a, "media", []):
         _check_media(kind, source)
-    if a.quantize and a.device.split(":")[0] != "cpu":
-        raise UsageError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
+    _check_device(a)
     import torch
 
-    from .pipeline import check_device, load
+    from .pipeline import load
 
-    check_device(a.device)
     return load(a.model, dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), device=a.device,
                 quantize=a.quantize)
+
+
+def _check_device(a) -> None:
+    if a.quantize and a.device.split(":")[0] != "cpu":
+        raise UsageError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
+    from .pipeline import check_device
+
+    check_device(a.device)
 
 
 def _note_greedy(pipe, a) -> None:
@@ -242,7 +248,8 @@ def cmd_chat(a) -> int:
     while True:
         print(PROMPT, end="", file=sys.stderr, flush=True)  # the marker: stdout carries answers only
         line = sys.stdin.readline()
-        if not line:
+        if not line:  # the end of input (Ctrl-D): leave, with the shell's prompt on a line of its own
+            print(file=sys.stderr)
             break
         line = line.strip()
         if not line:
@@ -318,11 +325,7 @@ def cmd_make_tiny(a) -> int:
 def cmd_serve(a) -> int:
     _require("fastapi")
     _require("uvicorn")
-    if a.quantize and a.device.split(":")[0] != "cpu":
-        raise UsageError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
-    from .pipeline import check_device
-
-    check_device(a.device)
+    _check_device(a)
     from .serve.server import main as serve_main
 
     return serve_main(a)

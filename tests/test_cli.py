@@ -90,6 +90,7 @@ MISTAKES = {
     "mps here": (["run", "--device", "mps", "--prompt", "x"], "device 'mps': this torch cannot use Apple's MPS"),
     "int8 off the CPU": (["run", "--device", "cuda", "--quantize", "int8", "--prompt", "x"], "runs on the CPU only"),
     "chat, no image file": (["chat", "--image", "{media}/missing.png"], "image {media}/missing.png: no such file"),
+    "serve, unknown device": (["serve", "--device", "tpu9"], "unknown device 'tpu9'"),
     "plan, no video file": (["plan", "--video", "{media}/missing.mp4"], "video {media}/missing.mp4: no such file"),
 }
 
