@@ -19,7 +19,7 @@ from . import __version__
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 CPU_MAX_PIXELS = 1280 * 28 * 28  # 1280 tokens an image at most: the official README's advice for a small budget
-CHECKPOINT = "checkpoint"  # --max-pixels value: the checkpoint's own bound (the reference's numbers)
+CHECKPOINT = "checkpoint"  # --max-pixels value: no bound of ours, the reference's sizing and numbers
 # optional dependency -> (what needs it, what to install, its extra in pyproject.toml)
 EXTRAS = {
     "av": ("reading videos", "av", "video"),
@@ -91,12 +91,15 @@ def _media_args(p: argparse.ArgumentParser, cpu_default: bool) -> None:
                    help="image path or URL; repeatable, kept in order with --video (default: none)")
     p.add_argument("--video", dest="media", action="append", type=_media("video"), default=[], metavar="PATH",
                    help="video path or URL (needs av); repeatable, kept in order with --image (default: none)")
-    p.add_argument("--min-pixels", type=int, help="per-image lower pixel bound (default: the checkpoint's, 3136)")
+    p.add_argument("--min-pixels", type=int, help="per-image lower pixel bound of the first (qwen-vl-utils) resize; "
+                                                  "the checkpoint's bounds then apply (default: 3136)")
     p.add_argument("--max-pixels", type=_max_pixels, metavar="N|checkpoint", help=(
-        f"per-image upper pixel bound; '{CHECKPOINT}' for the checkpoint's own (12845056: up to 16384 tokens an "
-        f"image, tens of minutes of vision on a laptop CPU) (default: {CPU_MAX_PIXELS} = 1280*28*28, at most 1280 "
-        f"tokens an image, on CPU; the checkpoint's on a GPU)" if cpu_default else
-        f"per-image upper pixel bound (default: the checkpoint's, 12845056; run and chat on CPU use {CPU_MAX_PIXELS})"))
+        "per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply. "
+        f"'{CHECKPOINT}': the reference's 12845056, up to 16384 tokens an image, tens of minutes of vision on a "
+        f"laptop CPU (default: {CPU_MAX_PIXELS} = 1280*28*28, at most 1280 tokens an image, on CPU; 12845056 on a "
+        "GPU)" if cpu_default else
+        f"per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply "
+        f"(default: 12845056; run and chat on CPU use {CPU_MAX_PIXELS})"))
     p.add_argument("--fps", type=float, help="video frames sampled per second (default: 2)")
     p.add_argument("--nframes", type=int, help="video frames to sample, instead of --fps (default: from --fps)")
 

@@ -381,3 +381,17 @@ def test_requests_waiting_for_preparation_are_bounded(server):
         assert post(server, request("Hi")).status_code == 200
     finally:
         engine.max_waiting = saved
+
+
+def test_fit_field_fits_a_long_video_instead_of_refusing(server):
+    from qwen2vl.testing.video import write_test_video
+
+    video = write_test_video(server.media / "long.mp4", 60, size=(320, 180), fps=12, gop=60)
+    part = {"type": "video_url", "video_url": {"url": f"file://{video}"}}
+    err = error_of(post(server, request([part, "Summarise."], max_tokens=24)), 400)
+    assert err["code"] == "context_length_exceeded"
+    fitted = post(server, request([part, "Summarise."], max_tokens=24, fit=True))
+    assert fitted.status_code == 200, fitted.text
+    usage = fitted.json()["usage"]
+    assert usage["prompt_tokens"] + 24 <= CONTEXT and usage["prompt_tokens_details"]["video_tokens"] > 0
+    error_of(post(server, request([part], fit="yes")), 400)

@@ -3,43 +3,18 @@ variable frame rate, clip windows, frame lists with an odd count, arrays; and th
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import av
 import numpy as np
 import pytest
 import torch
 
-from processing_fixtures import noise_image, oracle
+from processing_fixtures import make_video, noise_image, oracle
 from qwen2vl.processing import InputError
 from qwen2vl.processing.image import IMAGE_STD
 from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.video import plan_video, sample_indices
 
 GREY_LEVEL = 1.0 / (255 * min(IMAGE_STD)) + 1e-5  # one grey level, in normalised units
-
-
-def make_video(path, frames=30, fps=10, size=(128, 96), codec="mpeg4", vfr=False):
-    """A clip whose frames differ (moving gradient + frame number), written with PyAV."""
-    w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if vfr:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        t = 0
-        for i in range(frames):
-            yy, xx = np.mgrid[0:h, 0:w]
-            img = np.stack([(xx * 2 + i * 9) % 256, (yy * 3 + i * 5) % 256, ((xx + yy) + i * 13) % 256], -1)
-            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
-            if vfr:
-                frame.pts, frame.time_base = t, Fraction(1, 1000)
-                t += 50 if i % 3 else 150  # irregular gaps
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 def user(*parts):

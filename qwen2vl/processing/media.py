@@ -1,4 +1,5 @@
-"""Fetching images and videos from where users point: PIL/numpy objects, paths, file://, data: URIs, http(s).
+"""Fetching images and videos from where users point: PIL images, numpy arrays, torch tensors, paths, file://,
+data: URIs, http(s).
 
 Matches the sources qwen-vl-utils' `fetch_image` / `fetch_video` accept, with explicit limits it lacks: a time
 limit over a whole fetch, a byte cap and a redirect cap for URLs, a decompression-bomb pixel cap, and (for servers)
@@ -26,9 +27,11 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .errors import InputError
+from .image import array_to_image
 
 
 @dataclass(frozen=True)
@@ -345,18 +348,11 @@ def _fetch_once(url: str, policy: MediaPolicy, deadline: float, what: str) -> tu
 # -- images ------------------------------------------------------------------------------------------------------
 
 def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
-    """A fully decoded PIL image (any mode) from any supported source."""
+    """A fully decoded PIL image (any mode) from any supported source; arrays and tensors as `array_to_image`."""
     if isinstance(source, Image.Image):
         image = source
-    elif isinstance(source, np.ndarray):
-        arr = source
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise InputError(f"array of shape {arr.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)", what)
-        if arr.dtype != np.uint8:
-            raise InputError(f"array dtype {arr.dtype}; expected uint8", what)
-        image = Image.fromarray(arr)
+    elif isinstance(source, (np.ndarray, torch.Tensor)):
+        image = array_to_image(source, what)
     elif isinstance(source, (str, Path, Fetched)):
         image = _decode(read_bytes(source, policy, what), policy, what)
     else:

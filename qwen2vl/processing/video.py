@@ -1,17 +1,18 @@
-"""Videos: how many frames, which ones, at what size (spec 4.1), decoded with PyAV reading only what is kept.
+"""Videos: how many frames, which ones, at what first size, decoded with PyAV reading only what is kept.
 
 Matches qwen-vl-utils 0.0.14 `smart_nframes`, `fetch_video` (frame indices `linspace(start, end, n).round()`,
-`video_start`/`video_end` as its torchcodec reader, the per-frame pixel budget from `total_pixels`) and its
-resize (`torchvision...resize(BICUBIC, antialias=True)` on uint8 tensors = float32 interpolation, clamp, round).
-Deliberate difference (spec 4.1): a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 first
-resizes every frame to multiples of 56 by the image rule and then again (a double resize).
+`video_start`/`video_end` as its torchcodec reader, the per-frame pixel budget of `sizing.frame_size`) and its
+resize (`torchvision.transforms.functional.resize(BICUBIC, antialias=True)` on uint8 tensors = float32
+interpolation, clamp, round). The processor's own resize (step 2) follows in `Processor.video`.
+Deliberate difference: a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 `fetch_video`
+first resizes every frame to multiples of 56 by the image rule and then again (a double resize).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .image import smart_resize, to_rgb
+from .image import to_rgb
 from .media import Fetched, MediaPolicy, load_image, open_image, read_bytes
+from .sizing import FRAME_FACTOR, frame_size
 
-FRAME_FACTOR, FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 2.0, 4, 768
-VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 4, 768
 
 
 @dataclass(frozen=True)
@@ -80,19 +80,9 @@ def sample_indices(ele: dict, total_frames: int, video_fps: float, what: str = "
     return torch.linspace(start, end, n).round().long().tolist()
 
 
-def frame_size(ele: dict, nframes: int, height: int, width: int) -> tuple[int, int]:
-    """Per-frame (h, w) under the video pixel budget of qwen-vl-utils 0.0.14."""
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(ele["resized_height"], ele["resized_width"], 28)
-    min_pixels = ele.get("min_pixels", VIDEO_MIN_PIXELS)
-    total = ele.get("total_pixels", VIDEO_TOTAL_PIXELS)
-    max_pixels = max(min(VIDEO_MAX_PIXELS, total / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
-    max_pixels = min(ele.get("max_pixels", max_pixels), max_pixels)
-    return smart_resize(height, width, 28, min_pixels, max_pixels)
-
-
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> uint8 (T, 3, height, width), bicubic with antialias, as torchvision on tensors."""
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, height, width), bicubic with antialias, as qwen-vl-utils' torchvision v1
+    `resize` on uint8 tensors: float32 interpolation, clamp, round (not torch's native uint8 kernel)."""
     if frames.shape[-2:] == (height, width):
         return frames
     out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
@@ -143,31 +133,60 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
     return int(total), fps, height, width
 
 
-def decode_frames(container, indices: list[int], what: str) -> torch.Tensor:
-    """Decode in order, converting to RGB only the frames at `indices` (repeats allowed): memory ~ kept frames."""
-    wanted: dict[int, int] = {}
-    for i in indices:
-        wanted[i] = wanted.get(i, 0) + 1
-    kept, last = [], max(indices)
+def decode_frames(container, indices: list[int], what: str, size: tuple[int, int],
+                  chunk_bytes: int = 32 * 2**20) -> torch.Tensor:
+    """The frames at `indices` (repeats allowed), resized to `size` (h, w), as uint8 (T, 3, h, w).
+
+    Decoding runs in order and converts to RGB only the wanted frames; those are resized a chunk at a time (about
+    `chunk_bytes` of source pixels) straight into the output, so memory holds the clip at its final size plus one
+    chunk, never the whole clip at source size. Chunking does not change a byte: `resize_frames` works per image
+    (tests compare the two). One call per chunk rather than per frame: per call, the resize costs ~9x more."""
+    slots: dict[int, list[int]] = {}
+    for slot, i in enumerate(indices):
+        slots.setdefault(i, []).append(slot)
+    out = torch.empty(len(indices), 3, *size, dtype=torch.uint8)
+    out_np = out.numpy()
+    chunk: torch.Tensor | None = None  # source frames waiting for their resize (allocated at the first frame)
+    targets: list[list[int]] = []  # the output slots of each waiting frame
+    filled, last, source_size = 0, max(indices), None
+
+    def flush() -> None:
+        nonlocal filled
+        if targets:
+            resized = resize_frames(chunk[:len(targets)].permute(0, 3, 1, 2), *size).contiguous()
+            for frame, slots_of_frame in zip(resized.numpy(), targets):
+                out_np[slots_of_frame] = frame
+            filled = targets[-1][-1] + 1
+            targets.clear()
+
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
     try:
         for n, frame in enumerate(container.decode(stream)):
-            if n in wanted:
-                if kept and (frame.height, frame.width) != kept[0].shape[:2]:  # the stream changed size midway
-                    frame = frame.reformat(width=kept[0].shape[1], height=kept[0].shape[0])
-                rgb = frame.to_ndarray(format="rgb24")
-                kept += [rgb] * wanted[n]
+            if n in slots:
+                if source_size is None:
+                    source_size = (frame.height, frame.width)
+                    # frames as decoded (H, W, 3): seen as (N, 3, H, W) in channels-last strides, which the
+                    # resize reads as they are (same bytes out; a planar copy per frame cost 5 ms)
+                    chunk = torch.empty(max(1, chunk_bytes // (3 * frame.height * frame.width)), *source_size, 3,
+                                        dtype=torch.uint8)
+                elif (frame.height, frame.width) != source_size:  # the stream changed size midway
+                    frame = frame.reformat(width=source_size[1], height=source_size[0])
+                chunk.numpy()[len(targets)] = frame.to_ndarray(format="rgb24")  # numpy: a plain memcpy, no threads
+                targets.append(slots[n])
+                if len(targets) == len(chunk):
+                    flush()
             if n >= last:
                 break
     except Exception as e:  # av raises many types for corrupt data
-        if len(kept) < 2:
+        flush()
+        if filled < 2:
             raise InputError(f"undecodable video ({e})", what) from None
-    if len(kept) < len(indices):
-        if len(kept) < 2:
-            raise InputError(f"only {len(kept)} decodable frames; a video needs at least 2", what)
-        kept += [kept[-1]] * (len(indices) - len(kept))  # header promised more frames than the stream holds
-    return torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2)
+    flush()
+    if filled < 2:
+        raise InputError(f"only {filled} decodable frames; a video needs at least 2", what)
+    out[filled:] = out[filled - 1]  # the header promised more frames than the stream holds: repeat the last
+    return out
 
 
 def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[torch.Tensor, VideoPlan]:
@@ -187,9 +206,8 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video") -> tuple[tor
         total, fps, height, width = probe(container, what)
         indices = sample_indices(ele, total, fps, what)
         h, w = frame_size(ele, len(indices), height, width)
-        frames = decode_frames(container, indices, what)
-    plan = VideoPlan(total, fps, height, width, indices, (h, w))
-    return resize_frames(frames, h, w), plan
+        frames = decode_frames(container, indices, what, (h, w))
+    return frames, VideoPlan(total, fps, height, width, indices, (h, w))
 
 
 def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan:
@@ -211,6 +229,16 @@ def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan
         total, fps, height, width = probe(container, what)
     indices = sample_indices(ele, total, fps, what)
     return VideoPlan(total, fps, height, width, indices, frame_size(ele, len(indices), height, width))
+
+
+def replan_video(ele: dict, facts: VideoPlan, what: str = "video") -> VideoPlan:
+    """`plan_video` for other sampling fields (fps, nframes, total_pixels, ...) of a video already probed: the same
+    frame choice and sizes, from the facts in `facts` (frame count, rate, size), with no I/O."""
+    if facts.frame_pixels:  # a frame list: every frame is used, only the size follows the fields
+        n = len(facts.indices)
+        return replace(facts, resized=frame_size(ele, n, facts.height, facts.width))
+    indices = sample_indices(ele, facts.total_frames, facts.fps, what)
+    return replace(facts, indices=indices, resized=frame_size(ele, len(indices), facts.height, facts.width))
 
 
 def _frame_header(frame, policy: MediaPolicy, what: str) -> tuple[int, int]:

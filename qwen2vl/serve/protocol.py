@@ -172,6 +172,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: StrictBool = False
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
     parallel_tool_calls: StrictBool | None = None  # meaningless without tools; accepted
+    fit: StrictBool = False  # ours: sample videos smaller, then sparser, until the prompt fits (Processor._fit)
 
     @model_validator(mode="before")
     @classmethod
@@ -190,6 +191,7 @@ class ChatRequest:
     messages: list[dict]  # qwen-vl-utils form: {"role", "content": str | [{"type": "image", "image": ...}, ...]}
     params: SamplingParams
     max_tokens_given: bool  # the client named max_tokens: over the context is a 400, not a silent cap
+    fit: bool  # fit the videos to the context instead of refusing
     n: int
     stream: bool
     include_usage: bool
@@ -259,7 +261,7 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
             stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()))
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
-    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.n, r.stream,
+    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
                        bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0)
 
 

@@ -227,7 +227,8 @@ class Server:
                                 f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
         try:
             messages = self.limits.apply(req.messages)
-            batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels))
+            batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
+                                   fit=req.fit)
         except LimitExceeded as e:
             raise ApiError(400, str(e), param="messages", code=e.code) from None
         except OverBudget as e:
