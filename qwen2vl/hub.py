@@ -1,6 +1,8 @@
 """Where a model lives: a local checkpoint directory, or a Hugging Face hub id (`org/name`) fetched with
 `huggingface_hub.snapshot_download` (its tqdm progress bars; the local hub cache is used when the files are there),
-with an error that says what to do when there is no network."""
+with an error that says what to do when there is no network. The commands it names (`hf download`, `hf auth
+login`) are those of huggingface_hub >= 0.34, the version this package requires; older ones had `huggingface-cli`,
+which 1.0 no longer installs."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError, RevisionNotFoundError)
 
-    instead = (f"Download it on a machine with a network (huggingface-cli download {name} --local-dir DIR), "
+    instead = (f"Download it on a machine with a network (hf download {name} --local-dir DIR), "
                f"copy DIR here and pass the directory instead (--model DIR).")
     offline = _offline()
     try:
@@ -63,10 +65,10 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
                             f"(no local directory of that name either). {instead}") from e
     except GatedRepoError as e:
         raise ModelNotFound(f"could not download {name}: it is gated; accept its terms on huggingface.co and "
-                            f"log in (huggingface-cli login), or: {instead}") from e
+                            f"log in (hf auth login), or: {instead}") from e
     except RepositoryNotFoundError as e:
         raise ModelNotFound(f"could not download {name}: no such repository on the hub (or it is private; log in "
-                            f"with huggingface-cli login), and no local directory of that name") from e
+                            f"with hf auth login), and no local directory of that name") from e
     except RevisionNotFoundError as e:
         raise ModelNotFound(f"could not download {name}: it has no revision {revision!r}") from e
     except (HfHubHTTPError, OSError) as e:

@@ -6,20 +6,30 @@ that reuses an unchanged prefix's keys/values and encodes each image once.
                                             {"type": "text", "text": "What is this?"}]}])
 
 Sampling keywords use transformers' names (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-plus stop); defaults come from the checkpoint's generation_config.json, as in `generate`.
+plus stop); defaults come from the checkpoint's generation_config.json, as in `generate`, and a keyword replaces
+only its own value. The official files keep top_k=1 and top_p=0.001, so `temperature=0.7` alone still decodes
+greedily, as in transformers; to sample, also lift them (`top_k=0` turns top-k off, `top_p=1.0` top-p):
+`pipe.stream(conversation, temperature=0.7, top_p=0.9, top_k=0, seed=1)`. `Pipeline.greedy_reasons` says which
+of the checkpoint's values keep a request greedy.
+
+On CPU with `progress` on, each image or video says before its encode what it costs (tokens, and a time estimated
+from this machine's measured rate, `qwen2vl.cost`), and a long encode shows a bar over the vision blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .cost import item_cost
 from .generate.decode import Prompt, generate_steps
 from .generate.sampling import SamplingParams, chooser
 from .generate.stopping import StopMatcher
@@ -53,16 +63,39 @@ class Timings:
         return "\n".join(lines)
 
 
+# top_p at most this keeps only the likeliest token unless its probability is below top_p: greedy in practice
+NEARLY_GREEDY_TOP_P = 0.01
+
+
 class Pipeline:
-    def __init__(self, model: Qwen2VL, processor: Processor, generation_config: dict | None = None) -> None:
+    bar_after_s = 10.0  # vision encodes estimated to take longer show a progress bar (with `progress` on)
+
+    def __init__(self, model: Qwen2VL, processor: Processor, generation_config: dict | None = None,
+                 progress: bool = False) -> None:
         self.model, self.processor = model, processor
         self.generation_config = generation_config or {}
+        self.progress = progress
         self.last_timings = Timings()
         self._vision: dict[str, torch.Tensor] = {}  # content hash -> features (chat sessions)
 
     # -- parameters --------------------------------------------------------------------------------------------
     def params(self, **sampling) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config, **sampling)
+
+    def greedy_reasons(self, **sampling) -> list[str]:
+        """The generation_config values that keep a request greedy although its keywords ask to sample (give a
+        temperature above 0, top_p, top_k or seed): top_k=1 (one candidate per step) and a top_p of at most 0.01
+        (only the likeliest token, in practice), each unless the keywords set it. Empty when the request samples."""
+        given = {k for k, v in sampling.items() if v is not None}
+        p = self.params(**sampling)
+        if p.greedy or not given & {"temperature", "top_p", "top_k", "seed"}:
+            return []
+        reasons = []
+        if p.top_k == 1 and "top_k" not in given:
+            reasons.append("top_k=1")
+        if p.top_p <= NEARLY_GREEDY_TOP_P and "top_p" not in given:
+            reasons.append(f"top_p={p.top_p:g}")
+        return reasons
 
     # -- one or many conversations -------------------------------------------------------------------------------
     def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None):
@@ -102,11 +135,40 @@ class Pipeline:
                 item = pix[start:start + n]
                 key = hashlib.blake2b(item.numpy().tobytes() + str(g.tolist()).encode(), digest_size=16).hexdigest()
                 if key not in self._vision:
-                    self._vision[key] = self.model.encode_vision(item, g[None])
+                    self._vision[key] = self._encode(item, g, f"{kind} {len(parts)}")
                 parts.append(self._vision[key])
                 start += n
             fields[f"{kind}_features"] = torch.cat(parts)
         return Prompt(**{**prompt.__dict__, **fields})
+
+    def _encode(self, pixels: torch.Tensor, grid: torch.Tensor, what: str) -> torch.Tensor:
+        if not (self.progress and self.model.device.type == "cpu"):
+            return self.model.encode_vision(pixels, grid[None])
+        cost = item_cost(self.model.config, tuple(grid.tolist()), self.model.device, self.model.dtype)
+        print(f"{what}: {cost.describe()} on this CPU (estimated at the {cost.rate / 1e9:.3g} GFLOP/s of a matrix "
+              f"product timed here{'; a lower max_pixels costs less' if cost.seconds > 60 else ''})",
+              file=sys.stderr, flush=True)
+        with self._block_bar(what) if cost.seconds >= self.bar_after_s else nullcontext():
+            return self.model.encode_vision(pixels, grid[None])
+
+    @contextmanager
+    def _block_bar(self, what: str):
+        """A bar that advances as each vision block finishes (forward hooks; the model is not changed)."""
+        from tqdm.auto import tqdm
+
+        blocks = self.model.visual.blocks
+        bar = tqdm(total=len(blocks), desc=f"encoding {what}", unit="block", file=sys.stderr, leave=False)
+
+        def advance(*_) -> None:  # a forward hook that returned a value would replace the block's output
+            bar.update()
+
+        hooks = [block.register_forward_hook(advance) for block in blocks]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            bar.close()
 
     def stream(self, conversation, skip_special_tokens: bool = True, **sampling) -> Iterator[str]:
         """Text pieces of the answer as they are decoded (never half a character; stop strings cut)."""
@@ -162,22 +224,55 @@ class Pipeline:
         return text, parse_boxes(text, size)
 
 
-class ChatSession:
-    """A multi-turn conversation that keeps its KV cache: an unchanged history is not run again."""
+class Reply:
+    """The answer to one `ChatSession.send`: iterate it for text pieces as they are decoded, or read `.text`
+    (waits for the whole answer). The answer joins the session's history when it is complete."""
 
-    def __init__(self, pipe: Pipeline, max_len: int = 8192) -> None:
-        self.pipe, self.max_len = pipe, max_len
-        self.messages: list[dict] = []
-        self.cache: KVCache | None = None
-        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces, self._parts = pieces, []
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self._parts.append(piece)
+            yield piece
+
+    @property
+    def text(self) -> str:
+        for _ in self:
+            pass
+        return "".join(self._parts)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache: an unchanged history is not run again.
+
+    `send` records the user's turn at once (a bad image or video raises there, and the turn is withdrawn) and
+    returns a `Reply`; the answer is decoded as the reply is read, and at the latest when the next turn is sent."""
+
+    def __init__(self, pipe: Pipeline, max_len: int = 8192, system: str | None = None) -> None:
+        self.pipe, self.max_len, self.system = pipe, max_len, system
+        self.reset()
 
     def reset(self) -> None:
-        self.messages, self.cache, self.cached_ids = [], None, []
+        """Forget the conversation (the system prompt stays)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+        self._reply: Reply | None = None
 
-    def send(self, content, **sampling) -> Iterator[str]:
+    def send(self, content, **sampling) -> Reply:
+        if self._reply is not None:
+            _ = self._reply.text  # finish the previous answer, so the history alternates user, assistant
         self.messages.append({"role": "user", "content": content})
-        params = self.pipe.params(**sampling)
-        batch = self.pipe.processor(self.messages)
+        try:
+            params = self.pipe.params(**sampling)
+            batch = self.pipe.processor(self.messages)
+        except BaseException:
+            self.messages.pop()
+            raise
         ids = batch["input_ids"][0].tolist()
         if self.cache is None or len(ids) + params.max_new_tokens > self.cache.max_len:
             self.cache = KVCache(self.pipe.model.config.text, 1, max(self.max_len, len(ids) + params.max_new_tokens),
@@ -188,7 +283,11 @@ class ChatSession:
             if a != b:
                 break
             reuse += 1
-        answer_ids: list[int] = []
+        self._reply = Reply(self._answer(batch, ids, params, reuse))
+        return self._reply
+
+    def _answer(self, batch: dict, ids: list[int], params: SamplingParams, reuse: int) -> Iterator[str]:
+        messages, answer_ids = self.messages, []
 
         def steps():
             for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
@@ -199,21 +298,51 @@ class ChatSession:
         for piece in self.pipe._stream_steps(steps(), params, True):
             pieces.append(piece)
             yield piece
+        if messages is not self.messages:  # reset while this answer was unread
+            return
         # the cache now holds the prompt and the answer tokens that were fed back (all but the last)
         self.cached_ids = ids + answer_ids[:-1]
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self._reply = None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError that says why this torch cannot use it and what to pass instead."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) is a build without CUDA; "
+                             "install a CUDA build of torch (pytorch.org), or use cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU here (no driver, or "
+                             "CUDA_VISIBLE_DEVICES hides them); use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: this torch cannot use Apple's MPS here (it needs macOS on "
+                             "Apple silicon and a torch built with MPS); use cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+    return d
 
 
 def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str | None = None,
          progress: bool = True, **processor_overrides) -> Pipeline:
-    """Model, processor and generation defaults from a checkpoint directory or hub id."""
+    """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
+    the download and the weights, and on CPU each item's cost said before its vision encode."""
     t0 = time.perf_counter()
+    check_device(device)
     directory = resolve_model_path(path_or_id)
     model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress)
     processor = Processor.from_pretrained(directory, **processor_overrides)
     gen_path = Path(directory) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    pipe = Pipeline(model, processor, gen)
+    pipe = Pipeline(model, processor, gen, progress=progress)
     pipe.last_timings.load_s = time.perf_counter() - t0
     pipe.load_s = pipe.last_timings.load_s
     return pipe

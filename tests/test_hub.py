@@ -72,7 +72,7 @@ def test_offline_and_not_cached_says_how_to_get_the_model(hub_cache, monkeypatch
         resolve_model_path("Qwen/Qwen2-VL-2B-Instruct")
     message = str(e.value)
     assert "could not download Qwen/Qwen2-VL-2B-Instruct: HF_HUB_OFFLINE is set" in message
-    assert "huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir DIR" in message and "--model DIR" in message
+    assert "hf download Qwen/Qwen2-VL-2B-Instruct --local-dir DIR" in message and "--model DIR" in message
 
 
 def test_no_network_and_not_cached_says_why(hub_cache):
@@ -124,3 +124,23 @@ def test_hub_errors_are_explained(monkeypatch, error, message):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     with pytest.raises(ModelNotFound, match=message):
         resolve_model_path("org/name")
+
+
+def test_the_advice_names_commands_the_installed_huggingface_hub_has(hub_cache, monkeypatch):
+    """`huggingface-cli` is gone from huggingface_hub 1.0; the advice names `hf`, which the required version has."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct")
+    assert "huggingface-cli" not in str(e.value)
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent)) or shutil.which("hf")
+    assert hf, "huggingface_hub installs the `hf` command"
+    for command, flag in ((["download", "--help"], "--local-dir"), (["auth", "login", "--help"], "--token")):
+        out = subprocess.run([hf, *command], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and flag in out.stdout
+    required = re.search(r'"huggingface_hub>=([\d.]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert tuple(map(int, required.group(1).split("."))) >= (0, 34)  # the first version with `hf`
