@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from processing_fixtures import oracle
-from qwen2vl.processing import InputError, Processor
+from qwen2vl.processing import InputError
 from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.processor import Budget, OverBudget
 from qwen2vl.processing.video import _open, decode_frames, probe, resize_frames, sample_indices
