@@ -114,6 +114,9 @@ def _answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, help=f"1 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--seed", type=int, help="seed of the sampling draws (default: none, torch's global generator)")
     p.add_argument("--system", help="system prompt (default: the chat template's 'You are a helpful assistant.')")
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True, help=(
+        "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
+        "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"))
 
 
 def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
@@ -201,6 +204,21 @@ def _note_greedy(pipe, a) -> None:
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
+def _note_fit(pipe, conversation, a) -> None:
+    """Say on stderr what --fit will change, before the wait (a prompt that cannot fit fails here, in one line)."""
+    if not a.fit:
+        return
+    params = pipe.params(**_sampling(a))
+    plan = pipe.processor.plan(conversation, budget=pipe.budget(params), fit=True)
+    for item in plan.items:
+        if item.fitted:
+            fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in item.fitted.items())
+            print(f"qwen2vl: fitted {item.kind} {item.source} into the {plan.context}-token context with "
+                  f"{a.max_new_tokens} tokens left for the answer: {fields} -> {len(item.frame_indices)} frames of "
+                  f"{item.resized_size[0]}x{item.resized_size[1]}, {item.tokens} tokens (--no-fit refuses instead)",
+                  file=sys.stderr)
+
+
 def cmd_run(a) -> int:
     images = [source for kind, source in a.media if kind == "image"]
     if a.draw_boxes:
@@ -211,12 +229,13 @@ def cmd_run(a) -> int:
     pipe = _load(a)
     _note_greedy(pipe, a)
     conversation = _system(a) + [{"role": "user", "content": _content(a, a.prompt)}]
+    _note_fit(pipe, conversation, a)
     if a.draw_boxes:
         from .grounding import draw_boxes
         from .processing.chat import normalize_part
         from .processing.media import load_image
 
-        text, boxes = pipe.ground(conversation, **_sampling(a))
+        text, boxes = pipe.ground(conversation, fit=a.fit, **_sampling(a))
         print(text)
         image = load_image(normalize_part({"type": "image", "image": images[-1]}, "image")["image"],
                            pipe.processor.policy)
@@ -224,7 +243,7 @@ def cmd_run(a) -> int:
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:
-        for piece in pipe.stream(conversation, **_sampling(a)):
+        for piece in pipe.stream(conversation, fit=a.fit, **_sampling(a)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -278,7 +297,8 @@ def cmd_chat(a) -> int:
             continue
         content, pending = pending + [{"type": "text", "text": line}], []
         try:
-            reply = session.send(content, **_sampling(a))
+            _note_fit(pipe, session.messages + [{"role": "user", "content": content}], a)
+            reply = session.send(content, fit=a.fit, **_sampling(a))
         except ValueError as e:  # bad input: say so and keep the session (send has withdrawn the turn)
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -298,8 +318,11 @@ def cmd_plan(a) -> int:
 
     for kind, source in a.media:
         _check_media(kind, source)
+    from .processing.processor import Budget
+
     proc = Processor.from_pretrained(resolve_model_path(a.model))
-    plan = proc.plan([{"role": "user", "content": _content(a, a.prompt)}])
+    budget = Budget(max(1, proc.max_context - a.max_new_tokens))
+    plan = proc.plan([{"role": "user", "content": _content(a, a.prompt)}], budget=budget, fit=a.fit)
     if a.json:
         print(json.dumps({"items": [item.__dict__ for item in plan.items], "prompt_tokens": plan.prompt_tokens,
                           "context": plan.context}, indent=2))
@@ -310,6 +333,9 @@ def cmd_plan(a) -> int:
             " ..." if len(item.timestamps) > 6 else "")
         print(f"{item.kind:<7}{item.source[-39:]:<40}{'x'.join(map(str, item.source_size)):>12}"
               f"{'x'.join(map(str, item.resized_size)):>12}{item.tokens:>8}  {frames}")
+        if item.fitted:
+            print(f"{'':<7}fitted: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in item.fitted.items()))
     print(f"prompt tokens: {plan.prompt_tokens} of a {plan.context}-token context")
     return 0 if plan.prompt_tokens <= plan.context else 1
 
@@ -396,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     _media_args(p, cpu_default=False)
     p.add_argument("--prompt", default="", help="the question (default: none)")
     p.add_argument("--json", action="store_true", help="machine-readable plan")
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=False,
+                   help="plan as run --fit would sample the videos (default: off, the reference's plan)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="room kept for the answer when fitting")
     _verbose_arg(p)
     p.set_defaults(func=cmd_plan)
 

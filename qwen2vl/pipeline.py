@@ -38,6 +38,7 @@ from .hub import resolve_model_path
 from .model import KVCache, Qwen2VL
 from .processing import IncrementalDetokenizer, Processor
 from .processing.media import load_image
+from .processing.processor import Budget
 from .weights import load_model
 
 
@@ -98,9 +99,19 @@ class Pipeline:
         return reasons
 
     # -- one or many conversations -------------------------------------------------------------------------------
-    def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None):
+    def budget(self, params: SamplingParams) -> Budget:
+        """The prompt's share of the context when the answer may take params.max_new_tokens."""
+        return Budget(prompt_tokens=max(1, self.processor.max_context - params.max_new_tokens))
+
+    def prepare(self, conversations, params: SamplingParams, fit: bool = False) -> dict:
+        """The model inputs of `conversations`; with `fit`, videos that would leave no room for the answer are
+        sampled smaller, then sparser, until they do (`Processor._fit`). Off by default: the reference's numbers."""
+        return self.processor(conversations, budget=self.budget(params) if fit else None, fit=fit,
+                              progress=self.progress)
+
+    def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None, fit: bool = False):
         t0 = time.perf_counter()
-        batch = batch if batch is not None else self.processor(conversations)
+        batch = batch if batch is not None else self.prepare(conversations, params, fit)
         timings = Timings(preprocess_s=time.perf_counter() - t0, prompt_tokens=int(batch["attention_mask"].sum()))
         for kind in ("image", "video"):
             grid = batch.get(f"{kind}_grid_thw")
@@ -170,10 +181,12 @@ class Pipeline:
                 hook.remove()
             bar.close()
 
-    def stream(self, conversation, skip_special_tokens: bool = True, **sampling) -> Iterator[str]:
-        """Text pieces of the answer as they are decoded (never half a character; stop strings cut)."""
+    def stream(self, conversation, skip_special_tokens: bool = True, fit: bool = False,
+               **sampling) -> Iterator[str]:
+        """Text pieces of the answer as they are decoded (never half a character; stop strings cut). `fit`: see
+        `prepare`."""
         params = self.params(**sampling)
-        yield from self._stream_steps(self._steps([conversation], params), params, skip_special_tokens)
+        yield from self._stream_steps(self._steps([conversation], params, fit=fit), params, skip_special_tokens)
 
     def _stream_steps(self, steps, params: SamplingParams, skip_special_tokens: bool) -> Iterator[str]:
         detok = IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens)
@@ -194,11 +207,11 @@ class Pipeline:
     def chat(self, conversation, **sampling) -> str:
         return "".join(self.stream(conversation, **sampling))
 
-    def generate(self, conversations: list, **sampling) -> list[str]:
+    def generate(self, conversations: list, fit: bool = False, **sampling) -> list[str]:
         """Answers for a batch of conversations (left-padded, decoded together; each equals its own run)."""
         params = self.params(**sampling)
         ids: list[list[int]] = [[] for _ in conversations]
-        for step in self._steps(conversations, params):
+        for step in self._steps(conversations, params, fit=fit):
             for row, token in enumerate(step.tokens.tolist()):
                 if not ids[row] or ids[row][-1] not in params.stop_token_ids:
                     ids[row].append(token)
@@ -263,13 +276,13 @@ class ChatSession:
         self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
         self._reply: Reply | None = None
 
-    def send(self, content, **sampling) -> Reply:
+    def send(self, content, fit: bool = False, **sampling) -> Reply:
         if self._reply is not None:
             _ = self._reply.text  # finish the previous answer, so the history alternates user, assistant
         self.messages.append({"role": "user", "content": content})
         try:
             params = self.pipe.params(**sampling)
-            batch = self.pipe.processor(self.messages)
+            batch = self.pipe.prepare(self.messages, params, fit)
         except BaseException:
             self.messages.pop()
             raise

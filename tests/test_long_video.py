@@ -18,6 +18,7 @@ from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.processor import Budget, OverBudget
 from qwen2vl.processing.video import _open, decode_frames, probe, resize_frames, sample_indices
 from qwen2vl.testing.video import write_test_video
+from test_cli import cli, tiny  # noqa: F401 (a fixture)
 from test_video_processing import check
 
 
@@ -146,3 +147,50 @@ def test_preparing_a_long_video_holds_little_more_than_its_pixels(proc, two_minu
 def test_fit_needs_a_video(proc):
     with pytest.raises(InputError):
         proc([{"role": "user", "content": "word " * 40000}], fit=True, budget=Budget(1000))
+
+
+# -- the command line and the Python API ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seven_minutes(tmp_path_factory):
+    """Seven minutes at 4 fps: 768 frames sampled by default, ~55k tokens, more than the 32,768-token context."""
+    return write_test_video(tmp_path_factory.mktemp("seven") / "seven.mp4", 420, size=(160, 90), fps=4, gop=40)
+
+
+@pytest.fixture(scope="module")
+def short_context(tiny, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """`qwen2vl make-tiny`'s checkpoint with a 4,096-token context, so that a fitted prompt runs in seconds."""
+    import json
+    import shutil
+
+    directory = tmp_path_factory.mktemp("short") / "tiny"
+    shutil.copytree(tiny, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return directory
+
+
+def test_cli_fits_by_default_says_so_and_refuses_with_no_fit(short_context, seven_minutes):
+    refused = cli("run", "--model", short_context, "--video", seven_minutes, "--prompt", "Summarise.", "--no-fit",
+                  "--max-new-tokens", "2")
+    assert refused.returncode != 0
+    error = [line for line in refused.stderr.splitlines() if line.startswith("qwen2vl: error")]
+    assert len(error) == 1 and "tokens" in error[0] and "4096" in error[0], refused.stderr
+    assert "decoding" not in refused.stderr  # refused from the plan, before any frame was decoded
+    planned = cli("plan", "--model", short_context, "--video", seven_minutes, "--fit", "--max-new-tokens", "2")
+    assert planned.returncode == 0 and "fitted: total_pixels=" in planned.stdout and "fps=" in planned.stdout
+    ran = cli("run", "--model", short_context, "--video", seven_minutes, "--prompt", "Summarise.",
+              "--max-new-tokens", "2")
+    assert ran.returncode == 0, ran.stderr
+    assert "qwen2vl: fitted video" in ran.stderr and "--no-fit" in ran.stderr
+
+
+def test_pipeline_fit_is_off_by_default(short_context, seven_minutes):
+    import qwen2vl
+
+    pipe = qwen2vl.load(str(short_context), progress=False)
+    conv = user(seven_minutes)
+    with pytest.raises(OverBudget):
+        pipe.chat(conv, max_new_tokens=2)
+    batch = pipe.prepare([conv], pipe.params(max_new_tokens=100), fit=True)
+    assert 4096 - 100 - 200 < batch["input_ids"].shape[1] <= 4096 - 100
+    assert isinstance(pipe.chat(conv, max_new_tokens=2, fit=True), str)
