@@ -28,19 +28,9 @@ def make_photo(path: Path) -> None:
 
 
 def make_clip(path: Path, seconds: int = 30, fps: int = 30) -> None:
-    import av
+    from qwen2vl.testing.video import write_test_video
 
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-        yy, xx = np.mgrid[0:720, 0:1280]
-        for i in range(seconds * fps):
-            img = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, (xx // 2 + yy // 2 + i) % 256], -1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_test_video(path, seconds, (1280, 720), fps, codec="libx264")
 
 
 def main() -> None:

@@ -1,39 +1,46 @@
-"""Synthetic test videos (H.264 or MPEG-4 through PyAV): a moving pattern and a frame counter in the pixels, so
-that every frame differs and the chosen frames can be recognised; used by tests and benchmarks."""
+"""Synthetic test videos written with PyAV, for tests and benchmarks: every frame differs (scrolling colour bars,
+a moving square, the frame number as a binary stripe), so the chosen frames can be told apart."""
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 
 def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (640, 360), fps: int = 24,
-                     codec: str = "libx264", gop: int = 250) -> Path:
-    """A `seconds`-long video of `size` (width, height) at `fps`, like ffmpeg's testsrc: colour bars that scroll,
-    a square that moves, and the frame number written as a binary stripe along the bottom."""
+                     codec: str = "libx264", gop: int = 250, vfr: bool = False) -> Path:
+    """A `seconds`-long clip of `size` (width, height) at `fps` in yuv420p. `codec` falls back from libx264 to
+    MPEG-4 Part 2 where PyAV lacks it; `vfr` gives irregular frame times (a variable frame rate)."""
     import av
 
     width, height = size
     path = Path(path)
-    x = np.arange(width)[None, :]
-    y = np.arange(height)[:, None]
-    bars = np.stack(np.broadcast_arrays((x * 7) % 256, (x * 3 + y) % 256, (y * 5 + 0 * x) % 256), axis=-1)
-    bars = bars.astype(np.uint8)
+    if codec == "libx264" and codec not in av.codecs_available:
+        codec = "mpeg4"
+    y, x = np.mgrid[0:height, 0:width]
+    bars = np.stack([(x * 7) % 256, (x * 3 + y) % 256, (y * 5) % 256], axis=-1).astype(np.uint8)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.gop_size = gop
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
-        for n in range(int(seconds * fps)):
-            img = np.roll(bars, n * 2, axis=1).copy()
-            s = (n * 3) % max(1, width - 40), (n * 2) % max(1, height - 40)
-            img[s[1]:s[1] + 40, s[0]:s[0] + 40] = (255, 255, 255)
-            bits = [(n >> b) & 1 for b in range(16)]
-            for b, bit in enumerate(bits):
-                img[height - 8:, b * 8:(b + 1) * 8] = 255 * bit
+        if vfr:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for n in range(round(seconds * fps)):
+            img = np.roll(bars, n * 2, axis=1)
+            sx, sy = (n * 3) % max(1, width - min(40, width // 3)), (n * 2) % max(1, height - min(40, height // 3))
+            img[sy:sy + min(40, height // 3), sx:sx + min(40, width // 3)] = 255
+            stripe = min(8, width // 16)
+            for b in range(min(16, width // max(1, stripe))):
+                img[height - max(1, height // 12):, b * stripe:(b + 1) * stripe] = 255 * ((n >> b) & 1)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if vfr:
+                frame.pts, frame.time_base = t, Fraction(1, 1000)
+                t += 50 if n % 3 else 150  # irregular gaps
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
