@@ -130,3 +130,39 @@ def test_prompt_longer_than_context_is_refused(model):
     p = single([[70]], 0, seed=3)
     with pytest.raises(ValueError, match="70 tokens"):
         Engine(model, max_num_seqs=1, max_model_len=64).add(Request("x", Prompt.from_batch(p), greedy, 3))
+
+
+# -- fairness: a large vision encode runs in pieces between decode steps --------------------------------------------
+
+def encode_in_pieces(model, pixels, grid, piece_flops):
+    """(features, number of pauses) of model.encode_vision_pieces run to the end."""
+    pieces, pauses = model.encode_vision_pieces(pixels, grid, piece_flops), 0
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value, pauses
+        pauses += 1
+
+
+@pytest.mark.parametrize("weights", ["bf16 storage, float32 CPU kernels", "float32 plain"])
+def test_vision_in_pieces_is_bit_identical_to_one_shot(model, tiny_ckpt, weights):
+    """The fast path's plain twin: however the encode is cut - whole blocks, row ranges, attention by segment
+    groups, heads or query rows, the merger in ranges - the features are torch.equal to encode_vision."""
+    m = model if weights.startswith("bf16") else qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(50)
+    grids = {"image, 2048 patches": [[1, 64, 32]], "video, 4 frames of 512": [[4, 16, 32]],
+             "image + video": [[1, 6, 8], [3, 20, 24]], "2x2 image": [[1, 2, 2]]}
+    for name, grid in grids.items():
+        grid = torch.tensor(grid)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 1176, generator=g)
+        with torch.inference_mode():
+            whole = m.encode_vision(pixels, grid)
+            pauses = []
+            for piece_flops in (1e12, 2e7, 2e6, 1):  # one piece ... every unit its own piece
+                got, n = encode_in_pieces(m, pixels, grid, piece_flops)
+                assert torch.equal(got, whole), f"{name}, piece_flops {piece_flops:g}"
+                pauses.append(n)
+        assert pauses[0] == 0 and pauses == sorted(pauses), (name, pauses)
+        if grid.prod(-1).sum() >= 1024:  # large enough for blocks cut into row and query ranges
+            assert pauses[-1] > 20 * m.config.vision.depth, (name, pauses)
