@@ -7,9 +7,10 @@ Shaped like nano-vllm's `LLMEngine.step` (schedule -> run -> postprocess) and vL
   work comes in units: a piece of a vision encode (`Qwen2VL.encode_vision_pieces`, about `vision_piece_flops`
   of work, so a 16k-token image is thousands of pieces while a small one is a single piece) or one prefill chunk
   of at most `prefill_chunk` tokens. Units run while the step has spent less than its budget, by default the
-  last decode step's duration (at least MIN_PROMPT_BUDGET_S), so prompt work and decoding share the machine
-  about equally while both have work; `prompt_budget_s` fixes it instead (0: one unit per step). A unit that
-  would overrun the budget (judged by the last unit of its kind) waits for the next step. The request that had
+  median of the last decode steps' durations (at least MIN_PROMPT_BUDGET_S), so prompt work and decoding share
+  the machine about equally while both have work; `prompt_budget_s` fixes it instead (0: one unit per step). A
+  unit that would overrun the budget (judged by the last vision piece, or the last prefill chunk's time per
+  token) waits for the next step, where it runs first. The request that had
   the step's prompt work then goes to the back of the line, so a small request admitted behind a huge image
   still gets its first token soon. An abort stops a request's work after the unit in progress;
 - vision outputs are cached by content hash across requests (LRU, byte budget), and a freed slot keeps its
@@ -25,6 +26,7 @@ per-row result does not depend on the batch (`qwen2vl.kernels`). The token choic
 from __future__ import annotations
 
 import hashlib
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -145,12 +147,12 @@ class Engine:
         self._wake = threading.Event()
         self.generated_tokens = 0
         self.prefix_tokens_reused = 0
-        self.prompt_budget_s = prompt_budget_s  # None: as long as the last decode step, at least MIN_PROMPT_BUDGET_S
+        self.prompt_budget_s = prompt_budget_s  # None: as long as a decode step, at least MIN_PROMPT_BUDGET_S
         # ~50 ms on 2 AVX-512 cores; on an accelerator a piece may hold far more work (not measured here)
         self.vision_piece_flops = vision_piece_flops or (4e9 if model.device.type == "cpu" else 4e11)
         self.vision_pieces = 0
-        self._unit_s = {"vision": 0.0, "prefill": 0.0}  # duration of the last unit of each kind
-        self._decode_s = 0.0  # duration of the last decode step
+        self._piece_s = self._token_s = 0.0  # the last vision piece's duration; the last prefill chunk's per token
+        self._decode_s: deque[float] = deque(maxlen=8)  # the last decode steps' durations
         self._abort_pending = False
         # health: (end time, duration) of recent steps; the start time of the step in progress
         self._steps: deque[tuple[float, float]] = deque()
@@ -227,34 +229,43 @@ class Engine:
             self._step_started = start
         outputs = self._drain_inbox()
         self._admit()
-        budget = self.prompt_budget_s
-        if budget is None:
-            budget = max(MIN_PROMPT_BUDGET_S, self._decode_s if self.running else 0.0)
-        worked = None
-        while self.prefilling:
-            req = self.prefilling[0]
-            kind = "vision" if req.encoding or req.vision_pending else "prefill"
-            spent = time.monotonic() - start
-            if worked is not None and spent + self._unit_s[kind] > budget:
-                break
-            t = time.monotonic()
-            outputs += self._prompt_unit(req)
-            self._unit_s[kind] = time.monotonic() - t
-            worked = req
-            if self._abort_pending:  # a client left: free its slot now, and do no more of its work
-                outputs += self._drain_inbox()
-        if len(self.prefilling) > 1 and self.prefilling[0] is worked:
-            self.prefilling.append(self.prefilling.pop(0))
+        outputs += self._prompt_units(start)
         if self.running:
             t = time.monotonic()
             outputs += self._decode()
-            self._decode_s = time.monotonic() - t
+            self._decode_s.append(time.monotonic() - t)
         end = time.monotonic()
         with self._lock:
             self._steps.append((end, end - start))
             while self._steps[0][0] < end - STEP_WINDOW_S:
                 self._steps.popleft()
             self._step_started, self._last_step_end = None, end
+        return outputs
+
+    def _prompt_units(self, start: float) -> list[Output]:
+        """Prompt work until the step's budget is spent (at least one unit), the worked request then last in line."""
+        budget = self.prompt_budget_s
+        if budget is None:  # a median, so that one decode step slowed by something else does not double a budget
+            decode = statistics.median(self._decode_s) if self.running and self._decode_s else 0.0
+            budget = max(MIN_PROMPT_BUDGET_S, decode)
+        outputs, worked = [], None
+        while self.prefilling:
+            req = self.prefilling[0]
+            tokens = 0 if req.encoding or req.vision_pending else self._chunk_end(req) - req.done
+            estimate = self._token_s * tokens if tokens else self._piece_s
+            if worked is not None and time.monotonic() - start + estimate > budget:
+                break
+            t = time.monotonic()
+            outputs += self._prompt_unit(req)
+            if tokens:
+                self._token_s = (time.monotonic() - t) / tokens
+            else:
+                self._piece_s = time.monotonic() - t
+            worked = req
+            if self._abort_pending:  # a client left: free its slot now, and do no more of its work
+                outputs += self._drain_inbox()
+        if len(self.prefilling) > 1 and self.prefilling[0] is worked:
+            self.prefilling.append(self.prefilling.pop(0))
         return outputs
 
     def _prompt_unit(self, req: Request) -> list[Output]:
@@ -384,8 +395,7 @@ class Engine:
             req.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
             req.next_position = p.input_ids.shape[1] + int(deltas[0])
             req.features = {}
-        length = req.embeds.shape[1]
-        end = min(length, (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
+        length, end = req.embeds.shape[1], self._chunk_end(req)
         hidden = model.model(req.embeds[:, req.done:end], req.positions[:, :, req.done:end].to(model.device),
                              None, self.pool.view(req.slot), req.done)
         req.done = end
@@ -393,6 +403,10 @@ class Engine:
             return None
         req.embeds = req.positions = None
         return self._emit(req, model.logits(hidden[:, -1]).float())
+
+    def _chunk_end(self, req: Request) -> int:
+        """Where req's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
+        return min(req.ids.shape[0], (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
 
     def _decode(self) -> list[Output]:
         model = self.model
