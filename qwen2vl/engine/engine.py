@@ -3,21 +3,30 @@
 Shaped like nano-vllm's `LLMEngine.step` (schedule -> run -> postprocess) and vLLM's scheduler, for one process:
 - a bounded waiting queue (full -> `QueueFull`, which a server turns into 429 + Retry-After);
 - a fixed pool of KV slots sized from an explicit byte budget; a request is admitted when a slot is free;
-- each step does at most one unit of prompt work - one vision item, or one prefill chunk of at most
-  `prefill_chunk` tokens - and then one decode step for every running request, so a new request holds the
-  running ones back by at most one chunk;
+- each step spends a bounded time on prompt work, then does one decode step for every running request. Prompt
+  work comes in units: a piece of a vision encode (`Qwen2VL.encode_vision_pieces`, about `vision_piece_flops`
+  of work, so a 16k-token image is thousands of pieces while a small one is a single piece) or one prefill chunk
+  of at most `prefill_chunk` tokens. Units run while the step has spent less than its budget, by default the
+  median of the last decode steps' durations (at least MIN_PROMPT_BUDGET_S), so prompt work and decoding share
+  the machine about equally while both have work; `prompt_budget_s` fixes it instead (0: one unit per step). A
+  unit that would overrun the budget (judged by the last vision piece, or the last prefill chunk's time per
+  token) waits for the next step, where it runs first. The request that had
+  the step's prompt work then goes to the back of the line, so a small request admitted behind a huge image
+  still gets its first token soon. An abort stops a request's work after the unit in progress;
 - vision outputs are cached by content hash across requests (LRU, byte budget), and a freed slot keeps its
   prompt's keys/values: a new request whose prompt starts with the same whole prefill chunks continues from
   there (multi-turn chats, shared system prompts). Reused chunks are bit-identical to recomputed ones, because
   chunk boundaries are fixed multiples of `prefill_chunk` from the start of the prompt.
-Every request's tokens are what it would get alone: its prefill and vision run by themselves, decode rows use
-per-row attention (`SlotAttend`) and linear layers whose per-row result does not depend on the batch
-(`qwen2vl.kernels`). The token choice is a per-request callable, as in `generate.decode`.
+Every request's tokens are what it would get alone: its prefill and vision run by themselves (an encode in pieces
+is bit-identical to the one-shot encode), decode rows use per-row attention (`SlotAttend`) and linear layers whose
+per-row result does not depend on the batch (`qwen2vl.kernels`). The token choice is a per-request callable, as in
+`generate.decode`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -29,6 +38,10 @@ import torch
 from ..generate.decode import Prompt
 from ..model import Qwen2VL
 from .slots import SlotAttend, SlotPool, slot_bytes
+
+
+STEP_WINDOW_S = 60.0  # stats()["longest_step_s"] looks this far back
+MIN_PROMPT_BUDGET_S = 0.05  # prompt work per step when nothing decodes, or decoding is faster than this
 
 
 class QueueFull(RuntimeError):
@@ -50,7 +63,8 @@ class Request:
     embeds: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     next_position: int = 0
-    vision_pending: list = field(default_factory=list)
+    vision_pending: list = field(default_factory=list)  # (kind, pixels, grid, cache key) per item not yet encoded
+    encoding: tuple | None = None  # (kind, cache key, generator): the item being encoded, a piece per next()
     identity: list = field(default_factory=list)
     features: dict = field(default_factory=dict)
     arrived: float = field(default_factory=time.monotonic)
@@ -113,6 +127,8 @@ class Engine:
         prefill_chunk: int = 256,
         max_waiting: int = 256,
         vision_cache_bytes: int = 256 * 2**20,
+        prompt_budget_s: float | None = None,
+        vision_piece_flops: float | None = None,
     ) -> None:
         self.model = model
         cfg = model.config.text
@@ -131,6 +147,17 @@ class Engine:
         self._wake = threading.Event()
         self.generated_tokens = 0
         self.prefix_tokens_reused = 0
+        self.prompt_budget_s = prompt_budget_s  # None: as long as a decode step, at least MIN_PROMPT_BUDGET_S
+        # ~50 ms on 2 AVX-512 cores; on an accelerator a piece may hold far more work (not measured here)
+        self.vision_piece_flops = vision_piece_flops or (4e9 if model.device.type == "cpu" else 4e11)
+        self.vision_pieces = 0
+        self._piece_s = self._token_s = 0.0  # the last vision piece's duration; the last prefill chunk's per token
+        self._decode_s: deque[float] = deque(maxlen=8)  # the last decode steps' durations
+        self._abort_pending = False
+        # health: (end time, duration) of recent steps; the start time of the step in progress
+        self._steps: deque[tuple[float, float]] = deque()
+        self._step_started: float | None = None
+        self._last_step_end: float | None = None
 
     # -- thread-safe entry points (called from the server's event loop) ----------------------------------------
     def add(self, request: Request) -> None:
@@ -146,15 +173,33 @@ class Engine:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._inbox.append(("abort", request_id))
+            self._abort_pending = True
         self._wake.set()
 
     def stats(self) -> dict:
+        """Counters and gauges. For a health check (seconds, from the monotonic clock):
+        - step_running_s: how long the step now in progress has run (0.0 between steps). A step is about its
+          prompt budget plus one decode step, or one prefill chunk plus one decode step if that is longer
+          (prefill chunks are not split), so a value well beyond that means the loop is stuck;
+        - since_last_step_s: since the last step ended (None before the first), which also grows while idle,
+          so read it together with has_work();
+        - longest_step_s: the longest step that ended in the last STEP_WINDOW_S seconds (0.0 if none): the worst
+          gap between tokens that running requests have seen lately, apart from their own decode step.
+        """
         used = sum(r.done + len(r.generated) for r in self.running + self.prefilling)
+        now = time.monotonic()
+        with self._lock:
+            recent = [d for end, d in self._steps if end >= now - STEP_WINDOW_S]
+            started, last_end = self._step_started, self._last_step_end
         return {"waiting": len(self.waiting), "running": len(self.running), "prefilling": len(self.prefilling),
                 "kv_slots": self.pool.slots, "kv_slots_used": self.pool.slots - len(self.free_slots),
                 "kv_tokens_used": used, "kv_tokens_capacity": self.pool.slots * self.max_model_len,
                 "generated_tokens": self.generated_tokens, "prefix_tokens_reused": self.prefix_tokens_reused,
-                "vision_cache_hits": self.vision_cache.hits, "vision_cache_misses": self.vision_cache.misses}
+                "vision_cache_hits": self.vision_cache.hits, "vision_cache_misses": self.vision_cache.misses,
+                "vision_pieces": self.vision_pieces,
+                "step_running_s": 0.0 if started is None else now - started,
+                "since_last_step_s": None if last_end is None else now - last_end,
+                "longest_step_s": max(recent, default=0.0)}
 
     def fail_all(self, error: str) -> list[Output]:
         """End every request (after an internal failure), freeing all slots; the engine stays usable."""
@@ -179,32 +224,71 @@ class Engine:
     # -- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Output]:
+        start = time.monotonic()
+        with self._lock:
+            self._step_started = start
         outputs = self._drain_inbox()
         self._admit()
-        if self.prefilling:
-            req = self.prefilling[0]
-            try:
-                first = self._prompt_work(req)
-            except Exception as e:  # one bad request must not take the others down
-                self.prefilling.pop(0)
-                self._release(req, keep=False)
-                outputs.append(Output(req.request_id, None, finish_reason="error", error=str(e)))
-                first = None
-            if first is not None:
-                self.prefilling.pop(0)
-                outputs.append(first)
-                if first.finish_reason is None:
-                    self.running.append(req)
-                else:
-                    self._release(req)
+        outputs += self._prompt_units(start)
         if self.running:
+            t = time.monotonic()
             outputs += self._decode()
+            self._decode_s.append(time.monotonic() - t)
+        end = time.monotonic()
+        with self._lock:
+            self._steps.append((end, end - start))
+            while self._steps[0][0] < end - STEP_WINDOW_S:
+                self._steps.popleft()
+            self._step_started, self._last_step_end = None, end
         return outputs
+
+    def _prompt_units(self, start: float) -> list[Output]:
+        """Prompt work until the step's budget is spent (at least one unit), the worked request then last in line."""
+        budget = self.prompt_budget_s
+        if budget is None:  # a median, so that one decode step slowed by something else does not double a budget
+            decode = statistics.median(self._decode_s) if self.running and self._decode_s else 0.0
+            budget = max(MIN_PROMPT_BUDGET_S, decode)
+        outputs, worked = [], None
+        while self.prefilling:
+            req = self.prefilling[0]
+            tokens = 0 if req.encoding or req.vision_pending else self._chunk_end(req) - req.done
+            estimate = self._token_s * tokens if tokens else self._piece_s
+            if worked is not None and time.monotonic() - start + estimate > budget:
+                break
+            t = time.monotonic()
+            outputs += self._prompt_unit(req)
+            if tokens:
+                self._token_s = (time.monotonic() - t) / tokens
+            else:
+                self._piece_s = time.monotonic() - t
+            worked = req
+            if self._abort_pending:  # a client left: free its slot now, and do no more of its work
+                outputs += self._drain_inbox()
+        if len(self.prefilling) > 1 and self.prefilling[0] is worked:
+            self.prefilling.append(self.prefilling.pop(0))
+        return outputs
+
+    def _prompt_unit(self, req: Request) -> list[Output]:
+        """One unit of req's prompt work; its first token when that ends the prompt."""
+        try:
+            first = self._prompt_work(req)
+        except Exception as e:  # one bad request must not take the others down
+            self.prefilling.remove(req)
+            self._release(req, keep=False)
+            return [Output(req.request_id, None, finish_reason="error", error=str(e))]
+        if first is None:
+            return []
+        self.prefilling.remove(req)
+        if first.finish_reason is None:
+            self.running.append(req)
+        else:
+            self._release(req)
+        return [first]
 
     def _drain_inbox(self) -> list[Output]:
         outputs = []
         with self._lock:
-            items, self._inbox = list(self._inbox), deque()
+            items, self._inbox, self._abort_pending = list(self._inbox), deque(), False
         for kind, item in items:
             if kind == "add":
                 self.waiting.append(item)
@@ -227,8 +311,8 @@ class Engine:
                 items += _split_items("image", p.pixel_values, p.image_grid_thw)
             if p.video_features is None and p.pixel_values_videos is not None:
                 items += _split_items("video", p.pixel_values_videos, p.video_grid_thw)
-            req.vision_pending = items
-            req.identity = self._identity(req, items)
+            req.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
+            req.identity = self._identity(req, req.vision_pending)
             req.slot, req.done = self._pick_slot(req.identity)
             self.prefix_tokens_reused += req.done
             self.prefilling.append(req)
@@ -239,9 +323,9 @@ class Engine:
         p, cfg = req.prompt, self.model.config
         merge = cfg.vision.spatial_merge_size ** 2
         pads = {cfg.image_token_id: [], cfg.video_token_id: []}  # per kind: [(key, tokens), ...] in order
-        for kind, pixels, grid in items:
+        for kind, _, grid, key in items:
             token = cfg.image_token_id if kind == "image" else cfg.video_token_id
-            pads[token].append((VisionCache.key(pixels, grid), int(grid.prod()) // merge))
+            pads[token].append((key, int(grid.prod()) // merge))
         for token, feats in ((cfg.image_token_id, p.image_features), (cfg.video_token_id, p.video_features)):
             if feats is not None:  # precomputed features: one key covering all of them
                 pads[token] = [(VisionCache.key(feats, torch.tensor(feats.shape)), feats.shape[0])]
@@ -276,6 +360,7 @@ class Engine:
         return best, best_len
 
     def _release(self, req: Request, keep: bool = True) -> None:
+        req.encoding = None  # drops a half-done vision encode and its intermediate tensors
         if keep:
             self.slot_tokens[req.slot] = req.identity[: req.done]
         self.free_slots.append(req.slot)
@@ -283,13 +368,23 @@ class Engine:
 
     def _prompt_work(self, req: Request) -> Output | None:
         model = self.model
-        if req.vision_pending:  # one image or video per step
-            kind, pixels, grid = req.vision_pending.pop(0)
-            key = VisionCache.key(pixels, grid)
+        if req.encoding is None and req.vision_pending:
+            kind, pixels, grid, key = req.vision_pending.pop(0)
             feats = self.vision_cache.get(key)
-            if feats is None:
-                feats = model.encode_vision(pixels, grid)
-                self.vision_cache.put(key, feats)
+            if feats is not None:
+                req.features.setdefault(kind, []).append(feats)
+                return None
+            req.encoding = (kind, key, model.encode_vision_pieces(pixels, grid, self.vision_piece_flops))
+        if req.encoding is not None:  # one piece of the encode
+            kind, key, pieces = req.encoding
+            self.vision_pieces += 1
+            try:
+                next(pieces)
+                return None
+            except StopIteration as done:
+                feats = done.value
+            req.encoding = None
+            self.vision_cache.put(key, feats)
             req.features.setdefault(kind, []).append(feats)
             return None
         if req.embeds is None:
@@ -300,8 +395,7 @@ class Engine:
             req.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
             req.next_position = p.input_ids.shape[1] + int(deltas[0])
             req.features = {}
-        length = req.embeds.shape[1]
-        end = min(length, (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
+        length, end = req.embeds.shape[1], self._chunk_end(req)
         hidden = model.model(req.embeds[:, req.done:end], req.positions[:, :, req.done:end].to(model.device),
                              None, self.pool.view(req.slot), req.done)
         req.done = end
@@ -309,6 +403,10 @@ class Engine:
             return None
         req.embeds = req.positions = None
         return self._emit(req, model.logits(hidden[:, -1]).float())
+
+    def _chunk_end(self, req: Request) -> int:
+        """Where req's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
+        return min(req.ids.shape[0], (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
 
     def _decode(self) -> list[Output]:
         model = self.model

@@ -45,6 +45,11 @@ class Qwen2VL(nn.Module):
         """Vision features (sum t*h*w/4, hidden) for images or videos."""
         return self.visual(pixel_values.to(self.device), grid_thw)
 
+    def encode_vision_pieces(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, piece_flops: float):
+        """`encode_vision` as a generator: next() runs about `piece_flops` of work; the features are its return
+        value (StopIteration.value). Bit-identical; see VisionTransformer.encode_pieces."""
+        return self.visual.encode_pieces(pixel_values.to(self.device), grid_thw, piece_flops)
+
     def embed(
         self,
         input_ids: torch.Tensor,

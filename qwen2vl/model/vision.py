@@ -24,24 +24,36 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)  # rows: [q; k; v], each head-major
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]):
+    def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rows of x -> q, k, v, each (rows, heads, hd), with q and k rotated."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, hd)
         # rotary in float32 whatever the weight dtype (spec 10.9), then back
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rope(q.float(), cos, sin).to(x.dtype)
         k = apply_rope(k.float(), cos, sin).to(x.dtype)
-        out = torch.empty_like(q)
+        return q, k, v
+
+    def attend(self, q, k, v, out, start: int, count: int, length: int, segs=slice(None), heads=slice(None),
+               rows=slice(None)) -> None:
+        """Attention within `count` segments of `length` rows from row `start`, written into out (N, heads, hd);
+        only segments `segs`, heads `heads` and query rows `rows` of each segment (every query row attends over its
+        whole segment, so any split gives the same rows)."""
+        end = start + count * length
+        # (count*length, heads, hd) -> (count, heads, length, hd)
+        qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)[segs, heads]
+                      for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs[:, :, rows], ks, vs)
+        out[start:end].view(count, length, self.num_heads, self.head_dim)[segs, rows, heads] = o.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]):
+        q, k, v = self.qkv_rope(x, cos, sin)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         start = 0
         for count, length in segments:  # `count` equal segments of `length` tokens each
-            end = start + count * length
-            # (count*length, heads, hd) -> (count, heads, length, hd)
-            qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
-                          for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs)
-            out[start:end] = o.transpose(1, 2).reshape(end - start, self.num_heads, self.head_dim)
-            start = end
-        return self.proj(out.view(n, -1))
+            self.attend(q, k, v, out, start, count, length)
+            start += count * length
+        return self.proj(out.view(x.shape[0], -1))
 
 
 class VisionBlock(nn.Module):
@@ -99,6 +111,65 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, C*T*P*P), grid_thw (items, 3) -> features (N / merge^2, hidden_size)."""
         cfg = self.cfg
+        grid_thw = self._check(pixel_values, grid_thw)
+        x = self.patch_embed(pixel_values)
+        cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
+        segments = [(t, h * w) for t, h, w in grid_thw.tolist()]
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        return self.merger(x)
+
+    def encode_pieces(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, piece_flops: float):
+        """`forward` as a generator that pauses after each piece of about `piece_flops` of work; returns the features.
+
+        The engine advances it a piece at a time between decode steps, so one huge image cannot hold the other
+        requests back; the generator's frame is the whole intermediate state (the module keeps none), and dropping
+        it stops the work. The split depends on the shapes and `piece_flops` only, never on timing, and the result
+        is bit-identical to `forward`:
+        - whole blocks while a block fits in a piece (a small image is one piece: exactly forward's calls);
+        - a larger block in row ranges that start at multiples of ROW_ALIGN for the products and norms, and in
+          (segments, heads, query rows) ranges for attention, each query row still attending over its segment;
+        - but each activation (quick_gelu, the merger's GELU) over the whole tensor in one call, as in forward:
+          torch splits an elementwise op between threads by element count and computes the tail of each thread's
+          share without SIMD, with other rounding (sigmoid differs by an ulp), so row ranges would change bits.
+          That call is the largest unit: ~0.9 s for a 16k-token image on the 2B shapes on 2 CPU cores, most of it
+          page faults of the new 1.3 GB tensor (0.25 s for a 2,025-token image).
+        """
+        cfg = self.cfg
+        grid_thw = self._check(pixel_values, grid_thw)
+        n, e, md = pixel_values.shape[0], cfg.embed_dim, cfg.merge_dim
+        segments = [(t, h * w) for t, h, w in grid_thw.tolist()]
+        attention = sum(count * cfg.num_heads * 4 * length * length * cfg.head_dim for count, length in segments)
+        block_flops = n * (8 * e * e + 4 * e * cfg.mlp_dim) + attention  # qkv, proj, fc1, fc2; QK^T and PV
+        pace = _Pace(piece_flops)
+
+        x = torch.cat((yield from pace.rows(n, 2 * cfg.patch_dim * e, lambda r: self.patch_embed(pixel_values[r]))))
+        cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
+        if block_flops > piece_flops:  # q, k, v, attention output, MLP hidden: reused block after block
+            buffers = [x.new_empty(n, cfg.num_heads, cfg.head_dim) for _ in range(4)] + [x.new_empty(n, cfg.mlp_dim)]
+        for block in self.blocks:
+            if block_flops <= piece_flops:
+                if pace.due(block_flops):
+                    yield
+                x = block(x, cos, sin, segments)
+            else:
+                yield from _block_in_ranges(block, x, cos, sin, segments, pace, *buffers)
+
+        merger, merge = self.merger, cfg.spatial_merge_size**2
+        hidden = x.new_empty(n // merge, md)
+
+        def merge_fc1(r):
+            hidden[r] = merger.mlp[0](merger.ln_q(x[r.start * merge:r.stop * merge]).view(-1, md))
+
+        yield from pace.rows(n // merge, 2 * md * md, merge_fc1)
+        if pace.due(hidden.numel() * ELEMENTWISE_FLOPS):
+            yield
+        act = merger.mlp[1](hidden)  # the whole tensor in one call, as in forward (see above)
+        parts = yield from pace.rows(n // merge, 2 * md * cfg.hidden_size, lambda r: merger.mlp[2](act[r]))
+        return torch.cat(parts)
+
+    def _check(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
         grid_thw = grid_thw.cpu()
         expected = int(grid_thw.prod(-1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape != (expected, cfg.patch_dim):
@@ -106,9 +177,110 @@ class VisionTransformer(nn.Module):
                 f"pixel values have shape {tuple(pixel_values.shape)}, but the grids {grid_thw.tolist()} need "
                 f"({expected}, {cfg.patch_dim})"
             )
-        x = self.patch_embed(pixel_values)
-        cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
-        segments = [(t, h * w) for t, h, w in grid_thw.tolist()]
-        for block in self.blocks:
-            x = block(x, cos, sin, segments)
-        return self.merger(x)
+        return grid_thw
+
+
+ROW_ALIGN = 256
+"""Row ranges of a split step start at multiples of this and none is shorter (a short tail joins the range before
+it). Float32 matrix products (MKL) then give every row the bits it gets in the whole product, at any thread count
+(measured, and checked by tests/test_engine.py with torch.equal over whole encodes); and no range falls to the CPU
+kernels' few-row path (`kernels.MAX_ROWS`), which rounds differently."""
+ELEMENTWISE_FLOPS = 100  # what one element of an activation costs, counted like matrix-product flops (CPU)
+
+
+class _Pace:
+    """Counts the work of a piece in flops and says when the next unit of work must start a new piece."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget, self.spent = budget, 0.0
+
+    def due(self, flops: float) -> bool:
+        """Account for `flops` about to run; True: pause first (this piece is full)."""
+        full = self.spent > 0 and self.spent + flops > self.budget
+        self.spent = flops if full else self.spent + flops
+        return full
+
+    def rows(self, n: int, flops_per_row: float, fn):
+        """Generator: fn(row slice) over rows 0..n, all at once if they fit in a piece, else in ranges of about a
+        piece each; pauses when a piece is full; returns the list of fn's results."""
+        size = n if n * flops_per_row <= self.budget else _range_size(self.budget, flops_per_row)
+        results = []
+        for rows in _row_ranges(n, size):
+            if self.due((rows.stop - rows.start) * flops_per_row):
+                yield
+            results.append(fn(rows))
+        return results
+
+
+def _range_size(budget: float, flops_per_row: float) -> int:
+    """Rows per range for about `budget` of work: a multiple of ROW_ALIGN, at least one."""
+    return max(1, int(budget // (flops_per_row * ROW_ALIGN))) * ROW_ALIGN
+
+
+def _row_ranges(n: int, size: int):
+    """Slices of `size` rows covering 0..n; a tail shorter than ROW_ALIGN joins the slice before it."""
+    start = 0
+    while start < n:
+        stop = n if n - (start + size) < ROW_ALIGN else start + size
+        yield slice(start, stop)
+        start = stop
+
+
+def _block_in_ranges(block: VisionBlock, x, cos, sin, segments, pace: _Pace, q, k, v, out, hidden):
+    """Generator: `x = block(x, cos, sin, segments)` in place, in row ranges and attention ranges of about a piece
+    each (VisionTransformer.encode_pieces). q, k, v, out (N, heads, hd) and hidden (N, mlp) are scratch."""
+    attn, mlp = block.attn, block.mlp
+    n, e = x.shape
+    heads, hd = q.shape[1:]
+
+    def qkv(r):
+        q[r], k[r], v[r] = attn.qkv_rope(block.norm1(x[r]), cos[r], sin[r])
+
+    yield from pace.rows(n, 6 * e * e, qkv)
+    start = 0
+    for count, length in segments:
+        per_head = 4 * length * length * hd  # QK^T and PV, one head of one segment
+        for segs, hs, rows, work in _attention_ranges(count, length, heads, per_head, pace.budget):
+            if pace.due(work):
+                yield
+            attn.attend(q, k, v, out, start, count, length, segs, hs, rows)
+        start += count * length
+
+    def fc1(r):  # x += attention; hidden = fc1(norm2(x))
+        x[r] = x[r] + attn.proj(out[r].view(-1, e))
+        hidden[r] = mlp.fc1(block.norm2(x[r]))
+
+    yield from pace.rows(n, 2 * e * e + 2 * e * hidden.shape[1], fc1)
+    if pace.due(hidden.numel() * ELEMENTWISE_FLOPS):
+        yield
+    act = mlp.act(hidden)  # the whole tensor in one call, as in forward (see encode_pieces)
+
+    def fc2(r):
+        x[r] = x[r] + mlp.fc2(act[r])
+
+    yield from pace.rows(n, 2 * e * hidden.shape[1], fc2)
+
+
+def _attention_ranges(count: int, length: int, heads: int, per_head: float, budget: float):
+    """(segments, heads, query rows, flops) ranges covering `count` segments of `length` rows, each within
+    `budget` where possible: all at once, else groups of segments, else groups of heads of one segment, else
+    query-row ranges of one head (one head over a 65k-patch image is ~1.4 TFLOP). Query ranges follow ROW_ALIGN
+    too: the attention kernel's rows, like a matrix product's, keep their bits only at aligned starts."""
+    every = slice(None)
+    if count * heads * per_head <= budget:
+        yield every, every, every, count * heads * per_head
+    elif heads * per_head <= budget:
+        step = int(budget // (heads * per_head))
+        for s in range(0, count, step):
+            yield slice(s, s + step), every, every, min(step, count - s) * heads * per_head
+    elif per_head <= budget:
+        step = int(budget // per_head)
+        for s in range(count):
+            for h in range(0, heads, step):
+                yield slice(s, s + 1), slice(h, h + step), every, min(step, heads - h) * per_head
+    else:
+        per_row = per_head / length
+        for s in range(count):
+            for h in range(heads):
+                for rows in _row_ranges(length, _range_size(budget, per_row)):
+                    yield slice(s, s + 1), slice(h, h + 1), rows, (rows.stop - rows.start) * per_row
