@@ -365,6 +365,8 @@ def test_a_client_that_goes_away_frees_its_slot_within_a_step(server, stream):
     produced = _metric(server, "qwen2vl_generation_tokens_total") - before
     time.sleep(0.3)
     assert _metric(server, "qwen2vl_generation_tokens_total") - before == produced < 900
+    assert _metric(server, "qwen2vl_requests_prefilling") == 0 and _metric(server, "qwen2vl_vision_pieces_total") >= 0
+    assert 0 < _metric(server, "qwen2vl_engine_longest_step_seconds") < 60
 
 
 def test_requests_waiting_for_preparation_are_bounded(server):

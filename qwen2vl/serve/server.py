@@ -49,7 +49,6 @@ class EngineLoop:
         self.engine = engine
         self.routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopped = False
-        self.step_started: float | None = None  # monotonic time the step in progress began
         self.tokens_window: list[tuple[float, int]] = []
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
 
@@ -61,13 +60,11 @@ class EngineLoop:
             if not self.engine.has_work():
                 self.engine.wait_for_work(0.05)
                 continue
-            self.step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all("internal error in the engine")
-            self.step_started = None
             produced = sum(o.token is not None for o in outputs)
             if produced:
                 self.tokens_window.append((time.monotonic(), produced))
@@ -75,11 +72,6 @@ class EngineLoop:
                 route = self.routes.get(out.request_id)
                 if route is not None:
                     route[0].call_soon_threadsafe(route[1].put_nowait, out)
-
-    def stalled_for(self) -> float:
-        """Seconds the step in progress has run (0 between steps)."""
-        started = self.step_started
-        return 0.0 if started is None else time.monotonic() - started
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         cutoff = time.monotonic() - window
@@ -146,7 +138,7 @@ class Server:
         async def health():
             if not self.loop.thread.is_alive():
                 return JSONResponse({"status": "engine stopped"}, status_code=503)
-            stalled = self.loop.stalled_for()
+            stalled = self.engine.stats()["step_running_s"]
             if stalled > self.stall_after_s:
                 return JSONResponse({"status": f"engine step running for {stalled:.0f} s"}, status_code=503)
             return JSONResponse({"status": "ok"})
@@ -402,6 +394,14 @@ class Server:
              s["prefix_tokens_reused"]),
             ("qwen2vl_vision_cache_hits_total", "counter", "Vision encodings served from the cache",
              s["vision_cache_hits"]),
+            ("qwen2vl_requests_prefilling", "gauge", "Requests in prompt work: vision encodes and prefill (the "
+             "vision-encode queue)", s["prefilling"]),
+            ("qwen2vl_vision_pieces_total", "counter", "Pieces of vision encodes run (each a bounded unit of work)",
+             s["vision_pieces"]),
+            ("qwen2vl_engine_longest_step_seconds", "gauge", "Longest engine step of the last minute: the worst gap "
+             "between tokens of running requests", s["longest_step_s"]),
+            ("qwen2vl_engine_step_running_seconds", "gauge", "How long the step in progress has run",
+             s["step_running_s"]),
             ("qwen2vl_requests_ok_total", "counter", "Requests completed", self.requests_total["ok"]),
             ("qwen2vl_requests_error_total", "counter", "Requests refused or failed", self.requests_total["error"]),
         ]
