@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -50,28 +49,14 @@ def _fresh_processor_defaults():
 
 
 def make_video(path, frames=30, fps=10, size=(128, 96), codec="mpeg4", vfr=False):
-    """A clip whose frames differ (moving gradient + frame number), written with PyAV."""
-    import av
+    """A clip whose frames differ (a moving gradient: smooth, so that decoders agree to a grey level)."""
+    from qwen2vl.testing.video import encode_video
 
     w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if vfr:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        t = 0
-        for i in range(frames):
-            yy, xx = np.mgrid[0:h, 0:w]
-            img = np.stack([(xx * 2 + i * 9) % 256, (yy * 3 + i * 5) % 256, ((xx + yy) + i * 13) % 256], -1)
-            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
-            if vfr:
-                frame.pts, frame.time_base = t, Fraction(1, 1000)
-                t += 50 if i % 3 else 150  # irregular gaps
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    yy, xx = np.mgrid[0:h, 0:w]
+    pictures = (np.stack([(xx * 2 + i * 9) % 256, (yy * 3 + i * 5) % 256, ((xx + yy) + i * 13) % 256], -1)
+                .astype(np.uint8) for i in range(frames))
+    return encode_video(path, pictures, size, fps, codec, gop=None, vfr=vfr)
 
 
 def noise_image(width, height, mode="RGB", seed=0):

@@ -3,40 +3,34 @@ a moving square, the frame number as a binary stripe), so the chosen frames can 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 
-def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (640, 360), fps: int = 24,
-                     codec: str = "libx264", gop: int = 250, vfr: bool = False) -> Path:
-    """A `seconds`-long clip of `size` (width, height) at `fps` in yuv420p. `codec` falls back from libx264 to
-    MPEG-4 Part 2 where PyAV lacks it; `vfr` gives irregular frame times (a variable frame rate)."""
+def encode_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int,
+                 codec: str = "libx264", gop: int | None = 250, vfr: bool = False) -> Path:
+    """RGB frames (H, W, 3) uint8 of `size` (width, height) written as a yuv420p clip at `fps`. `codec` falls back
+    from libx264 to MPEG-4 Part 2 where PyAV lacks it; `gop` None keeps the codec's own; `vfr` gives irregular frame
+    times (a variable frame rate)."""
     import av
 
-    width, height = size
     path = Path(path)
     if codec == "libx264" and codec not in av.codecs_available:
         codec = "mpeg4"
-    y, x = np.mgrid[0:height, 0:width]
-    bars = np.stack([(x * 7) % 256, (x * 3 + y) % 256, (y * 5) % 256], axis=-1).astype(np.uint8)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.gop_size = gop
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        if gop is not None:
+            stream.gop_size = gop
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
         if vfr:
             stream.codec_context.time_base = Fraction(1, 1000)
         t = 0
-        for n in range(round(seconds * fps)):
-            img = np.roll(bars, n * 2, axis=1)
-            sx, sy = (n * 3) % max(1, width - min(40, width // 3)), (n * 2) % max(1, height - min(40, height // 3))
-            img[sy:sy + min(40, height // 3), sx:sx + min(40, width // 3)] = 255
-            stripe = min(8, width // 16)
-            for b in range(min(16, width // max(1, stripe))):
-                img[height - max(1, height // 12):, b * stripe:(b + 1) * stripe] = 255 * ((n >> b) & 1)
+        for n, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             if vfr:
                 frame.pts, frame.time_base = t, Fraction(1, 1000)
@@ -46,3 +40,23 @@ def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (640, 360), fps: int = 24,
+                     codec: str = "libx264", gop: int = 250, vfr: bool = False) -> Path:
+    """A `seconds`-long clip of `size` (width, height) at `fps`: scrolling bars, a moving square, a frame-number
+    stripe (see `encode_video` for the other arguments)."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    bars = np.stack([(x * 7) % 256, (x * 3 + y) % 256, (y * 5) % 256], axis=-1).astype(np.uint8)
+    side, stripe = min(40, width // 3, height // 3), min(8, width // 16)
+
+    def frame(n: int) -> np.ndarray:
+        img = np.roll(bars, n * 2, axis=1)
+        sx, sy = (n * 3) % max(1, width - side), (n * 2) % max(1, height - side)
+        img[sy:sy + side, sx:sx + side] = 255
+        for b in range(min(16, width // max(1, stripe))):
+            img[height - max(1, height // 12):, b * stripe:(b + 1) * stripe] = 255 * ((n >> b) & 1)
+        return img
+
+    return encode_video(path, (frame(n) for n in range(round(seconds * fps))), size, fps, codec, gop, vfr)
