@@ -194,3 +194,9 @@ def test_pipeline_fit_is_off_by_default(short_context, seven_minutes):
     batch = pipe.prepare([conv], pipe.params(max_new_tokens=100), fit=True)
     assert 4096 - 100 - 200 < batch["input_ids"].shape[1] <= 4096 - 100
     assert isinstance(pipe.chat(conv, max_new_tokens=2, fit=True), str)
+
+
+def test_source_pixels_over_the_budget_are_refused_from_the_plan(proc, two_minutes, no_decoding=None):
+    with pytest.raises(OverBudget) as refused:
+        proc(user(two_minutes), budget=Budget(source_pixels=320 * 180 * 10))
+    assert refused.value.resource == "pixels" and refused.value.tokens == 240 * 320 * 180

@@ -65,9 +65,10 @@ class OverBudget(InputError):
     """A conversation's plan exceeds its budget; raised before decoding, with the numbers."""
 
     def __init__(self, message: str, item: str | None = None, tokens: int = 0, limit: int = 0,
-                 at_least: bool = False) -> None:
+                 at_least: bool = False, resource: str = "tokens") -> None:
         super().__init__(message, item)
         self.tokens, self.limit, self.at_least = tokens, limit, at_least  # at_least: tokens is a lower bound
+        self.resource = resource  # "tokens" (the context) or "pixels" (source pixels); tokens/limit count it
 
 
 class Processor:
@@ -257,7 +258,7 @@ class Processor:
         if budget.source_pixels is not None and plan.source_pixels > budget.source_pixels:
             raise OverBudget(f"its images and video frames hold {plan.source_pixels} pixels before resizing, more "
                              f"than the {budget.source_pixels} allowed", what, plan.source_pixels,
-                             budget.source_pixels)
+                             budget.source_pixels, resource="pixels")
 
     def _plan(self, messages: list[dict], text: str, facts: dict | None = None) -> Plan:
         """The plan of a rendered conversation; `facts` (item index -> VideoPlan) receives what each video's

@@ -224,7 +224,7 @@ class Server:
         except LimitExceeded as e:
             raise ApiError(400, str(e), param="messages", code=e.code) from None
         except OverBudget as e:
-            if "pixels" in str(e):
+            if e.resource == "pixels":
                 raise ApiError(400, str(e), param="messages") from None
             asked = (f"{'at least ' if e.at_least else ''}{e.tokens} in the messages" +
                      (f" + {completion} in the completion" if req.max_tokens_given else ""))
