@@ -196,7 +196,7 @@ def test_pipeline_fit_is_off_by_default(short_context, seven_minutes):
     assert isinstance(pipe.chat(conv, max_new_tokens=2, fit=True), str)
 
 
-def test_source_pixels_over_the_budget_are_refused_from_the_plan(proc, two_minutes, no_decoding=None):
+def test_source_pixels_over_the_budget_are_refused_from_the_plan(proc, two_minutes):
     with pytest.raises(OverBudget) as refused:
         proc(user(two_minutes), budget=Budget(source_pixels=320 * 180 * 10))
     assert refused.value.resource == "pixels" and refused.value.tokens == 240 * 320 * 180
