@@ -5,9 +5,6 @@ checked against the oracle run on the same fitted fields."""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from qwen2vl.processing.processor import Budget, OverBudget
 from qwen2vl.processing.video import _open, decode_frames, probe, resize_frames, sample_indices
 from qwen2vl.testing.video import write_test_video
 from test_cli import cli, tiny  # noqa: F401 (a fixture)
+from test_server_hostile import RssPeak
 from test_video_processing import check
 
 
@@ -109,33 +107,13 @@ def test_fit_splits_the_budget_between_videos_and_leaves_images_alone(proc, two_
     assert all(item.fitted for item in plan.items[1:])
 
 
-def _peak_rss_during(fn):
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    base, peak, running = rss(), [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        running[0] = False
-        thread.join()
-    return result, peak[0] - base
-
-
 def test_preparing_a_long_video_holds_little_more_than_its_pixels(proc, two_minutes):
     """Peak memory while preparing = the float32 pixel rows (what the model takes) + the uint8 clip at its final
     size + bounded working space (one resize chunk): source frames are never all held at once, the rows are
     normalised in place, and one video's rows are not copied again into the batch."""
-    batch, grew = _peak_rss_during(lambda: proc(user(two_minutes, nframes=400)))
+    with RssPeak() as rss:
+        batch = proc(user(two_minutes, nframes=400))
+    grew = rss.grew
     rows = batch["pixel_values_videos"]
     t, h, w = batch["video_grid_thw"][0].tolist()
     assert t == 200
