@@ -88,12 +88,15 @@ def sync(device: torch.device) -> None:
 class Ours:
     name = "qwen2vl"
 
-    def __init__(self, path, dtype, quantize=None, device="cpu"):
+    def __init__(self, path, dtype, quantize=None, device="cpu", cpu_matmul="auto"):
         import qwen2vl
         from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 
         self.device = torch.device(device)
-        self.model = qwen2vl.load_model(path, dtype=dtype, device=self.device, progress=False, quantize=quantize)
+        self.model = qwen2vl.load_model(path, dtype=dtype, device=self.device, progress=False, quantize=quantize,
+                                        cpu_matmul=cpu_matmul)
+        if getattr(self.model, "cpu_choice", None) is not None:
+            print(f"qwen2vl: {self.model.cpu_choice.describe()}")
         self._prompt, self._steps, self._greedy = Prompt, generate_steps, greedy
 
     def vision(self, batch):
@@ -181,7 +184,11 @@ def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=Fal
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="our weights' dtype")
+    ap.add_argument("--reference-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="transformers' dtype; auto: its faster one on this CPU (bf16 where the CPU has bf16 matrix "
+                         "instructions and a timed 2B-shaped product says so, else float32)")
+    ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "float32", "bf16"], help="our many-row path")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--only", choices=["qwen2vl", "transformers"])
@@ -197,6 +204,13 @@ def main() -> None:
         write_checkpoint(path, make_config(SHAPES_2B_TEXT, SHAPES_2B_VISION), dtype=torch.bfloat16, tokenizer=False)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
+    from qwen2vl import machine
+
+    print(f"CPU: {machine.cpu_facts().summary()}")
+    ref_dtype = args.reference_dtype
+    if ref_dtype == "auto":
+        ref_dtype = "bfloat16" if machine.choose([(8960, 1536)]).matmul == "bf16" else "float32"
+    dtypes = {"qwen2vl": dtype, "transformers": getattr(torch, ref_dtype)}
     bandwidth = Bandwidth(device)
     results, bytes_per_token = {}, {}
     for cls in (Ours, Reference):
@@ -207,7 +221,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        side = cls(str(path), dtype, args.quantize, device)
+        side = (Ours(str(path), dtype, args.quantize, device, args.cpu_matmul) if cls is Ours
+                else cls(str(path), dtypes[cls.name], args.quantize, device))
         bytes_per_token[cls.name] = decode_bytes(side.model)
         results[cls.name] = run_side(side, args.repeats, args.new_tokens, bandwidth, bytes_per_token[cls.name],
                                      args.decode_only)
@@ -216,7 +231,8 @@ def main() -> None:
         del side
         gc.collect()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {where}, our weights {args.dtype}, transformers in {ref_dtype}, "
+          f"median of {args.repeats}")
     names = list(results)
     print(f"{'':<36}" + "".join(f"{n:>14}" for n in names) + ("      ratio" if len(names) == 2 else ""))
     bws = {n: results[n].pop("_bw") for n in names}

@@ -64,6 +64,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "compute in float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 language model, CPU only (default: off)")
+    p.add_argument("--cpu-matmul", choices=["auto", "float32", "bf16"], default="auto",
+                   help="CPU only: how vision and prefill products compute. auto: the faster on this CPU (native bf16 "
+                        "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact")
 
 
 def _media(kind: str):
@@ -181,8 +184,11 @@ def _load(a):
 
     from .pipeline import load
 
-    return load(a.model, dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), device=a.device,
-                quantize=a.quantize)
+    pipe = load(a.model, dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), device=a.device,
+                quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+    if getattr(a, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
+        print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
+    return pipe
 
 
 def _check_device(a) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, machine
 from .model import Qwen2VL
 from .model.layers import RMSNorm, apply_rope
 from .model.text import Attention
@@ -31,6 +31,7 @@ class WeightOnlyLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
         self._product: kernels.Product | None = None  # bound on first use, dropped when the parameters change
+        self.matmul = "float32"  # many-row products: "float32" (widen W) or "bf16" (native); see qwen2vl.machine
 
     def __setattr__(self, name, value) -> None:
         super().__setattr__(name, value)
@@ -67,6 +68,10 @@ class WeightOnlyLinear(nn.Module):
             kernel = self._product or self._bind()
             if kernel is not None:
                 return kernel(rows).view(*x.shape[:-1], -1)
+        if self.matmul == "bf16" and x.dtype == torch.float32:  # native bf16 GEMM, float32 activations around it
+            w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
+            y = F.linear(x.to(torch.bfloat16), w).float()
+            return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -92,12 +97,15 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str | None = None) -> Qwen2VL:
+def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str | None = None,
+                    matmul: str = "auto") -> Qwen2VL:
     """Rewrite `model` in place for fast CPU inference; returns it.
 
     storage: "bf16" or "int8" for the language model's linear layers (and the output projection);
     vision_storage: the same for the vision tower (default: bf16 even when the decoder is int8, because the
-    vision tower is compute-bound and int8 buys it nothing but drift).
+    vision tower is compute-bound and int8 buys it nothing but drift);
+    matmul: how many-row products (vision, prefill) compute: "auto" (this CPU's faster path, `qwen2vl.machine`),
+    "float32" (exact float32 arithmetic) or "bf16" (native bf16 GEMM). The choice is `model.cpu_choice`.
     """
     vision_storage = vision_storage or "bf16"
     for parent_name, parent in list(model.named_modules()):
@@ -119,5 +127,10 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
                 module.__class__ = FastRMSNorm
             elif isinstance(module, Attention):
                 module.rope = fast_rope
+    linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
+    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul)
+    for m in linears:
+        m.matmul = model.cpu_choice.matmul
     model.compute_dtype = torch.float32
     return model

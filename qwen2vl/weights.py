@@ -151,6 +151,7 @@ def load_model(
     progress: bool = True,
     quantize: str | None = None,
     cpu_kernels: bool | None = None,
+    cpu_matmul: str = "auto",
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
@@ -178,5 +179,5 @@ def load_model(
     if cpu_kernels:
         from .cpu import use_cpu_kernels
 
-        use_cpu_kernels(model, storage=quantize or "bf16")
+        use_cpu_kernels(model, storage=quantize or "bf16", matmul=cpu_matmul)
     return model

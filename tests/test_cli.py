@@ -314,3 +314,11 @@ def test_the_readme_first_command_writes_and_runs_bf16(tmp_path):
     assert '"torch_dtype": "bfloat16"' in (tmp_path / "tiny" / "config.json").read_text()
     model = qwen2vl.load_model(tmp_path / "tiny", progress=False)
     assert model.compute_dtype == torch.float32  # the CPU kernels a real bf16 checkpoint runs through
+
+
+def test_verbose_says_which_cpu_paths_were_chosen_and_why(tiny):
+    out = cli("run", "--model", tiny, "--prompt", "Hi", "--max-new-tokens", "2", "--verbose")
+    assert out.returncode == 0, out.stderr
+    assert "many-row products in float32 (largest matrix" in out.stderr  # tiny: exact, nothing timed
+    out = cli("run", "--model", tiny, "--prompt", "Hi", "--max-new-tokens", "2", "--cpu-matmul", "bf16", "-v")
+    assert out.returncode == 0 and "many-row products in bf16 (asked for)" in out.stderr, out.stderr

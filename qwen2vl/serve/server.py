@@ -502,7 +502,9 @@ def build_server(a) -> Server:
     from ..pipeline import load
 
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
-    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize)
+    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+    if getattr(pipe.model, "cpu_choice", None) is not None:
+        log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
     kv = parse_bytes(str(a.kv_cache_memory), _free_memory(pipe.model.device))
     engine = Engine(pipe.model, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, kv_cache_bytes=kv,
                     prefill_chunk=a.prefill_chunk, max_waiting=a.max_waiting)
