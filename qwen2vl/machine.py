@@ -142,7 +142,7 @@ def choose(shapes: list[tuple[int, int]], matmul: str = "auto") -> CpuChoice:
     many-row path ("float32": exact float32 arithmetic; "bf16") instead of deciding ("auto")."""
     from . import kernels
 
-    gemv = "C kernels (AVX2/FMA)" if kernels.available() else "torch"
+    gemv = f"C kernels ({kernels.variant().upper()})" if kernels.available() else "torch"
     if matmul == "auto":
         largest = max(shapes, key=lambda s: s[0] * s[1])
         if largest[0] * largest[1] < _MIN_WEIGHTS:

@@ -13,14 +13,47 @@ from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 from qwen2vl.testing.checkpoint import make_config, write_checkpoint
 
 
+@pytest.fixture(params=[v.name for v in kernels.VARIANTS])
+def variant(request):
+    """Each kernel variant in turn, forced on; one this CPU lacks is skipped, saying so."""
+    if request.param not in kernels.supported():
+        pytest.skip(f"this CPU lacks {sorted(kernels.VARIANTS[[v.name for v in kernels.VARIANTS].index(request.param)].cpu_flags)}")
+    kernels.use(request.param)
+    assert kernels.variant() == request.param and kernels.available()
+    yield request.param
+    kernels.use(None)
+
+
+@pytest.fixture(params=[v.name for v in kernels.VARIANTS] + ["off"])
+def decode_path(request):
+    """Each kernel variant in turn, then the plain-PyTorch fallback with all of them off."""
+    if request.param != "off" and request.param not in kernels.supported():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    kernels.use(request.param)
+    yield request.param
+    kernels.use(None)
+
+
 def test_kernels_build_here():
-    # CI's machine has a C compiler and AVX2: the fast path must really be exercised there
-    assert kernels.available()
+    # CI's machine has a C compiler and AVX2: the fast path must really be exercised there, in its best variant
+    assert kernels.available() and kernels.variant() == kernels.supported()[0]
+
+
+def test_kernels_can_be_switched_off(bf16_ckpt):
+    kernels.use("off")
+    try:
+        assert not kernels.available() and kernels.variant() is None
+        model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+        assert "torch" in model.cpu_choice.gemv
+    finally:
+        kernels.use(None)
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        kernels.use("avx1024")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 64])
 @pytest.mark.parametrize("k", [8, 24, 72, 96, 200, 264, 1536])  # every tail: k % 32 in {8, 16, 24, 0}, k % 128
-def test_kernels_match_torch(m, k):
+def test_kernels_match_torch(m, k, variant):
     g = torch.Generator().manual_seed(m * 1000 + k)
     w = torch.randn(37, k, generator=g)
     x, bias = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4, torch.randn(37, generator=g)
@@ -50,7 +83,7 @@ def test_int16_rounding_of_kernel_inputs():
     assert (kernels.quantize_rows_int16(zeros)[1] == 1).all()  # an all-zero group keeps scale 1, not 0/0
 
 
-def test_a_rows_result_does_not_depend_on_its_batch():
+def test_a_rows_result_does_not_depend_on_its_batch(variant):
     # batched decoding must give each row exactly what decoding it alone gives
     g = torch.Generator().manual_seed(3)
     w = torch.randn(70, 200, generator=g).to(torch.bfloat16)
@@ -63,7 +96,7 @@ def test_a_rows_result_does_not_depend_on_its_batch():
     assert torch.equal(kernels.gemm_int8(x, q, s), alone)
 
 
-def test_weight_only_linear_paths_agree():
+def test_weight_only_linear_paths_agree(variant):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 40)
     for storage in ("bf16", "int8"):
@@ -87,16 +120,18 @@ def bf16_ckpt(tmp_path_factory):
                             tokenizer=False)
 
 
-def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report):
+def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report,
+                                                                decode_path):
     # same math as the reference run in float32 on the bf16 weights: the only difference is summation order
     ours = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+    assert (decode_path in ours.cpu_choice.gemv.lower()) or (decode_path == "off" and "torch" in ours.cpu_choice.gemv)
     assert ours.dtype == torch.float32 and ours.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     ref = hf_model_factory(bf16_ckpt, dtype=torch.float32, attn="sdpa")
     batch = build(CASES["left-padded batch: text / image / video"], seed=12)
     with torch.no_grad():
         a, b = ours(**batch), ref(**batch).logits
     keep = batch["attention_mask"].bool()
-    parity_report("logits, bf16 weights + f32 compute (CPU kernels) vs reference f32", (a - b)[keep].abs().max().item(), 1e-4)
+    parity_report(f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32", (a - b)[keep].abs().max().item(), 1e-4)
     tokens = torch.stack([s.tokens for s in generate_steps(ours, Prompt.from_batch(batch), greedy, 24)], dim=1)
     with torch.no_grad():
         expected = ref.generate(**batch, max_new_tokens=24, min_new_tokens=24, do_sample=False, top_k=None,
@@ -151,7 +186,7 @@ def test_weight_only_linear_follows_its_parameters():
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1536), (2, 5, 72), (3, 8)])
-def test_rms_norm_kernel_matches_the_module(shape):
+def test_rms_norm_kernel_matches_the_module(shape, variant):
     from qwen2vl.model.layers import RMSNorm
 
     g = torch.Generator().manual_seed(len(shape))
@@ -164,7 +199,7 @@ def test_rms_norm_kernel_matches_the_module(shape):
     assert kernels.rms_norm(x.transpose(0, -1), norm.weight.data, 1e-6) is None  # not contiguous
 
 
-def test_rope_kernel_matches_apply_rope_in_place():
+def test_rope_kernel_matches_apply_rope_in_place(variant):
     from qwen2vl.model.layers import apply_rope
 
     g = torch.Generator().manual_seed(9)

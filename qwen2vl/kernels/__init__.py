@@ -3,10 +3,12 @@
 `Product` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few rows of
 X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
 of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
-`rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
-`decode_ops.c` with the system C compiler into a per-user cache the first time they are needed; where there is
-no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the reference path
-(`torch` ops), which the tests compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
+`rope_` are the decoder's normalisation and rotary in one call each. They come in one build per instruction set
+(`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
+`decode_ops.c`), compiled with the system C compiler into a per-user cache the first time they are needed; the
+best variant the CPU supports is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no
+compiler, no AVX2/FMA, or the build or load fails, `available()` is False and callers use the reference path
+(`torch` ops), which the tests compare every variant against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
 applies these as an optional transform.
 """
 
@@ -19,25 +21,71 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = (Path(__file__).with_name("gemv_avx2.c"), Path(__file__).with_name("decode_ops.c"))
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]  # no implicit FMAs: the
-# small ops round like their PyTorch forms; the products use explicit FMA intrinsics
+_HERE = Path(__file__).parent
+_COMMON = ["-O3", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]  # no implicit FMAs: the small ops
+# round like their PyTorch forms; the products use explicit FMA intrinsics
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: the products' source, the CPU flags it needs, the compiler flags it takes."""
+
+    name: str
+    source: str
+    cpu_flags: frozenset[str]
+    cc_flags: tuple[str, ...]
+
+
+VARIANTS = (  # best first
+    Variant("avx512", "gemv_avx512.c", frozenset({"avx512f", "avx512bw", "avx2", "fma"}),
+            ("-mavx512f", "-mavx512bw", "-mavx2")),
+    Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma"}), ("-mavx2",)),
+)
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
-GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in gemv_avx2.c)
+GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return frozenset(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags)
+        return frozenset()
+
+
+def supported() -> list[str]:
+    """The variants this CPU can run, best first (empty: no AVX2/FMA, or not x86-64 Linux)."""
+    flags = _cpu_flags()
+    return [v.name for v in VARIANTS if v.cpu_flags <= flags]
+
+
+_forced: list[str | None] = [None]
+
+
+def use(name: str | None) -> None:
+    """Run the kernels of variant `name` ("avx512", "avx2"), "off" for the PyTorch path, or None for the best this
+    CPU supports (the default; the environment variable QWEN2VL_KERNELS sets the same). Applies to weights bound
+    after the call; tests use it to run every variant against the PyTorch path."""
+    if name not in (None, "off", *(v.name for v in VARIANTS)):
+        raise ValueError(f"unknown kernel variant {name!r}; choose from {[v.name for v in VARIANTS]}, 'off' or None")
+    _forced[0] = name
+
+
+def variant() -> str | None:
+    """The variant in use: the forced one (use(), QWEN2VL_KERNELS), else the best supported; None: PyTorch path."""
+    name = _forced[0] or os.environ.get("QWEN2VL_KERNELS") or None
+    if name == "off":
+        return None
+    if name is not None and name not in supported():
+        log.warning("qwen2vl kernels: variant %r is not supported by this CPU; using the PyTorch path", name)
+        return None
+    return name or next(iter(supported()), None)
 
 
 def _cache_dir() -> Path:
@@ -45,14 +93,23 @@ def _cache_dir() -> Path:
     return Path(root) / "qwen2vl" / "kernels"
 
 
-@lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if not _cpu_has_avx2_fma():
-        log.info("qwen2vl kernels: CPU lacks AVX2/FMA; using the PyTorch path")
-        return None
+    name = variant()
+    return None if name is None else _build(name)
+
+
+@lru_cache(maxsize=None)
+def _build(name: str) -> ctypes.CDLL | None:
+    spec = next(v for v in VARIANTS if v.name == name)
+    sources = (_HERE / spec.source, _HERE / "decode_ops.c")
+    flags = [*_COMMON, *spec.cc_flags]
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    digest = hashlib.sha256(" ".join(_FLAGS).encode() + b"".join(f.read_bytes() for f in _SOURCES)).hexdigest()
-    target = _cache_dir() / f"qwen2vl-kernels-{digest[:16]}.so"
+    try:
+        digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in sources)).hexdigest()
+    except OSError as e:
+        log.warning("qwen2vl kernels: sources unreadable (%s); using the PyTorch path", e)
+        return None
+    target = _cache_dir() / f"qwen2vl-kernels-{name}-{digest[:16]}.so"
     if not target.exists():
         if compiler is None:
             log.warning("qwen2vl kernels: no C compiler found; decoding uses the slower PyTorch path")
@@ -60,13 +117,17 @@ def _library() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"]
+            cmd = [compiler, *flags, *map(str, sources), "-o", str(out), "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                log.warning("qwen2vl kernels: build failed, using the PyTorch path:\n%s", res.stderr[-2000:])
+                log.warning("qwen2vl kernels: %s build failed, using the PyTorch path:\n%s", name, res.stderr[-2000:])
                 return None
             os.replace(out, target)  # atomic: concurrent first uses do not see half a file
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        log.warning("qwen2vl kernels: could not load %s (%s); using the PyTorch path", target, e)
+        return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.gemm_bf16, lib.gemm_i8):  # (w, scale, bias, x, y, n, k, m, threads) -> 0, or -1 out of memory
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -136,10 +197,11 @@ def _f32(*tensors: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
     float32 (the caller then uses PyTorch)."""
-    if not _f32(x, weight) or weight.shape != x.shape[-1:]:
+    lib = _library()
+    if lib is None or not _f32(x, weight) or weight.shape != x.shape[-1:]:
         return None
     y = torch.empty_like(x)
-    _library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
 
 
@@ -149,10 +211,11 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     if x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         return None
     rows_first = x.transpose(1, 2)
-    if not _f32(rows_first, cos, sin):
+    lib = _library()
+    if lib is None or not _f32(rows_first, cos, sin):
         return None
     b, heads, n, d = x.shape
-    _library().rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
+    lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
     return x
 
 
