@@ -132,7 +132,9 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
                 module.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
-    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul)
+    decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear)]
+    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul,
+                                      sorted({tuple(m.weight.shape) for m in decoder}))
     for m in linears:
         m.matmul = model.cpu_choice.matmul
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations

@@ -32,6 +32,7 @@ def fake_cpu(monkeypatch, tmp_path):
             return dict(times)
 
         monkeypatch.setattr(machine, "time_matmul_paths", timed)
+        monkeypatch.setattr(machine, "_decide_gemv", lambda shape: "C kernels (not timed in this test)")
         return calls
 
     return install
@@ -65,6 +66,34 @@ def test_small_models_and_forced_paths(fake_cpu):
     assert machine.choose([(64, 48)], "bf16").matmul_reason == "asked for"
     with pytest.raises(ValueError, match="cpu matmul must be"):
         machine.choose([BIG], "fp8")
+
+
+def test_decode_kernel_variant_is_timed_once_and_cached(monkeypatch, tmp_path):
+    from qwen2vl import kernels
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QWEN2VL_KERNELS", raising=False)
+    for name, value in (("supported", lambda: ["avx512", "avx2"]), ("builds", lambda name: True),
+                        ("available", lambda: True)):
+        monkeypatch.setattr(kernels, name, value)
+    calls = []
+
+    def timed(shape, variants, repeats=5):
+        calls.append((shape, tuple(variants)))
+        return {"avx512": 2.0, "avx2": 1.0}  # the wider variant is not always the faster one
+
+    monkeypatch.setattr(machine, "time_kernel_variants", timed)
+    try:
+        first = machine.choose([(10, 10), BIG])
+        assert "avx2" in first.gemv and "GB/s" in first.gemv and calls == [(BIG, ("avx512", "avx2"))]
+        assert kernels.variant() == "avx2"
+        again = machine.choose([BIG])
+        assert "timed earlier" in again.gemv and len(calls) == 1
+        kernels.use("avx512")  # forced: no timing, and it is what runs
+        assert "forced" in machine.choose([BIG]).gemv and kernels.variant() == "avx512" and len(calls) == 1
+    finally:
+        kernels.use(None)
+        kernels.prefer(None)
 
 
 def test_this_machine_is_described():

@@ -66,6 +66,7 @@ def supported() -> list[str]:
 
 
 _forced: list[str | None] = [None]
+_preferred: list[str | None] = [None]
 
 
 def use(name: str | None) -> None:
@@ -77,15 +78,32 @@ def use(name: str | None) -> None:
     _forced[0] = name
 
 
+def forced() -> str | None:
+    """The variant forced by use() or QWEN2VL_KERNELS ("off" included), or None."""
+    return _forced[0] or os.environ.get("QWEN2VL_KERNELS") or None
+
+
+def prefer(name: str | None) -> None:
+    """Make `name` the default variant (qwen2vl.machine calls this with the one it timed fastest on this CPU)."""
+    _preferred[0] = name
+
+
 def variant() -> str | None:
-    """The variant in use: the forced one (use(), QWEN2VL_KERNELS), else the best supported; None: PyTorch path."""
-    name = _forced[0] or os.environ.get("QWEN2VL_KERNELS") or None
+    """The variant in use: the forced one, else the preferred one, else the best supported; None: PyTorch path."""
+    name = forced()
     if name == "off":
         return None
     if name is not None and name not in supported():
         log.warning("qwen2vl kernels: variant %r is not supported by this CPU; using the PyTorch path", name)
         return None
+    if name is None and _preferred[0] in supported():
+        name = _preferred[0]
     return name or next(iter(supported()), None)
+
+
+def builds(name: str) -> bool:
+    """Whether variant `name` compiles and loads here."""
+    return _build(name) is not None
 
 
 def _cache_dir() -> Path:
@@ -150,8 +168,9 @@ class Product:
     """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
     float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
 
-    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
-        lib = _library()
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 variant: str | None = None) -> None:
+        lib = _build(variant) if variant else _library()
         if lib is None:
             raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
         storage = torch.bfloat16 if scale is None else torch.int8
