@@ -64,10 +64,10 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= kernels.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        if rows.shape[0] <= kernels.MAX_ROWS and x.dtype == torch.float32:
             kernel = self._product or self._bind()
-            if kernel is not None:  # float32 arithmetic, the caller's dtype out
-                return kernel(rows.float()).view(*x.shape[:-1], -1).to(x.dtype)
+            if kernel is not None:
+                return kernel(rows).view(*x.shape[:-1], -1)
         if x.dtype == torch.bfloat16:  # bf16 activations (vision blocks under bf16 products): bf16 out, bias fused
             w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
             return F.linear(x, w, None if self.bias is None else self.bias.to(torch.bfloat16))
@@ -138,9 +138,9 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
     for m in linears:
         m.matmul = model.cpu_choice.matmul
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
-    for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP
-        block.inner_dtype = inner
+    for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
+        block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)
     for layer in model.model.layers:
-        layer.mlp_dtype = inner
+        layer.prompt_mlp_dtype = inner
     model.compute_dtype = torch.float32
     return model
