@@ -221,3 +221,34 @@ def test_cpu_transform_installs_the_small_kernels(bf16_ckpt):
     layer = model.model.layers[0]
     assert type(layer.input_layernorm) is FastRMSNorm and type(model.model.norm) is FastRMSNorm
     assert layer.self_attn.rope is fast_rope
+
+
+def _q4_reference(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
+    """The formats' weight: float16((q - z) * s) per group, (N, K)."""
+    zk, sk = (t.repeat_interleave(group, dim=1)[:, :q.shape[1]] for t in (z, s))
+    return (q.to(torch.int16) - zk).to(torch.float16) * sk
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("k, group", [(64, 32), (256, 128), (288, 96), (1536, 128), (160, 160)])
+def test_q4_kernel_multiplies_the_reference_float16_weights(m, k, group, variant):
+    g = torch.Generator().manual_seed(m * 7 + k)
+    n, groups = 29, -(-k // group)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    z = torch.randint(0, 17, (n, groups), generator=g, dtype=torch.int16)  # GPTQ v1 may store 16 (field + 1)
+    s = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).to(torch.float16)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    want = x.double() @ _q4_reference(q, s, z, group).double().T + bias.double()
+    got = kernels.Q4Product(packed, s, z, group, bias)(x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # a row's result does not depend on the rows beside it (batched decoding = decoding alone)
+    alone = torch.cat([kernels.Q4Product(packed, s, z, group, bias)(x[i:i + 1]) for i in range(m)])
+    assert torch.equal(got, alone)
+
+
+def test_q4_kernel_refuses_what_it_cannot_run():
+    assert not kernels.Q4Product.supports(80, 32) and not kernels.Q4Product.supports(128, 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kernels.Q4Product(torch.zeros(4, 40, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16),
+                          torch.zeros(4, 1, dtype=torch.int16), 80)

@@ -46,7 +46,7 @@ class Variant:
 VARIANTS = (  # best first
     Variant("avx512", "gemv_avx512.c", frozenset({"avx512f", "avx512bw", "avx2", "fma"}),
             ("-mavx512f", "-mavx512bw", "-mavx2")),
-    Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma"}), ("-mavx2",)),
+    Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mf16c")),
 )
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
 GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
@@ -150,6 +150,9 @@ def _build(name: str) -> ctypes.CDLL | None:
     for fn in (lib.gemm_bf16, lib.gemm_i8):  # (w, scale, bias, x, y, n, k, m, threads) -> 0, or -1 out of memory
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
+    # (qweight, scales, zeros, bias, x, y, n, k, m, group, threads) -> 0, -1 out of memory, -2 unsupported shape
+    lib.gemm_q4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.gemm_q4.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     for fn in (lib.rms_norm, lib.rope):
@@ -193,6 +196,50 @@ class Product:
         x = x.contiguous()
         y = torch.empty(m, self.n, dtype=torch.float32)
         status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, _threads())
+        if status != 0:
+            raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
+        return y
+
+
+class Q4Product:
+    """Y = X @ W.T (+ bias) for a 4-bit group-quantized W in `qwen2vl.quant.QuantLinear`'s layout: qweight uint8
+    (N, K/2), two columns per byte (low nibble first); scales float16 and zeros int16 (N, K/G). The kernel multiplies
+    exactly the reference weight float16((q - z) * s), in float32. X (M <= MAX_ROWS, K) float32; K and G multiples
+    of 32 (`supports`)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                 bias: torch.Tensor | None = None, variant: str | None = None) -> None:
+        lib = _build(variant) if variant else _library()
+        if lib is None:
+            raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
+        n, k = qweight.shape[0], qweight.shape[1] * 2
+        if not self.supports(k, group):
+            raise ValueError(f"the 4-bit kernel needs K and the group size to be multiples of 32, got {k}, {group}")
+        groups = -(-k // group)
+        for name, t, dtype, shape in (("qweight", qweight, torch.uint8, (n, k // 2)),
+                                      ("scales", scales, torch.float16, (n, groups)),
+                                      ("zeros", zeros, torch.int16, (n, groups)),
+                                      ("bias", bias, torch.float32, (n,))):
+            if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()
+                                  or t.device.type != "cpu"):
+                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        self.n, self.k, self.group = n, k, group
+        self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
+        self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self._fn = lib.gemm_q4
+
+    @staticmethod
+    def supports(k: int, group: int) -> bool:
+        return k % 32 == 0 and group % 32 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        if k != self.k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
+            raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {self.k}), got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, self.group, _threads())
         if status != 0:
             raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
         return y

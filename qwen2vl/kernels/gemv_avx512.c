@@ -192,3 +192,72 @@ int gemm_i8(const int8_t *w, const float *scale, const float *bias, const float 
     free(xs);
     return 0;
 }
+
+/* ---- 4-bit, group-quantized (AWQ / GPTQ as qwen2vl.quant.QuantLinear stores them) ---------------------------
+
+   w (N, K/2) uint8: byte j of a row holds column 2j in its low nibble and 2j+1 in its high nibble; scales (N,
+   groups) float16 bits, zeros (N, groups) int16; column j is in group j / G. The reference weight is float16:
+   W = fp16((q - z) * s). Per row and group the 16 values it can take are computed once into a table (the product
+   of a 5-bit integer and a float16 is exact in float32, so rounding it to float16 gives exactly the float16
+   product), and each weight is then one table lookup (vpermps over 16 lanes): the kernel multiplies exactly the
+   reference's weights, in float32. x is deinterleaved in 32-blocks as for bf16 (a 16-byte load holds 16 even
+   columns in its low nibbles, 16 odd ones in its high nibbles). G and K must be multiples of 32. */
+
+INLINE __m512 q4_table(uint16_t scale, int16_t zero) {
+    __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(zero)));
+    __m512 s = _mm512_cvtph_ps(_mm256_set1_epi16((short)scale));
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(q, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+INLINE void dot_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *xp, int64_t k,
+                   int64_t group, float *y, int64_t ystride, int R) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m512 a[ROWS][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g * group < k; g++) {
+        __m512 table = q4_table(scales[g], zeros[g]);
+        int64_t end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int64_t j = g * group; j < end; j += 32) {
+            if (!(j & 127)) _mm_prefetch((const char *)(w + j / 2) + AHEAD, _MM_HINT_NTA);
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + j / 2));
+            __m512 we = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), table);
+            __m512 wo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), table);
+            for (int r = 0; r < R; r++) {
+                const float *x = xp + r * k + j;
+                a[r][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x), a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 16), a[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias, const float *x,
+            float *y, int64_t n, int64_t k, int64_t m, int64_t group, int threads) {
+    if (k % 32 || group % 32) return -2;
+    int64_t groups = (k + group - 1) / group;
+    float *xp = malloc(sizeof(float) * m * k);
+    if (!xp) return -1;
+    for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t r = c; r < end; r++) {
+            const uint8_t *wr = w + r * (k / 2);
+            const uint16_t *sr = scales + r * groups;
+            const int16_t *zr = zeros + r * groups;
+            int64_t i = 0;
+            for (; i + ROWS <= m; i += ROWS) dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, ROWS);
+            switch (m - i) {
+                case 3: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 3); break;
+                case 2: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 2); break;
+                case 1: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 1); break;
+            }
+            if (bias)
+                for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r];
+        }
+    }
+    free(xp);
+    return 0;
+}
