@@ -100,3 +100,44 @@ def test_processor_pixels_within_two_grey_levels_of_the_reference(name, fields, 
     diff = (got["pixel_values_videos"] - want["pixel_values_videos"]).abs().max().item()
     parity_report(f"sharp-edged {name} video pixels vs reference", diff, TWO_GREY_LEVELS)
     assert diff <= TWO_GREY_LEVELS, f"{diff} exceeds two grey levels"
+
+
+def size_changing_clip(directory) -> str:
+    """An H.264 stream whose second half has another picture size (as a camera switching resolution), in mkv."""
+    from fractions import Fraction
+
+    raw = directory / "two.h264"
+    with open(raw, "wb") as f:
+        for size in ((64, 48), (96, 80)):
+            part = directory / "part.h264"
+            with av.open(str(part), "w", format="h264") as out:
+                stream = out.add_stream("libx264", rate=4)
+                stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+                for img in sharp_frames(size, 4, seed=size[0]):
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                        out.mux(packet)
+                for packet in stream.encode():
+                    out.mux(packet)
+            f.write(part.read_bytes())
+    path = directory / "two_sizes.mkv"
+    with av.open(str(raw)) as source, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for n, packet in enumerate(p for p in source.demux(source.streams.video[0]) if p.size):
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, n, n, Fraction(1, 4)
+            out.mux(packet)
+    return path
+
+
+def test_a_size_change_midway_is_scaled_to_the_first_size(tmp_path):
+    """torchcodec's batch read (qwen-vl-utils' `get_frames_at`) refuses such a stream; we keep every frame, the
+    later ones scaled to the first size, the earlier ones torchcodec's bytes."""
+    path = size_changing_clip(tmp_path)
+    got = ours(path)
+    assert got.shape == (8, 3, 48, 64)
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(str(path))
+    assert torch.equal(got[:4], decoder.get_frames_at([0, 1, 2, 3]).data)
+    with pytest.raises(RuntimeError):
+        decoder.get_frames_at(list(range(8)))
+    assert all(not torch.equal(got[k], got[k - 1]) for k in range(4, 8))
