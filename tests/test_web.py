@@ -42,6 +42,7 @@ def test_page_and_its_files_are_served(server):
     r = httpx.get(server.base + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert '<script src="/ui/app.js">' in r.text and "/ui/style.css" in r.text  # nothing from another host
+    assert "default-src 'self'" in r.headers["content-security-policy"]
     assert "http" not in r.text.replace("http-equiv", "")
     for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
         r = httpx.get(f"{server.base}/ui/{name}")
@@ -101,7 +102,7 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no chromium on this machine (CI installs it: .ci/oracle-deps.sh)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     picture = tmp_path / "photo.png"
     noise_image(320, 240, seed=7).save(picture)
@@ -110,16 +111,19 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # CSP violations too; the one failed load expected is the key probe's 401
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "(Unauthorized)" not in m.text
+                else None)
         page.goto(server.base + "/")
         page.wait_for_selector("#key-box:not([hidden])")  # the server has --api-key: the page asks for it
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
-        page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny')")
+        expect(page.locator("#model")).to_contain_text("tiny ·")  # locator waits: the page's CSP forbids eval
 
         # an image from the file picker (the same path as a drop or a paste): its cost before sending
         page.set_input_files("#file", str(picture))
         page.fill("#text", "What is in this picture?")
-        page.wait_for_function("document.querySelector('.item .cost')?.textContent.includes('tokens')")
+        expect(page.locator(".item .cost")).to_contain_text("tokens")
         want = server.processor.plan([{"role": "user", "content": [{"type": "image", "image": Image.open(picture)},
                                                                    {"type": "text", "text": "?"}]}]).items[0]
         cost = page.text_content(".item .cost")
@@ -132,8 +136,7 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         assert int(page.get_attribute(".msg.assistant", "data-chunks") or 0) >= 1
         page.fill("#text", "And the colours?")
         page.click("#send")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2",
-                               timeout=120_000)
+        expect(page.locator(".msg.assistant[data-state=done]")).to_have_count(2, timeout=120_000)
         history = page.evaluate("window.qwen2vl.state.history")
         assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
         assert history[0]["content"][0]["type"] == "image_url" and history[2]["content"][-1]["text"] == "And the colours?"

@@ -22,6 +22,8 @@ from ..processing.processor import Budget, OverBudget
 from .limits import LimitExceeded
 from .protocol import ApiError, ChatRequest, read_json
 
+# the page loads nothing from elsewhere; attachments are data: URLs (shown as images and videos, sent as JSON)
+CSP = "default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; base-uri 'none'"
 PAGES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
          "style.css": "text/css; charset=utf-8"}
 
@@ -30,7 +32,7 @@ def page(name: str) -> Response:
     if name not in PAGES:
         raise ApiError(404, f"no route /ui/{name}", "not_found_error")
     body = (files(__package__) / "web" / name).read_bytes()
-    return Response(body, media_type=PAGES[name], headers={"Cache-Control": "no-cache"})
+    return Response(body, media_type=PAGES[name], headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP})
 
 
 def add_web_routes(app, server) -> None:
