@@ -173,6 +173,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
     parallel_tool_calls: StrictBool | None = None  # meaningless without tools; accepted
     fit: StrictBool = False  # ours: sample videos smaller, then sparser, until the prompt fits (Processor._fit)
+    skip_special_tokens: StrictBool = True  # vLLM's extra field; false keeps <|box_start|>... in the text
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +198,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    skip_special_tokens: bool = True
 
 
 def _conversation(messages: list[Message]) -> list[dict]:
@@ -262,7 +264,8 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0)
+                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
+                       r.skip_special_tokens)
 
 
 def completion_id() -> str:

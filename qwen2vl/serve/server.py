@@ -38,6 +38,7 @@ from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
 from ..processing.processor import Budget, OverBudget
 from .limits import LimitExceeded, Limits
 from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
+from .web import add_web_routes
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -172,6 +173,7 @@ class Server:
                 return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
             return await self._complete(request, req, prepared, submission)
 
+        add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
 
     def _auth(self, request) -> None:
@@ -254,7 +256,8 @@ class Server:
         for i, rid in enumerate(ids):
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
             self.loop.routes[rid] = (loop, queue)
-            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop))
+            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens),
+                           StopMatcher(params.stop))
             try:
                 self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
                                         req.top_logprobs if req.logprobs else None))
