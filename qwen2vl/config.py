@@ -106,8 +106,8 @@ class Qwen2VLConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_hf_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:  # the same kind (e.g. qwen2vl.quant.QuantizationError), with the file named
+            raise type(e)(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2VLConfig":

@@ -138,8 +138,8 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             parts.append(f"tensors given twice (under both key layouts?): {dupes[:20]}")
         raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; " + "; ".join(parts))
 
-    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for *_, info, _ in plan)
-    total += sum(info["data_offsets"][1] - info["data_offsets"][0] for t in quant_plan.values() for _, _, info, _ in t.values())
+    infos = [info for *_, info, _ in plan] + [info for t in quant_plan.values() for _, _, info, _ in t.values()]
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in infos)
     state: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {directory.name}", disable=not progress)
     handles: dict[Path, object] = {}

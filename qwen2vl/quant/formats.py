@@ -28,7 +28,8 @@ _GPTQ_INERT = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpo
                "true_sequential", "static_groups", "model_name_or_path", "model_file_base_name", "is_marlin_format",
                "tokenizer", "dataset", "meta", "backend", "use_cuda_fp16", "model_seqlen", "block_name_to_quantize",
                "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama", "max_input_length",
-               "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "quantizer", "damp_auto_increment",
+               "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "quantizer",
+               "damp_auto_increment",
                "lm_head", "mse"}
 
 
