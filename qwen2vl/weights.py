@@ -34,6 +34,9 @@ CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 # keys a checkpoint may carry that the model does not use, and when
 REDUNDANT_WHEN_TIED = ("lm_head.weight",)
 
+# quantized layers: freed heap memory is given back after every this many bytes of packed tensors
+QUANT_TRIM_BYTES = 32 << 20
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -159,9 +162,14 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        since_trim = 0
         for layer, tensors in quant_plan.items():  # one layer at a time: packed tensors in, final layout out
             read_back = {suffix: read(path, info, start) for suffix, (path, _, info, start) in tensors.items()}
             _install_quantized(model, layer, read_back, quantized[layer], scheme, dtype, device)
+            since_trim += sum(t.numel() * t.element_size() for t in read_back.values())
+            if since_trim > QUANT_TRIM_BYTES:  # see quant.release_freed_memory: bounds the peak's working set
+                quant.release_freed_memory()
+                since_trim = 0
     finally:
         for f in handles.values():
             f.close()

@@ -7,6 +7,8 @@ linear layers a checkpoint stores quantized, reads each one's tensors (`formats.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 
 from torch import nn
@@ -24,7 +26,25 @@ from .linear import QuantLinear
 QUANTIZABLE = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 
 __all__ = ["QUANTIZABLE", "QuantLinear", "QuantScheme", "QuantizationError", "layer_tensors",
-           "parse_quantization_config", "quantized_layers", "read_layer"]
+           "parse_quantization_config", "quantized_layers", "read_layer", "release_freed_memory"]
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the system (glibc `malloc_trim`). Repacking a layer frees a few temporaries
+    the size of its packed tensors; glibc keeps such blocks in its heap once its mmap threshold has grown, and the
+    layers allocated after them fragment the heap, so without this the peak grows with the number of layers."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def quantized_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:

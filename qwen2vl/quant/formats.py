@@ -116,14 +116,18 @@ def unpack_nibbles(p: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Split each int32 into 32/bits fields (field j = bits j*b .. j*b+b-1), placed consecutively along `dim`."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    mask = (1 << bits) - 1
-    if dim == 0:  # (R, C) -> (R * pf, C)
-        fields = (packed[:, None, :] >> shifts[None, :, None]) & mask
-        return fields.reshape(-1, packed.shape[1])
-    fields = (packed[:, :, None] >> shifts[None, None, :]) & mask  # (R, C) -> (R, C * pf)
-    return fields.reshape(packed.shape[0], -1)
+    """Split each int32 into 32/bits fields (field j = bits j*b .. j*b+b-1), placed consecutively along `dim`, as
+    uint8. One field at a time, so the working set stays near the packed tensor's size."""
+    pf, mask = 32 // bits, (1 << bits) - 1
+    r, c = packed.shape
+    out = torch.empty((r, pf, c) if dim == 0 else (r, c, pf), dtype=torch.uint8)
+    for j in range(pf):
+        field = ((packed >> (bits * j)) & mask).to(torch.uint8)
+        if dim == 0:  # (R, C) -> (R * pf, C)
+            out[:, j, :] = field
+        else:  # (R, C) -> (R, C * pf)
+            out[:, :, j] = field
+    return out.view(r * pf, c) if dim == 0 else out.view(r, c * pf)
 
 
 def _expect(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -184,7 +188,7 @@ def read_gptq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: i
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
             raise QuantizationError(f"{prefix}.g_idx holds groups outside 0..{ng - 1}")
     q = _unpack_int32(qw, bits, dim=0).t()  # (N, K), input order
-    zeros = (_unpack_int32(qz, bits, dim=1) + 1).t().to(torch.int16).contiguous()  # v1: stored minus one
+    zeros = (_unpack_int32(qz, bits, dim=1).to(torch.int16) + 1).t().contiguous()  # v1: stored minus one
     perm = None
     if not torch.equal(g_idx, trivial):
         # act-order: put each group's inputs side by side (stable, so a group keeps its inputs' order)
