@@ -213,6 +213,21 @@ def test_logits_and_greedy_tokens_match_reference(quantized_pair, hf_model_facto
     assert torch.equal(torch.stack([s.tokens for s in steps], 1), out[:, batch["input_ids"].shape[1]:])
 
 
+def test_padded_mlp_like_the_72b_releases(tmp_path, hf_model_factory, parity_report):
+    """intermediate_size 224 in config.json, 200 real: the padding dequantizes to exact zeros and changes nothing."""
+    cfg = make_config({**TINY_TEXT, "intermediate_size": 224})
+    q = write_quantized(tmp_path / "q", "gptq", group_size=32, config=cfg, padded_from=200,
+                        dense_directory=tmp_path / "dense", seed=11)
+    model = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
+    mlp = model.model.layers[1].mlp
+    assert not mlp.up_proj.dequantize()[200:].any() and not mlp.down_proj.dequantize()[:, 200:].any()
+    assert mlp.gate_proj.dequantize()[:200].any()
+    batch = build(CASES["one image"], seed=12)
+    with torch.no_grad():
+        a, b = model(**batch), hf_model_factory(tmp_path / "dense")(**batch).logits
+    parity_report("quantized logits, padded MLP", (a - b).abs().max().item(), LIMIT)
+
+
 def test_cpu_kernels_leave_quantized_layers_alone(tmp_path):
     """dtype=bfloat16 on CPU applies qwen2vl.cpu's transform to the unquantized layers only."""
     q = write_quantized(tmp_path / "q", "gptq", group_size=32, seed=4)

@@ -114,10 +114,13 @@ def write_quantized(
     zero_biases: bool = False,
     dense_directory: str | Path | None = None,
     tokenizer: bool = False,
+    padded_from: int | None = None,
 ) -> Path:
     """Write a random quantized checkpoint ("awq" or "gptq"); with `dense_directory`, its dense float16 twin.
 
     zero_biases: add the all-zero `.bias` tensors older GPTQ revisions carry for o/gate/up/down.
+    padded_from: the MLP's true width when config's intermediate_size is padded past it, as the quantized 72B
+    releases pad 29568 to 29696: gate/up rows and down columns from there on are zero.
     """
     if method not in ("awq", "gptq"):
         raise ValueError(f"method must be 'awq' or 'gptq', not {method!r}")
@@ -132,6 +135,12 @@ def write_quantized(
             quantized[name] = dense[name]
             continue
         w = dense[name]
+        if padded_from is not None and name.endswith(("gate_proj.weight", "up_proj.weight")):
+            w = w.clone()
+            w[padded_from:] = 0
+        elif padded_from is not None and name.endswith("down_proj.weight"):
+            w = w.clone()
+            w[:, padded_from:] = 0
         n, k = w.shape
         g = k if group_size == -1 else group_size
         n_groups = -(-k // g)
