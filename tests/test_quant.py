@@ -405,3 +405,51 @@ def test_load_peak_is_weights_plus_a_bounded_working_set(tmp_path):
     print(f"weights {m['weights'] / 1e6:.1f} MB, peak growth {m['grew'] / 1e6:.1f} MB, "
           f"packed {packed_bytes / 1e6:.1f} MB")
     assert packed_bytes > 120e6 and over < min(64e6, packed_bytes / 2), m
+
+
+# -- CUDA: torch's fused int4 kernel --
+
+def test_int4_kernel_scales_and_zeros_on_cpu():
+    """The [s, (8 - z) * s] table the CUDA path hands to tinygemm, checked with torch's CPU twin of that kernel."""
+    from qwen2vl.quant.linear import int4pack_scales_and_zeros
+
+    gen = torch.Generator().manual_seed(2)
+    k, n, g = 128, 32, 32
+    t = {"qweight": random_bits((k // 8, n), gen), "qzeros": random_bits((k // g, n // 8), gen),
+         "scales": (torch.rand(k // g, n, generator=gen) * 0.05).half(), "g_idx": (torch.arange(k) // g).int()}
+    storage = read_layer("x", t, QuantScheme("gptq", 4, g), k, n)
+    layer = QuantLinear(k, n, 4, g, bias=False)
+    layer.load_state_dict(QuantLinear.state_from(storage), assign=True)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.unpacked().int(), 2)
+    table = int4pack_scales_and_zeros(layer.scales, layer.zeros, torch.float32)
+    x = torch.randn(5, k, generator=gen)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, table)
+    # the kernel forms (q - 8) * s + (8 - z) * s in float32, without the reference's rounding to float16
+    z, scale = layer.zeros.float().repeat_interleave(g, 1), layer.scales.float().repeat_interleave(g, 1)
+    w = (layer.unpacked().float() - z) * scale
+    torch.testing.assert_close(y, x @ w.t(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_int4_matches_reference(tmp_path, hf_model_factory):
+    """GPTQ-Int4 on CUDA in bfloat16 through `_weight_int4pack_mm`: each layer against its own dequantized weight,
+    and the logits against transformers float32 on the dense twin, within bfloat16's reach."""
+    q = write_quantized(tmp_path / "q", "gptq", group_size=32, config=AWQ_CONFIG,  # widths 96 / 224: fused fits
+                        dense_directory=tmp_path / "dense", seed=13)
+    model = qwen2vl.load_model(q, dtype=torch.bfloat16, device="cuda", progress=False)
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            x = torch.randn(7, layer.in_features, device="cuda", generator=gen).bfloat16()
+            assert layer._fused_cuda_fits(x), name
+            expected = x.float() @ layer.dequantize().float().t()
+            expected += 0 if layer.bias is None else layer.bias.float()
+            got = layer(x).float()
+            assert "_int4pack" in layer.__dict__, name
+            assert (got - expected).abs().max() <= 0.02 * expected.abs().max(), name
+    batch = build(CASES["one image"], seed=14)
+    with torch.no_grad():
+        a = model(**{k: v.cuda() for k, v in batch.items()}).float().cpu()
+        b = hf_model_factory(tmp_path / "dense")(**batch).logits
+    assert (a - b).abs().max() / b.abs().max() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9

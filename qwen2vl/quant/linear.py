@@ -16,6 +16,10 @@ n_groups = ceil(K / G)):
 The reference weight is float16: W_stored[n, j] = float16(q - z) * s[n, j // G], the subtraction exact in integers
 and the product rounded once to float16, as AutoAWQ's `dequantize_gemm` and AutoGPTQ's `QuantLinear.forward`
 compute it. `forward` is the plain-PyTorch path: dequantize, cast to the activations' dtype, one matrix product.
+
+On CUDA, 4-bit layers with bfloat16 activations instead run torch's fused dequantize-matmul (`_weight_int4pack_mm`,
+"tinygemm") on a copy repacked at first use: it computes W = (q - 8) * s + m with m = (8 - z) * s, both in bfloat16,
+so it is as close to the float16 reference as bfloat16 allows, not exact. Everything else takes the plain path.
 """
 
 from __future__ import annotations
@@ -79,4 +83,35 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type == "cuda" and self._fused_cuda_fits(x):
+            y = self._fused_cuda(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
         return F.linear(x, self.dequantize_stored().to(x.dtype), bias)
+
+    # -- CUDA: torch's int4 kernel --
+
+    def _fused_cuda_fits(self, x: torch.Tensor) -> bool:
+        k, g = self.in_features, self.group_size
+        return (self.bits == 4 and x.dtype == torch.bfloat16 and g in (32, 64, 128, 256) and k % g == 0
+                and k % 32 == 0 and self.out_features % 8 == 0)
+
+    def _fused_cuda(self, rows: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_int4pack")
+        if packed is None or packed[0].device != rows.device:
+            # the kernel's byte order is the other way round: even column in the high nibble
+            swapped = (self.qweight << 4) | (self.qweight >> 4)
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            packed = (torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles),
+                      int4pack_scales_and_zeros(self.scales, self.zeros, torch.bfloat16))
+            self.__dict__["_int4pack"] = packed
+        return torch.ops.aten._weight_int4pack_mm(rows.contiguous(), packed[0], self.group_size, packed[1])
+
+    def _apply(self, fn, *args, **kwargs):  # .to() and friends: the repacked copy follows the buffers again
+        self.__dict__.pop("_int4pack", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+def int4pack_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n_groups, N, 2) [s, (8 - z) * s] for torch's int4 kernels, which compute W = (q - 8) * s + m."""
+    s = scales.float()
+    return torch.stack((s, (8 - zeros.float()) * s), dim=-1).transpose(0, 1).contiguous().to(dtype)
