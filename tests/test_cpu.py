@@ -252,3 +252,27 @@ def test_q4_kernel_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="multiples of 32"):
         kernels.Q4Product(torch.zeros(4, 40, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16),
                           torch.zeros(4, 1, dtype=torch.int16), 80)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_quantized_layer_decodes_through_the_4bit_kernel(variant, permuted):
+    from qwen2vl.quant import QuantLinear
+
+    g = torch.Generator().manual_seed(11 + permuted)
+    k, n, group = 256, 40, 64
+    layer = QuantLinear(k, n, 4, group, bias=True, permuted=permuted, bias_dtype=torch.float32)
+    state = {"qweight": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+             "scales": (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(torch.float16),
+             "zeros": torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.int16),
+             "bias": torch.randn(n, generator=g)}
+    if permuted:
+        state["perm"] = torch.randperm(k, generator=g)
+    layer.load_state_dict(state, assign=True)
+    x = torch.randn(2, 3, k, generator=g)
+    want = x.double() @ layer.dequantize().double().T + state["bias"].double()
+    got = layer(x)
+    assert layer._cpu_product() is not None and got.shape == (2, 3, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    many = torch.randn(kernels.MAX_ROWS + 1, k, generator=g)  # many rows: the plain path, same numbers
+    assert torch.allclose(layer(many).double(), many.double() @ layer.dequantize().double().T + state["bias"].double(),
+                          rtol=1e-5, atol=1e-5)
