@@ -232,8 +232,9 @@ def load_model(
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
-    On CPU, bf16 weights (and `quantize="int8"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact weights,
-    float32 arithmetic. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
+    On CPU, bf16 weights (and `quantize="int8"` or `"int4"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact
+    weights, float32 arithmetic. `"int4"` quantizes the decoder's projections group-wise to 4 bits
+    (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -242,8 +243,8 @@ def load_model(
         directory = resolve_model_path(str(path))
     config = Qwen2VLConfig.from_file(directory)
     device = torch.device(device)
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
     if config.quantization is not None:
         if quantize:
             raise ValueError(f"{directory} is already quantized ({config.quantization.method.upper()} "
@@ -258,9 +259,13 @@ def load_model(
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)
     if quantize and not cpu_kernels:
-        raise ValueError("quantize='int8' runs through the CPU kernels; it needs device='cpu' and cpu_kernels")
+        raise ValueError(f"quantize={quantize!r} runs through the CPU kernels; it needs device='cpu' and cpu_kernels")
+    if quantize == "int4":  # the decoder's projections to 4 bits (group-wise); the output projection then int8
+        from .quant.rtn import quantize_decoder_int4
+
+        quantize_decoder_int4(model)
     if cpu_kernels:
         from .cpu import use_cpu_kernels
 
-        use_cpu_kernels(model, storage=quantize or "bf16", matmul=cpu_matmul)
+        use_cpu_kernels(model, storage={"int4": "int8"}.get(quantize, quantize or "bf16"), matmul=cpu_matmul)
     return model

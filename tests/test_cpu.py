@@ -147,16 +147,20 @@ def test_plain_bf16_path_still_available(bf16_ckpt):
         assert torch.isfinite(plain(**batch)).all()
 
 
-def test_int8_drift_and_greedy_agreement(bf16_ckpt, parity_report):
+@pytest.mark.parametrize("bits, max_rel, max_disagree", [("int8", 0.05, 0.25), ("int4", 0.8, 0.75)])
+def test_quantized_drift_and_greedy_agreement(bf16_ckpt, parity_report, bits, max_rel, max_disagree):
+    from qwen2vl.quant import QuantLinear
+
     bf16 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
-    int8 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize="int8")
-    assert int8.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    int8 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize=bits)
+    q_proj = int8.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == torch.int8 if bits == "int8" else isinstance(q_proj, QuantLinear)
     batch = build(CASES["left-padded batch: text / image / video"], seed=13)
     with torch.no_grad():
         a, b = bf16(**batch), int8(**batch)
     keep = batch["attention_mask"].bool()
     rel = (a - b)[keep].abs().max().item() / a[keep].abs().max().item()
-    parity_report("int8 vs bf16 logits, max |diff| / max |logit|", rel, 0.05)
+    parity_report(f"{bits} vs bf16 logits, max |diff| / max |logit|", rel, max_rel)
     # greedy over 64 tokens: how long the free-running outputs stay identical, and, teacher-forced on the bf16
     # continuation, at how many of the 64 steps int8 picks the same token
     prompt = Prompt.from_batch(batch)
@@ -169,8 +173,8 @@ def test_int8_drift_and_greedy_agreement(bf16_ckpt, parity_report):
     with torch.no_grad():
         forced = int8(**full)[:, L - 1:-1].argmax(-1)
     agree = (forced == ta).float().mean().item()
-    print(f"int8 greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
-    parity_report("int8 vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, 0.25)
+    print(f"{bits} greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
+    parity_report(f"{bits} vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, max_disagree)
 
 
 def test_weight_only_linear_follows_its_parameters():
@@ -276,3 +280,38 @@ def test_quantized_layer_decodes_through_the_4bit_kernel(variant, permuted):
     many = torch.randn(kernels.MAX_ROWS + 1, k, generator=g)  # many rows: the plain path, same numbers
     assert torch.allclose(layer(many).double(), many.double() @ layer.dequantize().double().T + state["bias"].double(),
                           rtol=1e-5, atol=1e-5)
+
+
+def test_int4_round_to_nearest_follows_the_awq_formula():
+    from qwen2vl.quant.formats import unpack_nibbles
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(2)
+    for k, group in ((256, 128), (200, 64), (96, 128)):  # whole groups, a short last group, one short group
+        w = torch.randn(17, k, generator=g) * 0.05
+        st = quantize_rtn(w, group)
+        q = unpack_nibbles(st.qweight, k)
+        assert st.qweight.dtype == torch.uint8 and st.scales.dtype == torch.float16 and st.perm is None
+        assert int(q.max()) <= 15 and int(st.zeros.min()) >= 0 and int(st.zeros.max()) <= 15
+        deq = _q4_reference(q, st.scales, st.zeros, group).float()
+        # round to nearest: every weight within half a step of its group's scale (plus float16 rounding)
+        step = st.scales.float().repeat_interleave(group, dim=1)[:, :k]
+        assert ((deq - w).abs() <= step / 2 + 1e-3 * w.abs() + 1e-6).all()
+
+
+def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):
+    from qwen2vl.quant import QUANTIZABLE, QuantLinear
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    plain = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_kernels=False)
+    int4 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize="int4")
+    names = {n for n, m in int4.named_modules() if isinstance(m, QuantLinear)}
+    assert names == {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and QUANTIZABLE.fullmatch(n)}
+    for name in sorted(names)[:5]:
+        original = plain.get_submodule(name)
+        st = quantize_rtn(original.weight.data)
+        layer = int4.get_submodule(name)
+        assert torch.equal(layer.qweight, st.qweight) and torch.equal(layer.scales, st.scales)
+        assert (layer.bias is None) == (original.bias is None)
+    assert int4.lm_head.weight.dtype == torch.int8  # the output projection: int8
+    assert int4.visual.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16  # the vision tower keeps bf16
