@@ -136,8 +136,8 @@ def _rgb_graph(frame, size: tuple[int, int]):
         options += [f"in_color_matrix={_MATRICES.get(frame.colorspace, 'bt601')}",
                     f"in_range={'full' if full else 'limited'}"]
         # sws_getContext's default siting (-513) is the centre: (128 << log2 subsampling) - 128 in 1/256 luma pixels
-        probe = av.VideoFormat(fmt.name, 1024, 1024).components[1]
-        for axis, chroma in (("h", probe.width), ("v", probe.height)):
+        plane = av.VideoFormat(fmt.name, 1024, 1024).components[1]  # a chroma plane of a 1024x1024 picture
+        for axis, chroma in (("h", plane.width), ("v", plane.height)):
             if chroma < 1024:
                 options.append(f"in_{axis}_chr_pos={(128 * 1024 // chroma) - 128}")
     graph = av.filter.Graph()
