@@ -4,10 +4,11 @@
 X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
 of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
 `rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
-`decode_ops.c` with the system C compiler into a per-user cache the first time they are needed; where there is
-no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the reference path
-(`torch` ops), which the tests compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
-applies these as an optional transform.
+`decode_ops.c` (shipped in the wheel as package data) with the system C compiler into a per-user cache the first
+time they are needed; where there is no AVX2/FMA, no compiler, no sources, or the build or load fails,
+`available()` is False (one log line says why) and callers use the reference path (`torch` ops), which the tests
+compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py` applies these as an optional
+transform.
 """
 
 from __future__ import annotations
@@ -47,24 +48,37 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one log line saying why) wherever they cannot be built or loaded: no
+    AVX2/FMA, no compiler, missing sources, a failed build, an unwritable cache, a library that does not load."""
     if not _cpu_has_avx2_fma():
         log.info("qwen2vl kernels: CPU lacks AVX2/FMA; using the PyTorch path")
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    try:
+        return _build_and_load()
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: a symbol is missing
+        log.warning("qwen2vl kernels: unavailable (%s: %s); using the slower PyTorch path", type(e).__name__, e)
+        return None
+
+
+def _built_path() -> Path:
+    """Where the library built from these sources and flags lives (raises OSError where a source is missing)."""
     digest = hashlib.sha256(" ".join(_FLAGS).encode() + b"".join(f.read_bytes() for f in _SOURCES)).hexdigest()
-    target = _cache_dir() / f"qwen2vl-kernels-{digest[:16]}.so"
+    return _cache_dir() / f"qwen2vl-kernels-{digest[:16]}.so"
+
+
+def _build_and_load() -> ctypes.CDLL:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    target = _built_path()
     if not target.exists():
         if compiler is None:
-            log.warning("qwen2vl kernels: no C compiler found; decoding uses the slower PyTorch path")
-            return None
+            raise OSError("no C compiler found (set CC)")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
             cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                log.warning("qwen2vl kernels: build failed, using the PyTorch path:\n%s", res.stderr[-2000:])
-                return None
+                raise OSError(f"the build failed: {res.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: concurrent first uses do not see half a file
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -136,23 +150,26 @@ def _f32(*tensors: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
     float32 (the caller then uses PyTorch)."""
-    if not _f32(x, weight) or weight.shape != x.shape[-1:]:
+    lib = _library()
+    if lib is None or not _f32(x, weight) or weight.shape != x.shape[-1:]:
         return None
     y = torch.empty_like(x)
-    _library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x * cos + rotate_half(x) * sin written into x, for x (B, heads, L, D) laid out as (B, L, heads, D) (a
-    projection's output viewed per head) and cos, sin (B, 1, L, D); None (x untouched) for any other layout."""
-    if x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
+    projection's output viewed per head) and cos, sin (B, 1, L, D); None (x untouched) for any other layout or
+    where the kernels are unavailable."""
+    lib = _library()
+    if lib is None or x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         return None
     rows_first = x.transpose(1, 2)
     if not _f32(rows_first, cos, sin):
         return None
     b, heads, n, d = x.shape
-    _library().rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
+    lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
     return x
 
 
