@@ -103,7 +103,7 @@ def reference(path: str, contents: list, max_tokens: int) -> dict:
         from transformers import LogitsProcessor
 
         class Stamp(LogitsProcessor):
-            def __call__(self, input_ids, scores):
+            def __call__(self, input_ids, scores, stamps=stamps):
                 stamps.append(time.perf_counter())
                 return scores
 

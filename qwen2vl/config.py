@@ -3,7 +3,8 @@
 Matches what transformers builds from the same file (`Qwen2VLConfig`, `Qwen2VLTextConfig`,
 `Qwen2VLVisionConfig`, 4.45-5.x): text fields at the root or under `text_config`; M-RoPE sections under
 `rope_scaling` (`type: mrope` or `default`) or `rope_parameters` (5.x); a sparse `vision_config` whose missing
-fields take the reference class defaults (spec 1.2; `in_chans` and `spatial_patch_size` are ignored there too).
+fields take the reference class defaults (`Qwen2VLVisionConfig.__init__`; `in_chans` and `spatial_patch_size`
+are ignored there too).
 Every key read is named here; inconsistent values raise `ConfigError` with the values in the message.
 """
 
@@ -93,7 +94,7 @@ class Qwen2VLConfig:
     torch_dtype: torch.dtype | None = None  # the dtype the checkpoint was saved in, if it says
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Qwen2VLConfig":
+    def from_file(cls, path: str | Path) -> Qwen2VLConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -109,7 +110,7 @@ class Qwen2VLConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> Qwen2VLConfig:
         model_type = d.get("model_type")
         if model_type not in (None, "qwen2_vl"):
             raise ConfigError(f"model_type is {model_type!r}; this package implements 'qwen2_vl' only")

@@ -50,7 +50,7 @@ class WeightOnlyLinear(nn.Module):
         return self._product
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> "WeightOnlyLinear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> WeightOnlyLinear:
         if storage == "bf16":
             return cls(weight.to(torch.bfloat16).contiguous(), bias)
         if storage == "int8":

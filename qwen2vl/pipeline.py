@@ -56,8 +56,9 @@ class Timings:
 
     def report(self) -> str:
         rate = self.new_tokens / self.decode_s if self.decode_s else 0.0
-        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | vision encode {self.vision_s:.2f}s | "
-                 f"prefill {self.prefill_s:.2f}s ({self.prompt_tokens - self.reused_tokens} of {self.prompt_tokens} "
+        run = self.prompt_tokens - self.reused_tokens
+        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | "
+                 f"vision encode {self.vision_s:.2f}s | prefill {self.prefill_s:.2f}s ({run} of {self.prompt_tokens} "
                  f"prompt tokens run) | decode {self.new_tokens} tokens in {self.decode_s:.2f}s = {rate:.1f} tok/s"]
         for kind, tokens in self.item_tokens:
             lines.append(f"  {kind}: {tokens} tokens")

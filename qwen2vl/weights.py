@@ -96,7 +96,9 @@ def _read_tensor(f, path: Path, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
-def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> None:
+def load_weights(
+    model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True
+) -> None:
     """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
     plan: list[tuple[Path, str, str, dict, int]] = []  # (file, checkpoint key, our name, info, data start)
@@ -120,7 +122,8 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             parts.append(f"{len(unused)} unused tensors: {sorted(unused)[:20]}{' ...' if len(unused) > 20 else ''}")
         if dupes:
             parts.append(f"tensors given twice (under both key layouts?): {dupes[:20]}")
-        raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; " + "; ".join(parts))
+        raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; "
+                              + "; ".join(parts))
 
     total = sum(info["data_offsets"][1] - info["data_offsets"][0] for *_, info, _ in plan)
     state: dict[str, torch.Tensor] = {}

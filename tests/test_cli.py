@@ -1,4 +1,4 @@
-"""The `qwen2vl` command as a new user meets it (issue 17): the real entry point in a subprocess, on a tiny
+"""The `qwen2vl` command as a new user meets it: the real entry point in a subprocess, on a tiny
 checkpoint written by `qwen2vl make-tiny` itself.
 
 Mistakes are reported in one line before any model loads; help is fast (no torch import) and states every default;

@@ -95,8 +95,8 @@ def test_a_bf16_model_without_kernels_gives_the_kernel_paths_results(with_kernel
     logits, tokens = _run(without, ids, mask)
     plain_logits, plain_tokens = _run(plain, ids, mask)
     keep = mask.bool()
-    parity_report("logits, bf16 model without kernels vs with kernels", (logits - kernel_logits)[keep].abs().max().item(),
-                  1e-4)
-    parity_report("logits, bf16 model without kernels vs float32 PyTorch", (logits - plain_logits)[keep].abs().max().item(),
-                  1e-4)
+    parity_report("logits, bf16 model without kernels vs with kernels",
+                  (logits - kernel_logits)[keep].abs().max().item(), 1e-4)
+    parity_report("logits, bf16 model without kernels vs float32 PyTorch",
+                  (logits - plain_logits)[keep].abs().max().item(), 1e-4)
     assert torch.equal(tokens, kernel_tokens) and torch.equal(tokens, plain_tokens)

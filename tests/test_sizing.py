@@ -63,6 +63,7 @@ def fast_loading(repo, monkeypatch):
     """Every checkpoint here has the same tokenizer files: load them once on each side. And skip the
     0.7 s `repr` of the whole processor (tokenizer included) that transformers formats for a log line it drops."""
     import transformers
+
     from qwen2vl.processing import processor as processor_module
     from qwen2vl.processing.tokenizer import Tokenizer
 

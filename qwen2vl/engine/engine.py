@@ -32,13 +32,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
-from ..generate.decode import Prompt
+from ..generate.decode import Prompt, require_grid
 from ..model import Qwen2VL
 from .slots import SlotAttend, SlotPool, slot_bytes
-
 
 STEP_WINDOW_S = 60.0  # stats()["longest_step_s"] looks this far back
 MIN_PROMPT_BUDGET_S = 0.05  # prompt work per step when nothing decodes, or decoding is faster than this
@@ -88,7 +88,8 @@ class VisionCache:
     """LRU of vision features keyed by a hash of the pixels and grid, bounded in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used, self.items = max_bytes, 0, OrderedDict()
+        self.max_bytes, self.used = max_bytes, 0
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -308,9 +309,9 @@ class Engine:
             p = req.prompt
             items = []
             if p.image_features is None and p.pixel_values is not None:
-                items += _split_items("image", p.pixel_values, p.image_grid_thw)
+                items += _split_items("image", p.pixel_values, require_grid(p.image_grid_thw, "image"))
             if p.video_features is None and p.pixel_values_videos is not None:
-                items += _split_items("video", p.pixel_values_videos, p.video_grid_thw)
+                items += _split_items("video", p.pixel_values_videos, require_grid(p.video_grid_thw, "video"))
             req.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
             req.identity = self._identity(req, req.vision_pending)
             req.slot, req.done = self._pick_slot(req.identity)
@@ -322,7 +323,8 @@ class Engine:
         prompts share a prefix only if their pictures are the same too."""
         p, cfg = req.prompt, self.model.config
         merge = cfg.vision.spatial_merge_size ** 2
-        pads = {cfg.image_token_id: [], cfg.video_token_id: []}  # per kind: [(key, tokens), ...] in order
+        # per kind: [(key, tokens), ...] in order
+        pads: dict[int, list[tuple[str, int]]] = {cfg.image_token_id: [], cfg.video_token_id: []}
         for kind, _, grid, key in items:
             token = cfg.image_token_id if kind == "image" else cfg.video_token_id
             pads[token].append((key, int(grid.prod()) // merge))
@@ -395,6 +397,7 @@ class Engine:
             req.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
             req.next_position = p.input_ids.shape[1] + int(deltas[0])
             req.features = {}
+        assert req.positions is not None  # set with embeds, above
         length, end = req.embeds.shape[1], self._chunk_end(req)
         hidden = model.model(req.embeds[:, req.done:end], req.positions[:, :, req.done:end].to(model.device),
                              None, self.pool.view(req.slot), req.done)
@@ -435,7 +438,7 @@ class Engine:
         token = int(req.choose(logits, seen)[0])
         req.generated.append(token)
         self.generated_tokens += 1
-        logprob, top = None, ()
+        logprob, top = None, cast(tuple[tuple[int, float], ...], ())
         if req.logprobs is not None:
             lp = torch.log_softmax(logits[0], dim=-1)
             logprob = float(lp[token])

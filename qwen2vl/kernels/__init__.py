@@ -113,7 +113,8 @@ class Product:
                              f"got {w.dtype} {tuple(w.shape)}")
         for name, v in (("scale", scale), ("bias", bias)):
             if v is not None and (v.dtype != torch.float32 or v.shape != (w.shape[0],) or not v.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, got {v.dtype} {tuple(v.shape)}")
+                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, "
+                                 f"got {v.dtype} {tuple(v.shape)}")
         self.n, self.k = w.shape
         self.tensors = (w, scale, bias)  # kept alive: the kernel reads them through raw pointers
         self.ptr = w.data_ptr()

@@ -19,7 +19,7 @@ class KVCache:
         self.max_len = max_len
 
     @classmethod
-    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """A cache backed by existing (layers, batch, kv_heads, max_len, head_dim) tensors, e.g. one engine slot."""
         cache = cls.__new__(cls)
         cache.k, cache.v, cache.max_len = k, v, k.shape[3]

@@ -85,7 +85,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
-                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> "Processor":
+                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> Processor:
         """Read tokenizer.json, the chat template, preprocessor_config.json (and video_preprocessor_config.json)
         from a checkpoint directory or hub id.
 
@@ -204,7 +204,8 @@ class Processor:
                 at, pad = min(cut)
                 grid = next(queues[pad], None)
                 if grid is None:
-                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items", f"conversation {c}")
+                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items",
+                                     f"conversation {c}")
                 pieces.append(rest[:at] + pad * (grid[0] * grid[1] * grid[2] // 4))
                 rest = rest[at + len(pad):]
             ids = self.tokenizer.encode("".join(pieces))
@@ -236,7 +237,8 @@ class Processor:
                 parts = []
                 for p in m["content"]:
                     if p["type"] in ("image", "video"):
-                        p = {**p, p["type"]: fetch(p[p["type"]], self.policy, f"{p['type']} ({_describe(p[p['type']])})")}
+                        source = p[p["type"]]
+                        p = {**p, p["type"]: fetch(source, self.policy, f"{p['type']} ({_describe(source)})")}
                     parts.append(p)
                 m = {**m, "content": parts}
             out.append(m)
@@ -367,7 +369,7 @@ class Processor:
             fitted.append(m)
         return fitted, self._plan(fitted, text, facts)
 
-    def with_policy(self, policy: MediaPolicy) -> "Processor":
+    def with_policy(self, policy: MediaPolicy) -> Processor:
         clone = Processor.__new__(Processor)
         clone.__dict__.update(self.__dict__)
         clone.policy = policy

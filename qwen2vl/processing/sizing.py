@@ -46,7 +46,7 @@ class ProcessorBounds:
     @classmethod
     def from_configs(cls, image_config: dict, video_config: dict | None = None, min_pixels: int | None = None,
                      max_pixels: int | None = None, size: dict | None = None,
-                     overrides_reach_videos: bool = False) -> "ProcessorBounds":
+                     overrides_reach_videos: bool = False) -> ProcessorBounds:
         """As `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=..., size=...)` leaves them.
 
         `image_config` is preprocessor_config.json; `video_config` is video_preprocessor_config.json when the

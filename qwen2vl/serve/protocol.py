@@ -19,8 +19,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from ..generate.sampling import SamplingParams
 
@@ -241,7 +250,8 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
     loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), (str(first["loc"][0]) if first["loc"] else None)
+    field = str(first["loc"][0]) if first["loc"] else None
+    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), field
 
 
 def parse_request(body: Any, generation_config: dict) -> ChatRequest:

@@ -86,7 +86,8 @@ class Server:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
-        self.max_request_bytes, self.body_timeout_s, self.stall_after_s = max_request_bytes, body_timeout_s, stall_after_s
+        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        self.stall_after_s = stall_after_s
         self.limits = limits or Limits()
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
