@@ -30,7 +30,7 @@ class WeightOnlyLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
-        self._product: kernels.Product | None = None  # bound on first use, dropped when the parameters change
+        self._product: kernels.WeightOnlyMatmul | None = None  # bound on first use, dropped when the parameters change
         self.matmul = "float32"  # many-row products: "float32" (widen W) or "bf16" (native); see qwen2vl.machine
 
     def __setattr__(self, name, value) -> None:
@@ -42,11 +42,11 @@ class WeightOnlyLinear(nn.Module):
         self.__dict__["_product"] = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _bind(self) -> kernels.Product | None:
+    def _bind(self) -> kernels.WeightOnlyMatmul | None:
         w, scale, bias = (None if t is None else t.data for t in (self.weight, self.scale, self.bias))
         if (kernels.available() and w.shape[1] % 8 == 0 and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
                 and all(t is None or t.dtype == torch.float32 for t in (scale, bias))):
-            self._product = kernels.Product(w, scale, bias)
+            self._product = kernels.WeightOnlyMatmul(w, scale, bias)
         return self._product
 
     @classmethod

@@ -110,14 +110,17 @@ class Pipeline:
         return self.processor(conversations, budget=self.budget(params) if fit else None, fit=fit,
                               progress=self.progress)
 
-    def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None, fit: bool = False):
+    def _timed_steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None,
+                     fit: bool = False):
+        """`generate_steps` over the prepared conversations (or `batch`), recording `last_timings` as it goes."""
         t0 = time.perf_counter()
         batch = batch if batch is not None else self.prepare(conversations, params, fit)
         timings = Timings(preprocess_s=time.perf_counter() - t0, prompt_tokens=int(batch["attention_mask"].sum()))
         for kind in ("image", "video"):
             grid = batch.get(f"{kind}_grid_thw")
             if grid is not None:
-                timings.item_tokens += [(kind, int(g.prod()) // 4) for g in grid]
+                merge = self.model.config.vision.spatial_merge_size ** 2
+                timings.item_tokens += [(kind, int(g.prod()) // merge) for g in grid]
         t0 = time.perf_counter()
         prompt = self._with_cached_vision(Prompt.from_batch(batch))
         timings.vision_s = time.perf_counter() - t0
@@ -187,7 +190,8 @@ class Pipeline:
         """Text pieces of the answer as they are decoded (never half a character; stop strings cut). `fit`: see
         `prepare`."""
         params = self.params(**sampling)
-        yield from self._stream_steps(self._steps([conversation], params, fit=fit), params, skip_special_tokens)
+        steps = self._timed_steps([conversation], params, fit=fit)
+        yield from self._stream_steps(steps, params, skip_special_tokens)
 
     def _stream_steps(self, steps, params: SamplingParams, skip_special_tokens: bool) -> Iterator[str]:
         detok = IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens)
@@ -212,7 +216,7 @@ class Pipeline:
         """Answers for a batch of conversations (left-padded, decoded together; each equals its own run)."""
         params = self.params(**sampling)
         ids: list[list[int]] = [[] for _ in conversations]
-        for step in self._steps(conversations, params, fit=fit):
+        for step in self._timed_steps(conversations, params, fit=fit):
             for row, token in enumerate(step.tokens.tolist()):
                 if not ids[row] or ids[row][-1] not in params.stop_token_ids:
                     ids[row].append(token)
@@ -304,7 +308,7 @@ class ChatSession:
         messages, answer_ids = self.messages, []
 
         def steps():
-            for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
+            for step in self.pipe._timed_steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
                 answer_ids.append(int(step.tokens[0]))
                 yield step
 

@@ -31,12 +31,8 @@ class SlotPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_model_len = slots, max_model_len
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
     def view(self, slot: int) -> KVCache:
-        return KVCache.over(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
+        return KVCache.backed_by(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
 
 
 class SlotAttend:

@@ -1,14 +1,13 @@
 """CPU kernels for the decode step, compiled on first use, each with a plain-PyTorch reference path.
 
-`Product` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few rows of
-X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
-of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
-`rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
+`WeightOnlyMatmul` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few
+rows of X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per
+group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm`
+and `rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
 `decode_ops.c` (shipped in the wheel as package data) with the system C compiler into a per-user cache the first
-time they are needed; where there is no AVX2/FMA, no compiler, no sources, or the build or load fails,
-`available()` is False (one log line says why) and callers use the reference path (`torch` ops), which the tests
-compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py` applies these as an optional
-transform.
+time they are needed; where there is no AVX2/FMA, no compiler, no sources, or the build or load fails, `available()`
+is False (one log line says why) and callers use the reference path (`torch` ops), which the tests compare against.
+Nothing here is imported by the model files: `qwen2vl/cpu.py` applies these as an optional transform.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def available() -> bool:
 _threads = torch.get_num_threads
 
 
-class Product:
+class WeightOnlyMatmul:
     """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
     float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
 
@@ -135,16 +134,16 @@ class Product:
 
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) bfloat16, bias (N,) float32 -> (M, N) float32."""
-    return Product(w, None, bias)(x)
+    return WeightOnlyMatmul(w, None, bias)(x)
 
 
 def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N) float32 = x' @ (w * scale[:, None]).T + bias,
     where x' is x rounded to int16 per group of GROUP inputs (see `quantize_rows_int16`)."""
-    return Product(w, scale, bias)(x)
+    return WeightOnlyMatmul(w, scale, bias)(x)
 
 
-def _f32(*tensors: torch.Tensor) -> bool:
+def _contiguous_cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
@@ -152,7 +151,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
     float32 (the caller then uses PyTorch)."""
     lib = _library()
-    if lib is None or not _f32(x, weight) or weight.shape != x.shape[-1:]:
+    if lib is None or not _contiguous_cpu_float32(x, weight) or weight.shape != x.shape[-1:]:
         return None
     y = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
@@ -167,7 +166,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     if lib is None or x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         return None
     rows_first = x.transpose(1, 2)
-    if not _f32(rows_first, cos, sin):
+    if not _contiguous_cpu_float32(rows_first, cos, sin):
         return None
     b, heads, n, d = x.shape
     lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)

@@ -19,15 +19,11 @@ class KVCache:
         self.max_len = max_len
 
     @classmethod
-    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+    def backed_by(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """A cache backed by existing (layers, batch, kv_heads, max_len, head_dim) tensors, e.g. one engine slot."""
         cache = cls.__new__(cls)
         cache.k, cache.v, cache.max_len = k, v, k.shape[3]
         return cache
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, L, hd) at slots start..start+L; return all keys/values up to there."""
