@@ -78,6 +78,13 @@ class WeightOnlyLinear(nn.Module):
 class FastRMSNorm(RMSNorm):
     """RMSNorm in one kernel call for float32 activations (the decode step has 57 of them)."""
 
+    @classmethod
+    def replacing(cls, norm: RMSNorm) -> FastRMSNorm:
+        """A FastRMSNorm holding `norm`'s own weight parameter (shared, not copied)."""
+        fast = cls(norm.weight.shape[0], norm.eps)
+        fast.weight = norm.weight
+        return fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x) if y is None else y
@@ -121,12 +128,13 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
-    if kernels.available():  # the decode step's small operations, one kernel call each: same state, other forward
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                module.__class__ = FastRMSNorm
-            elif isinstance(module, Attention):
-                module.rope = fast_rope
+    if kernels.available():  # the decode step's small operations, one kernel call each: same weights
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is RMSNorm:
+                    setattr(parent, child_name, FastRMSNorm.replacing(child))
+            if isinstance(parent, Attention):
+                parent.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
     model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul)
