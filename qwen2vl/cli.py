@@ -22,7 +22,7 @@ from . import __version__
 if TYPE_CHECKING:  # the commands import the library when they run: help stays torch-free
     from .pipeline import Pipeline
 
-DTYPES = ("auto", "bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")  # "auto" + qwen2vl.config.DTYPES, listed without torch
 CPU_MAX_PIXELS = 1280 * 28 * 28  # 1280 tokens an image at most: the official README's advice for a small budget
 CHECKPOINT = "checkpoint"  # --max-pixels value: no bound of ours, the reference's sizing and numbers
 # optional dependency -> (what needs it, what to install, its extra in pyproject.toml)
@@ -243,14 +243,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _note_fit(pipe, conversation, args)
     if args.draw_boxes:
         from .grounding import draw_boxes
-        from .processing.chat import normalize_part
-        from .processing.media import load_image
 
         text, boxes = pipe.ground(conversation, fit=args.fit, **_sampling(args))
         print(text)
-        image = load_image(normalize_part({"type": "image", "image": images[-1]}, "image")["image"],
-                           pipe.processor.policy)
-        draw_boxes(image, boxes, args.draw_boxes)
+        draw_boxes(pipe.last_image(conversation), boxes, args.draw_boxes)
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
     """config.json is missing a field, or its values contradict each other."""
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# config.json "torch_dtype" names; the one table of dtype names (the CLI lists the same names without torch)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ class Qwen2VLConfig:
             vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
             bos_token_id=d.get("bos_token_id", text_d.get("bos_token_id", 151643)),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            torch_dtype=DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
         )
 
 

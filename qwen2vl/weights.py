@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,10 +25,6 @@ PREFIX_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
 )
 
-
-# our parameter name -> layout conversion applied to the checkpoint tensor (none needed today: every parameter
-# keeps the checkpoint's shape; a fused or re-laid-out parameter would register its conversion here)
-CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 # keys a checkpoint may carry that the model does not use, and when
 REDUNDANT_WHEN_TIED = ("lm_head.weight",)
@@ -133,8 +128,6 @@ def load_weights(
         for path, key, name, info, start in plan:
             f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
             t = _read_tensor(f, path, info, start)
-            if name in CONVERSIONS:
-                t = CONVERSIONS[name](t)
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")

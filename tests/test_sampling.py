@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GenerationMixin
 
-from qwen2vl.generate.sampling import SamplingParams, choose_each, chooser, new_generator, process_logits, sample
+from qwen2vl.generate.sampling import SamplingParams, chooser, new_generator, process_logits, sample
 
 V, PAD = 500, 499
 # the official generation_config.json variants (7B-Instruct; the 2B mirror's), plus settings that exercise each
@@ -134,18 +134,6 @@ def test_greedy_is_argmax_and_top_k_1_only_draws_among_the_maxima():
     untied = torch.randn(2, V, generator=torch.Generator().manual_seed(5))
     want = process_logits(untied, seen[:2], official).argmax(-1)
     assert torch.equal(chooser(official.with_(seed=3))(untied, seen[:2]), want)
-
-
-def test_rows_with_different_params_get_what_they_would_alone():
-    logits, seen = batch(11)
-    params = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=1),
-              SamplingParams(repetition_penalty=1.3), SamplingParams(do_sample=True, top_k=3, seed=2)]
-    rows = [seen[i, i * 5:] for i in range(4)]  # ragged histories
-    got = choose_each(logits, rows, [chooser(p) for p in params])
-    alone = [chooser(p)(logits[i:i + 1], rows[i][None]) for i, p in enumerate(params)]
-    assert torch.equal(got, torch.cat(alone))
-    with pytest.raises(ValueError, match="3 rows of logits, 4 id sequences"):
-        choose_each(logits[:3], rows, [chooser(p) for p in params])
 
 
 def test_sample_and_generator_helpers():

@@ -25,18 +25,18 @@ per-row result does not depend on the batch (`qwen2vl.kernels`). The token choic
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 
-from ..generate.decode import Prompt, require_grid
+from ..generate.decode import Prompt
+from ..generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from ..model import Qwen2VL
 from .slots import SlotAttend, SlotPool, slot_bytes
 
@@ -73,7 +73,7 @@ class SequenceState:
     next_position: int = 0
     vision_pending: list = field(default_factory=list)  # (kind, pixels, grid, cache key) per item not yet encoded
     encoding: tuple | None = None  # (kind, cache key, generator): the item being encoded, a piece per next()
-    prefix_key: list = field(default_factory=list)  # token ids, placeholders as (picture hash, index): see _prefix_key
+    prefix_key: list = field(default_factory=list)  # generate.vision.prefix_key of the prompt
     features: dict = field(default_factory=dict)
 
     @property
@@ -93,40 +93,6 @@ class Output:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
-
-
-class VisionCache:
-    """LRU of vision features keyed by a hash of the pixels and grid, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used = max_bytes, 0
-        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(pixels: torch.Tensor, grid: torch.Tensor) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(pixels.contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(str(grid.tolist()).encode())
-        return h.hexdigest()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return self.items[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        self.items[key] = value
-        self.used += size
-        while self.used > self.max_bytes:
-            _, old = self.items.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
 
 
 class Engine:
@@ -317,54 +283,20 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            p = seq.request.prompt
-            items = []
-            if p.image_features is None and p.pixel_values is not None:
-                items += _split_items("image", p.pixel_values, require_grid(p.image_grid_thw, "image"))
-            if p.video_features is None and p.pixel_values_videos is not None:
-                items += _split_items("video", p.pixel_values_videos, require_grid(p.video_grid_thw, "video"))
+            items = vision_items(seq.request.prompt)
             seq.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
-            seq.prefix_key = self._prefix_key(seq, seq.vision_pending)
+            seq.prefix_key = prefix_key(seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending],
+                                        self.model.config)
             seq.slot, seq.prefilled = self._pick_slot(seq.prefix_key)
             self.prefix_tokens_reused += seq.prefilled
             self.prefilling.append(seq)
-
-    def _prefix_key(self, seq: SequenceState, items: list) -> list:
-        """The prompt's token ids, with each image/video placeholder replaced by (content hash, index): two
-        prompts share a prefix only if their pictures are the same too."""
-        p, cfg = seq.request.prompt, self.model.config
-        merge = cfg.vision.spatial_merge_size ** 2
-        # per kind: [(key, tokens), ...] in order
-        pads: dict[int, list[tuple[str, int]]] = {cfg.image_token_id: [], cfg.video_token_id: []}
-        for kind, _, grid, key in items:
-            token = cfg.image_token_id if kind == "image" else cfg.video_token_id
-            pads[token].append((key, int(grid.prod()) // merge))
-        for token, feats in ((cfg.image_token_id, p.image_features), (cfg.video_token_id, p.video_features)):
-            if feats is not None:  # precomputed features: one key covering all of them
-                pads[token] = [(VisionCache.key(feats, torch.tensor(feats.shape)), feats.shape[0])]
-        out, item, used = [], {t: 0 for t in pads}, {t: 0 for t in pads}
-        for t in seq.ids.tolist():
-            if t in pads and item[t] < len(pads[t]):
-                key, count = pads[t][item[t]]
-                out.append((key, used[t]))
-                used[t] += 1
-                if used[t] == count:
-                    item[t], used[t] = item[t] + 1, 0
-            else:
-                out.append(t)
-        return out
 
     def _pick_slot(self, ids: list) -> tuple[int, int]:
         """A free slot, preferring the one holding the longest run of whole prefill chunks of this prompt."""
         best, best_len = self.free_slots[0], 0
         for slot in self.free_slots:
-            held = self.slot_tokens.get(slot, [])
-            common = 0
-            for a, b in zip(held, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # the last prompt token is always run, for its logits
+            # the last prompt token is always run, for its logits
+            common = min(common_prefix(self.slot_tokens.get(slot, []), ids), len(ids) - 1)
             whole = common // self.prefill_chunk * self.prefill_chunk
             if whole > best_len:
                 best, best_len = slot, whole
@@ -463,15 +395,6 @@ class Engine:
               or seq.prefilled + len(seq.generated) >= self.max_model_len):
             reason = "length"
         return Output(seq.request_id, token, logprob, top, reason)
-
-
-def _split_items(kind: str, pixels: torch.Tensor, grids: torch.Tensor) -> list:
-    items, start = [], 0
-    for grid in grids:
-        n = int(grid.prod())
-        items.append((kind, pixels[start:start + n], grid[None]))
-        start += n
-    return items
 
 
 def _cat(parts: list | None) -> torch.Tensor | None:

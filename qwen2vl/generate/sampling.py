@@ -11,7 +11,7 @@ Ours, not HF's: temperature 0 means greedy (HF raises), and `seed` gives a priva
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -148,11 +148,3 @@ def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Chooser:
     return choose
 
 
-def choose_each(logits: torch.Tensor, seen: Sequence[torch.Tensor], choosers: Sequence[Chooser]) -> torch.Tensor:
-    """A batch whose rows follow different SamplingParams: row i is chosen by choosers[i] from seen[i] (S_i,).
-
-    Each row gets exactly the token that row alone would get, so an engine can batch unrelated requests."""
-    if not logits.shape[0] == len(seen) == len(choosers):
-        raise ValueError(f"{logits.shape[0]} rows of logits, {len(seen)} id sequences, {len(choosers)} choosers")
-    return torch.cat([choose(logits[i:i + 1], ids.reshape(1, -1)) for i, (ids, choose) in
-                      enumerate(zip(seen, choosers))])

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..config import DTYPES
+
 # Odd sizes on purpose: widths that are not powers of two, 3 query heads per kv head, an uneven mrope_section,
 # a vision head count of 3 and an MLP ratio that is not an integer.
 TINY_TEXT: dict[str, Any] = {
@@ -142,8 +144,7 @@ def write_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = make_config() if config is None else config
-    config = {**config, "torch_dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16",
-                                        torch.float16: "float16"}[dtype]}
+    config = {**config, "torch_dtype": {v: k for k, v in DTYPES.items()}[dtype]}
     gen = torch.Generator().manual_seed(seed)
     tensors = {name: random_tensor(name, shape, gen, dtype) for name, shape in tensor_shapes(config).items()}
     if key_layout == "transformers":
