@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from ..generate.sampling import SamplingParams
+from ..processing.chat import normalize_part
 
 # per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
 ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
@@ -220,15 +221,9 @@ def _conversation(messages: list[Message]) -> list[dict]:
 
 
 def _item(part: TextPart | ImagePart | VideoPart) -> dict:
-    if isinstance(part, TextPart):
-        return {"type": "text", "text": part.text}
-    kind = "image" if isinstance(part, ImagePart) else "video"
-    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
-    url = inner.url if isinstance(inner, ItemFields) else inner
-    fields = part.fields()
-    if isinstance(inner, ItemFields):
-        fields.update(inner.fields())
-    return {"type": kind, kind: url, **fields}
+    """A validated OpenAI part in qwen-vl-utils form, by the one normalisation the processor also applies (the
+    fields of image_url / video_url override the part's own)."""
+    return normalize_part(part.model_dump(exclude_none=True), "messages")
 
 
 def _reject_constant(name: str) -> NoReturn:
