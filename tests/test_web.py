@@ -10,12 +10,12 @@ import shutil
 import httpx
 import pytest
 from PIL import Image
-from processing_fixtures import noise_image
-from test_server import data_uri, serve_args
 
+from processing_fixtures import noise_image
 from qwen2vl.grounding import parse_boxes
 from qwen2vl.serve.protocol import ApiError, parse_request
 from qwen2vl.serve.server import build_server, serve_in_thread
+from test_server import data_uri, serve_args
 
 KEY = "sk-web"
 REPLY = ("The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(480,900)<|box_end|> sits by "
@@ -139,7 +139,8 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         expect(page.locator(".msg.assistant[data-state=done]")).to_have_count(2, timeout=120_000)
         history = page.evaluate("window.qwen2vl.state.history")
         assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
-        assert history[0]["content"][0]["type"] == "image_url" and history[2]["content"][-1]["text"] == "And the colours?"
+        assert history[0]["content"][0]["type"] == "image_url"
+        assert history[2]["content"][-1]["text"] == "And the colours?"
         assert not page.query_selector(".msg.error"), page.text_content(".msg.error")
 
         # grounding: a known reply's boxes drawn over the image, where the library puts them
