@@ -342,6 +342,29 @@ def test_quantized_vision_layer_is_refused(tmp_path):
         qwen2vl.load_model(q, progress=False)
 
 
+def test_quantized_tensors_without_quantization_config(tmp_path):
+    q = write_quantized(tmp_path / "q", "awq", group_size=8)
+    cfg = json.loads((q / "config.json").read_text())
+    del cfg["quantization_config"]
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(qwen2vl.CheckpointError, match=r"\.qweight is a quantized tensor, but config\.json has no"):
+        qwen2vl.load_model(q, progress=False)
+
+
+def test_transformers_key_layout(tmp_path):
+    """model.language_model.* / model.visual.* names (transformers >= 4.52 saves) load the same layers."""
+    q = write_quantized(tmp_path / "q", "gptq", group_size=32, desc_act=True)
+    before = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
+    tensors = load_file(q / "model.safetensors")
+    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): t for k, t in tensors.items()}
+    assert any(k.startswith("model.language_model.layers.0.self_attn.q_proj.qweight") for k in renamed)
+    save_file(renamed, q / "model.safetensors")
+    after = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_unequal_act_order_groups_are_refused():
     gen = torch.Generator().manual_seed(0)
     k, n = 32, 8
