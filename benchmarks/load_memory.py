@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--quantized", choices=["awq", "gptq4", "gptq8"],
-                    help="measure a quantized checkpoint of this format (transformers is not run: it needs GPU kernels)")
+                    help="measure a quantized checkpoint of this format (ours only: transformers needs GPU kernels)")
     args = ap.parse_args()
     path = Path(args.dir)
     if args.quantized:

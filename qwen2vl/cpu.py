@@ -30,7 +30,7 @@ class WeightOnlyLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
-        self._product: kernels.Product | None = None  # bound on first use, dropped when the parameters change
+        self._product: kernels.WeightOnlyMatmul | None = None  # bound on first use, dropped when the parameters change
         self.matmul = "float32"  # many-row products: "float32" (widen W) or "bf16" (native); see qwen2vl.machine
 
     def __setattr__(self, name, value) -> None:
@@ -42,15 +42,15 @@ class WeightOnlyLinear(nn.Module):
         self.__dict__["_product"] = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _bind(self) -> kernels.Product | None:
+    def _bind(self) -> kernels.WeightOnlyMatmul | None:
         w, scale, bias = (None if t is None else t.data for t in (self.weight, self.scale, self.bias))
         if (kernels.available() and w.shape[1] % 8 == 0 and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
                 and all(t is None or t.dtype == torch.float32 for t in (scale, bias))):
-            self._product = kernels.Product(w, scale, bias)
+            self._product = kernels.WeightOnlyMatmul(w, scale, bias)
         return self._product
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> "WeightOnlyLinear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> WeightOnlyLinear:
         if storage == "bf16":
             return cls(weight.to(torch.bfloat16).contiguous(), bias)
         if storage == "int8":
@@ -68,6 +68,9 @@ class WeightOnlyLinear(nn.Module):
             kernel = self._product or self._bind()
             if kernel is not None:
                 return kernel(rows).view(*x.shape[:-1], -1)
+        if x.dtype == torch.bfloat16:  # bf16 activations (vision blocks under bf16 products): bf16 out, bias fused
+            w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(torch.bfloat16))
         if self.matmul == "bf16" and x.dtype == torch.float32:  # native bf16 GEMM, float32 activations around it
             w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
             y = F.linear(x.to(torch.bfloat16), w).float()
@@ -77,6 +80,13 @@ class WeightOnlyLinear(nn.Module):
 
 class FastRMSNorm(RMSNorm):
     """RMSNorm in one kernel call for float32 activations (the decode step has 57 of them)."""
+
+    @classmethod
+    def replacing(cls, norm: RMSNorm) -> FastRMSNorm:
+        """A FastRMSNorm holding `norm`'s own weight parameter (shared, not copied)."""
+        fast = cls(norm.weight.shape[0], norm.eps)
+        fast.weight = norm.weight
+        return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = kernels.rms_norm(x, self.weight, self.eps)
@@ -121,16 +131,24 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
-    if kernels.available():  # the decode step's small operations, one kernel call each: same state, other forward
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                module.__class__ = FastRMSNorm
-            elif isinstance(module, Attention):
-                module.rope = fast_rope
+    if kernels.available():  # the decode step's small operations, one kernel call each: same weights
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is RMSNorm:
+                    setattr(parent, child_name, FastRMSNorm.replacing(child))
+            if isinstance(parent, Attention):
+                parent.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
-    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul)
+    decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear)]
+    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul,
+                                      sorted({tuple(m.weight.shape) for m in decoder}))
     for m in linears:
         m.matmul = model.cpu_choice.matmul
+    inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
+    for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
+        block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)
+    for layer in model.model.layers:
+        layer.prompt_mlp_dtype = inner
     model.compute_dtype = torch.float32
     return model

@@ -1,4 +1,4 @@
-"""The Qwen2 decoder with multimodal rotary positions (spec 7.1-7.2).
+"""The Qwen2 decoder with multimodal rotary positions.
 
 Matches transformers `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` / `Qwen2VLAttention` (4.45-5.x): pre-norm
 RMSNorm blocks, q/k/v with biases and o_proj without, grouped-query attention, causal with a padding mask.
@@ -23,13 +23,14 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attend: "Attend", layer: int):
+    def forward(self, x, cos, sin, attend: Attend, layer: int):
         b, n, _ = x.shape
         # (B, L, heads*hd) -> (B, heads, L, hd)
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -47,13 +48,22 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # dtype of the MLP's activations over a prompt (more than one new token per sequence); None: the residual
+        # stream's. A transform may set bf16 while the residual stream, the norms, attention, the KV cache and
+        # every decode step stay float32 (qwen2vl.cpu, on CPUs with bf16 products).
+        self.prompt_mlp_dtype: torch.dtype | None = None
 
     def forward(self, x, cos, sin, attend, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if self.prompt_mlp_dtype is not None and x.shape[1] > 1:
+            h = h.to(self.prompt_mlp_dtype)
+        return x + self.mlp(h)
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device) -> torch.Tensor | None:
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device
+) -> torch.Tensor | None:
     """Boolean (B, 1, n, start+n) mask: causal and not padding. None when plain causal attention suffices.
 
     `attention_mask` (B, start+n) marks real tokens with 1 over the cached and the new slots. A query slot that is

@@ -19,7 +19,10 @@ compute it. `forward` is the plain-PyTorch path: dequantize, cast to the activat
 
 On CUDA, 4-bit layers with bfloat16 activations instead run torch's fused dequantize-matmul (`_weight_int4pack_mm`,
 "tinygemm") on a copy repacked at first use: it computes W = (q - 8) * s + m with m = (8 - z) * s, both in bfloat16,
-so it is as close to the float16 reference as bfloat16 allows, not exact. Everything else takes the plain path.
+so it is as close to the float16 reference as bfloat16 allows, not exact. On CPU, a few rows of float32 activations
+(a decode step) go through `qwen2vl.kernels.Q4Product` (AVX2 or AVX-512) for 4-bit layers whose K and group size
+are multiples of 32: it streams the packed weight once and multiplies exactly the float16 reference weights, in
+float32. Everything else takes the plain path.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .formats import LayerStorage, unpack_nibbles
 
 
@@ -83,10 +87,25 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= kernels.MAX_ROWS * self.in_features:
+            product = self._cpu_product()
+            if product is not None:  # a decode step's few rows: the 4-bit CPU kernel, bias included
+                return product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if x.device.type == "cuda" and self._fused_cuda_fits(x):
             y = self._fused_cuda(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         return F.linear(x, self.dequantize_stored().to(x.dtype), bias)
+
+    # -- CPU: qwen2vl.kernels' 4-bit product, which multiplies exactly the float16 weights above, in float32 --
+
+    def _cpu_product(self) -> kernels.Q4Product | None:
+        if "_q4cpu" not in self.__dict__:
+            fits = (self.bits == 4 and kernels.available() and self.qweight.device.type == "cpu"
+                    and kernels.Q4Product.supports(self.in_features, self.group_size))
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            self.__dict__["_q4cpu"] = (kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias)
+                                       if fits else None)
+        return self.__dict__["_q4cpu"]
 
     # -- CUDA: torch's int4 kernel --
 
@@ -108,6 +127,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to() and friends: the repacked copy follows the buffers again
         self.__dict__.pop("_int4pack", None)
+        self.__dict__.pop("_q4cpu", None)
         return super()._apply(fn, *args, **kwargs)
 
 

@@ -17,12 +17,22 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from ..generate.sampling import SamplingParams
+from ..processing.chat import normalize_part
 
 # per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
 ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
@@ -173,6 +183,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
     parallel_tool_calls: StrictBool | None = None  # meaningless without tools; accepted
     fit: StrictBool = False  # ours: sample videos smaller, then sparser, until the prompt fits (Processor._fit)
+    skip_special_tokens: StrictBool = True  # vLLM's extra field; false keeps <|box_start|>... in the text
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +208,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    skip_special_tokens: bool = True
 
 
 def _conversation(messages: list[Message]) -> list[dict]:
@@ -211,18 +223,12 @@ def _conversation(messages: list[Message]) -> list[dict]:
 
 
 def _item(part: TextPart | ImagePart | VideoPart) -> dict:
-    if isinstance(part, TextPart):
-        return {"type": "text", "text": part.text}
-    kind = "image" if isinstance(part, ImagePart) else "video"
-    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
-    url = inner.url if isinstance(inner, ItemFields) else inner
-    fields = part.fields()
-    if isinstance(inner, ItemFields):
-        fields.update(inner.fields())
-    return {"type": kind, kind: url, **fields}
+    """A validated OpenAI part in qwen-vl-utils form, by the one normalisation the processor also applies (the
+    fields of image_url / video_url override the part's own)."""
+    return normalize_part(part.model_dump(exclude_none=True), "messages")
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -241,7 +247,8 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
     loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), (str(first["loc"][0]) if first["loc"] else None)
+    field = str(first["loc"][0]) if first["loc"] else None
+    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), field
 
 
 def parse_request(body: Any, generation_config: dict) -> ChatRequest:
@@ -262,7 +269,8 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0)
+                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
+                       r.skip_special_tokens)
 
 
 def completion_id() -> str:

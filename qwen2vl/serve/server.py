@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
@@ -36,21 +38,87 @@ from ..generate.stopping import StopMatcher
 from ..pipeline import Pipeline
 from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
 from ..processing.processor import Budget, OverBudget
+from .config import ServerConfig
 from .limits import LimitExceeded, Limits
 from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
+from .web import add_web_routes
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("qwen2vl.serve")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request made ready for the engine (in a worker thread): its tensors and its token accounting."""
+
+    batch: dict[str, torch.Tensor]  # the processor's output: input_ids, attention_mask, pixels and grids
+    prompt_tokens: int
+    max_new: int  # max_tokens, capped by the room the context leaves
+    image_tokens: int
+    video_tokens: int
+
+
+@dataclass
+class ChoiceState:
+    """How one of a request's n choices turns engine tokens into text (event loop only)."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+
+
+@dataclass
+class Submission:
+    """A request's choices queued in the engine: their outputs arrive on `queue`."""
+
+    queue: asyncio.Queue
+    states: dict[str, ChoiceState]  # engine request id -> its choice
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.states)
+
+
 class EngineLoop:
-    """Runs engine.step() in a thread and routes each Output to the asyncio queue of its request."""
+    """Runs engine.step() in a thread and routes each Output to the asyncio queue of its request.
+
+    The routes and the token-rate window are shared by the engine thread (which delivers and records) and the
+    event loop (which adds and drops routes, and reads the rate); one lock guards both."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._window: list[tuple[float, int]] = []  # (time, tokens produced by one step)
+        self._lock = threading.Lock()
         self.stopped = False
-        self.tokens_window: list[tuple[float, int]] = []
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
+
+    def route(self, request_id: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Deliver `request_id`'s outputs to `queue`, on `loop`."""
+        with self._lock:
+            self._routes[request_id] = (loop, queue)
+
+    def unroute(self, request_id: str) -> None:
+        with self._lock:
+            self._routes.pop(request_id, None)
+
+    def routed(self) -> int:
+        """Requests with a route (for tests and metrics)."""
+        with self._lock:
+            return len(self._routes)
+
+    def deliver(self, outputs: list[Output]) -> None:
+        """Record the tokens of one step and hand each output to its request's queue (engine thread)."""
+        produced = sum(o.token is not None for o in outputs)
+        with self._lock:
+            if produced:
+                self._window.append((time.monotonic(), produced))
+            targets = [(self._routes.get(out.request_id), out) for out in outputs]
+        for route, out in targets:
+            if route is not None:
+                route[0].call_soon_threadsafe(route[1].put_nowait, out)
 
     def start(self) -> None:
         self.thread.start()
@@ -65,18 +133,13 @@ class EngineLoop:
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all("internal error in the engine")
-            produced = sum(o.token is not None for o in outputs)
-            if produced:
-                self.tokens_window.append((time.monotonic(), produced))
-            for out in outputs:
-                route = self.routes.get(out.request_id)
-                if route is not None:
-                    route[0].call_soon_threadsafe(route[1].put_nowait, out)
+            self.deliver(outputs)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         cutoff = time.monotonic() - window
-        self.tokens_window = [(t, n) for t, n in self.tokens_window if t >= cutoff]
-        return sum(n for _, n in self.tokens_window) / window
+        with self._lock:
+            self._window = [(t, n) for t, n in self._window if t >= cutoff]
+            return sum(n for _, n in self._window) / window
 
 
 class Server:
@@ -86,7 +149,8 @@ class Server:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
-        self.max_request_bytes, self.body_timeout_s, self.stall_after_s = max_request_bytes, body_timeout_s, stall_after_s
+        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        self.stall_after_s = stall_after_s
         self.limits = limits or Limits()
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
@@ -99,7 +163,7 @@ class Server:
         from contextlib import asynccontextmanager
 
         @asynccontextmanager
-        async def lifespan(_app):
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             self.loop.start()
             yield
             self.loop.stopped = True
@@ -111,31 +175,33 @@ class Server:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
         @app.exception_handler(ApiError)
-        async def _api_error(_, e: ApiError):
+        async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
             return error(e)
 
         @app.exception_handler(StarletteHTTPException)
-        async def _http_error(request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+        async def _http_error(request: HttpRequest, e: StarletteHTTPException) -> JSONResponse:
+            # unknown routes (404), wrong methods (405)
             what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
             kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
             return error(ApiError(e.status_code, what.get(e.status_code, str(e.detail)), kind,
                                   headers=dict(e.headers or {})))
 
         @app.exception_handler(RequestValidationError)
-        async def _validation(_, e):
+        async def _validation(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
             return error(ApiError(400, f"invalid request: {e.errors()[:1]}"))
 
         @app.exception_handler(ClientDisconnect)
-        async def _gone(_, e):  # the client left while sending its body: nobody reads the answer
+        async def _gone(_: HttpRequest, e: ClientDisconnect) -> Response:
+            # the client left while sending its body: nobody reads the answer
             return Response(status_code=499)
 
         @app.exception_handler(Exception)
-        async def _unexpected(_, e: Exception):
+        async def _unexpected(_: HttpRequest, e: Exception) -> JSONResponse:
             log.error("unexpected error", exc_info=e)  # the traceback stays in the log, once
             return error(ApiError(500, "internal server error", "server_error"))
 
         @app.get("/health")
-        async def health():
+        async def health() -> JSONResponse:
             if not self.loop.thread.is_alive():
                 return JSONResponse({"status": "engine stopped"}, status_code=503)
             stalled = self.engine.stats()["step_running_s"]
@@ -144,17 +210,17 @@ class Server:
             return JSONResponse({"status": "ok"})
 
         @app.get("/v1/models")
-        async def models(request: HttpRequest):
+        async def models(request: HttpRequest) -> dict:
             self._auth(request)
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
                                                 "owned_by": "qwen2vl", "max_model_len": self.engine.max_model_len}]}
 
         @app.get("/metrics")
-        async def metrics():
+        async def metrics() -> PlainTextResponse:
             return PlainTextResponse(self._metrics(), media_type="text/plain; version=0.0.4")
 
         @app.post("/v1/chat/completions")
-        async def chat(request: HttpRequest):
+        async def chat(request: HttpRequest) -> Response:
             self._auth(request)
             # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
             # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
@@ -172,16 +238,17 @@ class Server:
                 return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
             return await self._complete(request, req, prepared, submission)
 
+        add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
 
-    def _auth(self, request) -> None:
+    def _auth(self, request: HttpRequest) -> None:
         if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
         if header != f"Bearer {self.api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
-    async def _read_body(self, request) -> bytes:
+    async def _read_body(self, request: HttpRequest) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}")
@@ -201,7 +268,7 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def _parse(self, request) -> ChatRequest:
+    async def _parse(self, request: HttpRequest) -> ChatRequest:
         body = read_json(await self._read_body(request))
         req = parse_request(body, self.pipe.generation_config)
         if req.model != self.model_name:
@@ -209,7 +276,7 @@ class Server:
                            param="model", code="model_not_found")
         return req
 
-    def _prepare(self, req: ChatRequest) -> dict:
+    def _prepare(self, req: ChatRequest) -> Prepared:
         """Limits, plan, then fetch, decode, render and tokenise (in a worker thread). Input problems become 400s,
         and a request over a limit is refused from its plan, before any picture is decoded."""
         context = self.engine.max_model_len
@@ -237,46 +304,46 @@ class Server:
             raise ApiError(400, f"this model's maximum context length is {context} tokens; the messages take "
                                 f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
         room = context - prompt_tokens
-        usage_media = {kind: int(batch[f"{kind}_grid_thw"].prod(-1).sum()) // 4 if f"{kind}_grid_thw" in batch else 0
-                       for kind in ("image", "video")}
-        return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
-                "media": usage_media}
+        merge = self.pipe.model.config.vision.spatial_merge_size ** 2
+        return Prepared(batch, prompt_tokens, min(req.params.max_new_tokens, room),
+                        _placeholders(batch, "image", merge), _placeholders(batch, "video", merge))
 
     # -- one request, n choices ----------------------------------------------------------------------------------
-    def _submit(self, req: ChatRequest, prepared: dict) -> tuple:
-        """Queue the request's n choices in the engine; returns (queue, request ids, per-id decoding state)."""
+    def _submit(self, req: ChatRequest, prepared: Prepared) -> Submission:
+        """Queue the request's n choices in the engine."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         base = completion_id()
         ids = [f"{base}-{i}" for i in range(req.n)]
-        states = {}
-        prompt = Prompt.from_batch(prepared["batch"])
+        submission = Submission(asyncio.Queue(), {})
+        prompt = Prompt.from_batch(prepared.batch)
         for i, rid in enumerate(ids):
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
-            self.loop.routes[rid] = (loop, queue)
-            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop))
+            self.loop.route(rid, loop, submission.queue)
+            detokenizer = IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens)
+            submission.states[rid] = ChoiceState(i, detokenizer, StopMatcher(params.stop))
             try:
-                self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
+                self.engine.add(Request(rid, prompt, chooser(params), prepared.max_new, params.stop_token_ids,
                                         req.top_logprobs if req.logprobs else None))
             except QueueFull as e:
                 for r in ids:
                     self.engine.abort(r)
-                    self.loop.routes.pop(r, None)
+                    self.loop.unroute(r)
                 raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                                headers={"Retry-After": "1"}) from None
-        return queue, ids, states
+        return submission
 
-    async def _choices(self, req: ChatRequest, submission: tuple) -> AsyncIterator[tuple[int, dict]]:
+    async def _choices(self, req: ChatRequest, submission: Submission) -> AsyncIterator[tuple[int, dict]]:
         """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}. Cancelling
         the consumer (the client went away) aborts every open choice in the engine."""
-        queue, ids, states = submission
+        ids = submission.ids
         open_ids = set(ids)
         try:
             while open_ids:
-                out: Output = await queue.get()
+                out: Output = await submission.queue.get()
                 if out.request_id not in open_ids:
                     continue
-                index, detok, stop = states[out.request_id]
+                state = submission.states[out.request_id]
+                index, detok, stop = state.index, state.detokenizer, state.stop
                 event = {"text": "", "logprobs": None, "finish_reason": out.finish_reason, "tokens": 0}
                 if out.token is not None and out.token not in req.params.stop_token_ids:
                     event["tokens"] = 1
@@ -299,7 +366,7 @@ class Server:
             for rid in ids:
                 if rid in open_ids:
                     self.engine.abort(rid)  # client gone or error: free the slot now
-                self.loop.routes.pop(rid, None)
+                self.loop.unroute(rid)
 
     def _logprob_entry(self, out: Output) -> dict:
         tok = self.processor.tokenizer
@@ -311,13 +378,14 @@ class Server:
         return {**entry(out.token, out.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
 
-    def _usage(self, prepared: dict, completion: int) -> dict:
-        return {"prompt_tokens": prepared["prompt_tokens"], "completion_tokens": completion,
-                "total_tokens": prepared["prompt_tokens"] + completion,
-                "prompt_tokens_details": {"image_tokens": prepared["media"]["image"],
-                                          "video_tokens": prepared["media"]["video"]}}
+    def _usage(self, prepared: Prepared, completion: int) -> dict:
+        return {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prepared.prompt_tokens + completion,
+                "prompt_tokens_details": {"image_tokens": prepared.image_tokens,
+                                          "video_tokens": prepared.video_tokens}}
 
-    async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> Response:
+    async def _complete(self, http: HttpRequest, req: ChatRequest, prepared: Prepared,
+                        submission: Submission) -> Response:
         """The whole answer, or nothing if the client goes away first: a task waits for the disconnect message
         while the choices are collected, and whichever ends first cancels the other."""
         answer = asyncio.ensure_future(self._answer(req, prepared, submission))
@@ -333,7 +401,7 @@ class Server:
             return Response(status_code=499)
         return JSONResponse(answer.result())
 
-    async def _answer(self, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
+    async def _answer(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> dict:
         texts = [""] * req.n
         reasons: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
@@ -352,10 +420,10 @@ class Server:
         return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
                 "choices": choices, "usage": self._usage(prepared, completion)}
 
-    async def _sse(self, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
+    async def _sse(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
 
-        def chunk(choices, usage=None) -> str:
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                     "choices": choices}
             if usage is not None:
@@ -411,7 +479,13 @@ class Server:
         return "\n".join(out) + "\n"
 
 
-async def _disconnected(http) -> None:
+def _placeholders(batch: dict[str, torch.Tensor], kind: str, merge: int) -> int:
+    """The prompt's image or video tokens: t*h*w patches / `merge` (the spatial merge's square) per item."""
+    grid = batch.get(f"{kind}_grid_thw")
+    return 0 if grid is None else int(grid.prod(-1).sum()) // merge
+
+
+async def _disconnected(http: HttpRequest) -> None:
     """Returns when the client closes its connection (the ASGI http.disconnect message)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
@@ -439,7 +513,7 @@ def _free_memory(device: torch.device) -> int:
     return 8 * 2**30
 
 
-def http_protocol(header_timeout_s: float):
+def http_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out idle keep-alive
     connections but not a client that sends its headers a byte at a time (slowloris)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -461,7 +535,7 @@ def http_protocol(header_timeout_s: float):
             if not self.transport.is_closing():
                 self.send_400_response(f"request headers not received within {header_timeout_s:g} s")
 
-        def connection_lost(self, exc) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self.header_deadline is not None:
                 self.header_deadline.cancel()
                 self.header_deadline = None
@@ -470,14 +544,16 @@ def http_protocol(header_timeout_s: float):
     return Protocol
 
 
-def uvicorn_config(app, host: str, port: int, header_timeout_s: float = 10.0, drain_s: float = 30.0):
+def uvicorn_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 10.0,
+                   drain_s: float = 30.0) -> uvicorn.Config:
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", http=http_protocol(header_timeout_s),
                           timeout_graceful_shutdown=int(drain_s), h11_max_incomplete_event_size=64 * 1024)
 
 
-def serve_in_thread(server: Server, host: str = "127.0.0.1", header_timeout_s: float = 10.0):
+def serve_in_thread(server: Server, host: str = "127.0.0.1",
+                    header_timeout_s: float = 10.0) -> tuple[uvicorn.Server, str]:
     """Start uvicorn on a free port in a daemon thread (tests, benchmarks); returns (uvicorn server, base URL).
     Stop it with `uv.should_exit = True`."""
     import socket
@@ -498,32 +574,30 @@ def serve_in_thread(server: Server, host: str = "127.0.0.1", header_timeout_s: f
     return uv, f"http://{host}:{port}"
 
 
-def build_server(a) -> Server:
+def build_server(config: ServerConfig) -> Server:
     from ..pipeline import load
 
-    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
-    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    pipe = load(config.model, dtype=dtype, device=config.device, quantize=config.quantize,
+                cpu_matmul=config.cpu_matmul)
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
-    kv = parse_bytes(str(a.kv_cache_memory), _free_memory(pipe.model.device))
-    engine = Engine(pipe.model, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, kv_cache_bytes=kv,
-                    prefill_chunk=a.prefill_chunk, max_waiting=a.max_waiting)
-    policy = MediaPolicy(allow_private_addresses=False,
-                         allowed_domains=tuple(a.allowed_media_domains) if a.allowed_media_domains else None,
-                         allow_local=a.allowed_local_media_path is not None,
-                         local_root=Path(a.allowed_local_media_path) if a.allowed_local_media_path else None)
-    limits = Limits(max_media_items=a.max_media_items, max_pixels=a.max_pixels, max_video_pixels=a.max_video_pixels,
-                    max_video_frames=a.max_video_frames, max_source_pixels=a.max_source_pixels)
-    return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes,
-                  limits=limits, body_timeout_s=a.body_timeout)
+    kv = parse_bytes(str(config.kv_cache_memory), _free_memory(pipe.model.device))
+    engine = Engine(pipe.model, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                    kv_cache_bytes=kv, prefill_chunk=config.prefill_chunk, max_waiting=config.max_waiting)
+    local = config.allowed_local_media_path
+    policy = MediaPolicy(allow_private_addresses=False, allowed_domains=config.allowed_media_domains or None,
+                         allow_local=local is not None, local_root=Path(local) if local else None)
+    return Server(pipe, engine, config.model_name, config.api_key, policy, config.max_request_bytes,
+                  limits=config.limits, body_timeout_s=config.body_timeout)
 
 
-def main(a) -> int:
+def main(config: ServerConfig) -> int:
     import uvicorn
 
-    server = build_server(a)
+    server = build_server(config)
     s = server.engine.stats()
-    print(f"qwen2vl serving {server.model_name} on http://{a.host}:{a.port} ({s['kv_slots']} KV slots of "
-          f"{server.engine.max_model_len} tokens)", flush=True)
-    uvicorn.Server(uvicorn_config(server.app, a.host, a.port, a.header_timeout)).run()
+    print(f"qwen2vl serving {server.model_name} on http://{config.host}:{config.port} ({s['kv_slots']} KV slots "
+          f"of {server.engine.max_model_len} tokens)", flush=True)
+    uvicorn.Server(uvicorn_config(server.app, config.host, config.port, config.header_timeout)).run()
     return 0
