@@ -9,13 +9,27 @@ import json
 
 import pytest
 import torch
-
 from model_inputs import build
 from processing_fixtures import make_video, noise_image
+
 from qwen2vl.processing import Processor
-from qwen2vl.train import (IGNORE, LoRAConfig, TrainConfig, Trainer, apply_lora, causal_lm_loss, collate, encode,
-                           gradient_checkpointing, load_adapter, lr_lambda, merge_lora, read_jsonl, save_adapter,
-                           save_checkpoint)
+from qwen2vl.train import (
+    IGNORE,
+    LoRAConfig,
+    TrainConfig,
+    Trainer,
+    apply_lora,
+    causal_lm_loss,
+    collate,
+    encode,
+    gradient_checkpointing,
+    load_adapter,
+    lr_lambda,
+    merge_lora,
+    read_jsonl,
+    save_adapter,
+    save_checkpoint,
+)
 from qwen2vl.train.lora import AdapterError, lora_modules
 from qwen2vl.weights import load_model, our_name
 
@@ -181,8 +195,8 @@ def test_checkpointing_and_accumulation_keep_the_gradients(tiny_tied_ckpt, parit
         else:  # three micro-batches of one row, each normalised by the tokens of the whole step
             total = int((labels[:, 1:] != IGNORE).sum())
             pix, vid = batch["pixel_values"], batch["pixel_values_videos"]
-            parts = [dict(pixel_values=pix, image_grid_thw=batch["image_grid_thw"]), {},
-                     dict(pixel_values_videos=vid, video_grid_thw=batch["video_grid_thw"])]
+            parts = [{"pixel_values": pix, "image_grid_thw": batch["image_grid_thw"]}, {},
+                     {"pixel_values_videos": vid, "video_grid_thw": batch["video_grid_thw"]}]
             for r, extra in enumerate(parts):
                 causal_lm_loss(model(batch["input_ids"][r:r + 1], batch["attention_mask"][r:r + 1], **extra),
                                labels[r:r + 1], total).backward()
@@ -196,8 +210,11 @@ def test_checkpointing_and_accumulation_keep_the_gradients(tiny_tied_ckpt, parit
 
 
 def test_schedules_match_transformers():
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     for name, ref in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup),
                       ("constant", get_constant_schedule_with_warmup)):
@@ -352,8 +369,8 @@ def test_finetune_lowers_the_loss_and_resume_repeats_the_same_steps(tiny_ckpt, m
     a = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"resume changed {name}"
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), f"resume changed {name}"
 
 
 def test_full_finetune_writes_a_checkpoint_transformers_loads(tiny_ckpt, media, tmp_path, hf_model_factory):
