@@ -152,11 +152,13 @@ def load_model(
     quantize: str | None = None,
     cpu_kernels: bool | None = None,
     cpu_matmul: str = "auto",
+    adapter: str | Path | None = None,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
     On CPU, bf16 weights (and `quantize="int8"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact weights,
     float32 arithmetic. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
+    `adapter`: a LoRA adapter directory in PEFT's format (`qwen2vl.train.lora`), applied on top of the weights.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -169,6 +171,10 @@ def load_model(
         model = Qwen2VL(config)
     device = torch.device(device)
     load_weights(model, directory, dtype, device, progress)
+    if adapter is not None:
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter)
     model.eval().requires_grad_(False)
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")

@@ -388,3 +388,51 @@ def test_full_finetune_writes_a_checkpoint_transformers_loads(tiny_ckpt, media, 
         ref = hf_model_factory(tmp_path / "full", attn="eager")(**batch).logits
         assert float((trained(**batch) - ref).abs().max()) < 1e-4
         assert float((_ours(tiny_ckpt).eval()(**batch) - ref).abs().max()) > 1e-3  # it did train
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+def test_cli_finetune_then_run_with_adapter_equals_run_on_the_merged_checkpoint(tiny_ckpt, media, tmp_path, capsys):
+    from qwen2vl.cli import main
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(media))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--model", str(tiny_ckpt), "--data", str(data), "--output", str(out), "--max-steps",
+                 "2", "--lr", "0.01", "--lora-rank", "4", "--eval-data", str(data), "--save-steps", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert (out / "adapter_config.json").exists() and (out / "checkpoint-1" / "trainer_state.json").exists()
+    assert main(["merge", "--model", str(tiny_ckpt), "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    answers = []
+    for args in (["--model", str(tiny_ckpt), "--adapter", str(out)], ["--model", str(tmp_path / "m")],
+                 ["--model", str(tiny_ckpt)]):
+        assert main(["run", *args, "--prompt", "Say something", "--max-new-tokens", "12"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0] != answers[2]
+
+
+def test_cli_refuses_a_directory_without_adapter_files(tiny_ckpt, tmp_path, capsys):
+    from qwen2vl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--model", str(tiny_ckpt), "--adapter", str(tmp_path), "--prompt", "x"])
+    assert "not an adapter directory" in capsys.readouterr().err
+
+
+def test_adapter_on_bf16_weights_through_the_cpu_kernels(tmp_path):
+    """An adapter on a bf16 checkpoint (the CPU path then stores its linear pieces compactly) moves the logits as
+    the same adapter on the float32 model does."""
+    from qwen2vl.testing.checkpoint import make_config, write_checkpoint
+
+    cfg = make_config(tie_word_embeddings=True)
+    f32 = write_checkpoint(tmp_path / "f32", cfg, seed=4, tokenizer=False)
+    bf16 = write_checkpoint(tmp_path / "bf16", cfg, seed=4, tokenizer=False, dtype=torch.bfloat16)
+    model = _ours(f32)
+    apply_lora(model, LoRAConfig(r=8, alpha=16.0), seed=0)
+    _randomize_lora(model, 5)
+    save_adapter(model, tmp_path / "ad")
+    batch = build([[6, ("image", (1, 4, 4)), 7]], seed=3)
+    with torch.no_grad():
+        ref = load_model(f32, progress=False, adapter=tmp_path / "ad")(**batch)
+        fast = load_model(bf16, progress=False, adapter=tmp_path / "ad")(**batch)
+        plain = load_model(bf16, progress=False)(**batch)
+    assert float((fast - ref).abs().max()) < 0.25 * float((plain - ref).abs().max())

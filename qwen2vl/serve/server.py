@@ -502,7 +502,8 @@ def build_server(a) -> Server:
     from ..pipeline import load
 
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
-    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize, cpu_matmul=a.cpu_matmul,
+                adapter=getattr(a, "adapter", None))
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
     kv = parse_bytes(str(a.kv_cache_memory), _free_memory(pipe.model.device))

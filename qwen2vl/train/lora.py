@@ -265,7 +265,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     vision = any(n.startswith("visual.") for n in names)
     last = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if not n.startswith("visual.")))
     config = LoRAConfig(config.r, config.alpha, config.dropout, last or TEXT_TARGETS, vision, config.rslora)
-    apply_lora(model, config, names)
+    apply_lora(model, config, names, seed=0)  # seeded: the global generator is left as it was
     set_adapter_weights(model, pairs)
     return names
 
