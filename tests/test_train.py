@@ -436,3 +436,28 @@ def test_adapter_on_bf16_weights_through_the_cpu_kernels(tmp_path):
         fast = load_model(bf16, progress=False, adapter=tmp_path / "ad")(**batch)
         plain = load_model(bf16, progress=False)(**batch)
     assert float((fast - ref).abs().max()) < 0.25 * float((plain - ref).abs().max())
+
+
+def test_bad_data_is_refused_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch):
+    from qwen2vl.processing.errors import InputError
+    from qwen2vl.train import trainer as trainer_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for bad data")
+
+    monkeypatch.setattr(trainer_module, "load_model", no_load)
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    missing = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "nope.png")}]},
+               {"role": "assistant", "content": "x"}]
+    with pytest.raises(InputError, match=r"training data, conversation 1: .*nope\.png"):
+        Trainer(tiny_ckpt, [good, missing], tmp_path / "o", progress=False)
+    with pytest.raises(InputError, match="eval data, conversation 0: .*assistant"):
+        Trainer(tiny_ckpt, [good], tmp_path / "o", eval_data=[good[:1]], progress=False)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_ckpt, tmp_path):
+    from qwen2vl.train import finetune
+
+    data = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    with pytest.raises(ValueError, match="nothing to resume"):
+        finetune(tiny_ckpt, data, tmp_path / "o", TrainConfig(max_steps=1), resume=True, progress=False)

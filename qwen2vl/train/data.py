@@ -103,6 +103,18 @@ def assistant_labels(ids: list[int], im_start: int, assistant_header: list[int],
     return labels
 
 
+def check(processor: Processor, messages: list[dict], where: str = "conversation") -> None:
+    """What `encode` would refuse, found from cheap facts (image and video headers, the token count) before any
+    training starts: the roles, the media files, and the prompt against the model's context."""
+    messages = normalize_messages(messages)
+    if messages[-1]["role"] != "assistant":
+        raise InputError("the last message must be the assistant's answer (role 'assistant')", where)
+    try:
+        processor.plan(messages, add_generation_prompt=False)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
 def encode(processor: Processor, messages: list[dict], where: str = "conversation") -> Example:
     """One conversation -> Example; it must end with an assistant turn (the answer to learn)."""
     messages = normalize_messages(messages)

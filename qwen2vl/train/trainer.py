@@ -25,7 +25,7 @@ from torch import nn
 
 from ..processing import Processor
 from ..weights import load_model
-from .data import collate, encode, read_jsonl
+from .data import check, collate, encode, read_jsonl
 from .export import save_checkpoint
 from .lora import (
     LoRAConfig,
@@ -98,6 +98,9 @@ class Trainer:
         self.train_set = data if isinstance(data, list) else read_jsonl(data)
         self.eval_set = None if eval_data is None else (eval_data if isinstance(eval_data, list) else read_jsonl(eval_data))
         self.processor = Processor.from_pretrained(self.model_path)
+        for name, conversations in (("training data", self.train_set), ("eval data", self.eval_set or [])):
+            for i, conversation in enumerate(conversations):
+                check(self.processor, conversation, f"{name}, conversation {i}")
         self.model = load_model(self.model_path, dtype=config.dtype, device=config.device, progress=progress,
                                 cpu_kernels=False)
         self._set_trainable()
@@ -251,6 +254,8 @@ class Trainer:
                 return False
             directory = found[-1]
         directory = Path(directory)
+        if not (directory / STATE).exists():
+            raise ValueError(f"{directory}: not a training checkpoint (no {STATE})")
         state = json.loads((directory / STATE).read_text())
         if self.config.lora is not None:
             set_adapter_weights(self.model, read_adapter(directory)[1])
@@ -274,6 +279,6 @@ def finetune(model_path, data, output, config: TrainConfig = TrainConfig(), eval
              progress: bool = True) -> TrainResult:
     """Fine-tune the checkpoint at `model_path` on `data` (a JSONL path or a list of conversations); see Trainer."""
     trainer = Trainer(model_path, data, output, config, eval_data, progress)
-    if resume:
-        trainer.resume()
+    if resume and not trainer.resume():
+        raise ValueError(f"nothing to resume: {trainer.output} holds no checkpoint-N directory")
     return trainer.train()
