@@ -461,3 +461,30 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_ckpt, tmp_path):
     data = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
     with pytest.raises(ValueError, match="nothing to resume"):
         finetune(tiny_ckpt, data, tmp_path / "o", TrainConfig(max_steps=1), resume=True, progress=False)
+
+
+def test_serve_with_adapter_answers_as_the_pipeline_with_it(tiny_ckpt, tmp_path):
+    import openai
+
+    from qwen2vl.cli import build_parser
+    from qwen2vl.pipeline import load
+    from qwen2vl.serve.server import build_server, serve_in_thread
+
+    model = _ours(tiny_ckpt)
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0), seed=0)
+    _randomize_lora(model, 6)
+    save_adapter(model, tmp_path / "ad")
+    srv = build_server(build_parser().parse_args(
+        ["serve", "--model", str(tiny_ckpt), "--adapter", str(tmp_path / "ad"), "--served-model-name", "tuned",
+         "--max-model-len", "512", "--kv-cache-memory", "256MiB"]))
+    uv, base = serve_in_thread(srv, header_timeout_s=2.0)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi there"}],
+                                           temperature=0, max_tokens=10)
+    finally:
+        uv.should_exit = True
+    conversation = [{"role": "user", "content": "Hi there"}]
+    tuned = load(str(tiny_ckpt), progress=False, adapter=str(tmp_path / "ad")).chat(conversation, max_new_tokens=10)
+    plain = load(str(tiny_ckpt), progress=False).chat(conversation, max_new_tokens=10)
+    assert r.choices[0].message.content == tuned != plain
