@@ -31,6 +31,7 @@ from qwen2vl.train import (
     save_checkpoint,
 )
 from qwen2vl.train.lora import AdapterError, lora_modules
+from qwen2vl.train.loss import model_loss
 from qwen2vl.weights import load_model, our_name
 
 GRAD_RTOL = 1e-5  # per parameter: max |ours - reference| <= GRAD_RTOL * max |reference|
@@ -137,7 +138,7 @@ def test_loss_and_every_gradient_match_transformers_on_a_mixed_batch(tiny_ckpt, 
     batch = collate([encode(proc, c) for c in _conversations(media)], proc.pad_id)
     assert batch["attention_mask"].min() == 0 and "pixel_values_videos" in batch and "pixel_values" in batch
     ours = _ours(tiny_ckpt).requires_grad_(True)
-    loss = causal_lm_loss(ours(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+    loss = model_loss(ours, batch)  # the trainer's path: only trained positions projected to the vocabulary
     loss.backward()
     hf = hf_model_factory(tiny_ckpt, attn="eager")
     hf.train().zero_grad()
@@ -175,10 +176,27 @@ def test_gradients_match_on_random_batches(tmp_path, seed, hf_model_factory, par
     labels[mask == 0] = IGNORE
     ours = _ours(path).requires_grad_(True)
     inputs = dict(batch)
-    causal_lm_loss(ours(**inputs), labels).backward()
+    model_loss(ours, {**inputs, "labels": labels}).backward()
     hf = hf_model_factory(path, attn="eager").train()
     hf(**inputs, labels=labels).loss.backward()
     _check_grads(ours, _hf_grads(hf), parity_report, f"random batch seed {seed}{' tied' if tied else ''}")
+
+
+def test_trained_rows_loss_equals_the_plain_loss(tiny_tied_ckpt, parity_report):
+    """The trainer's loss projects only trained positions to the vocabulary; the plain path projects all of them."""
+    batch = build([[14, ("image", (1, 4, 6)), 9], [25]], seed=8)
+    labels = torch.where(torch.arange(batch["input_ids"].shape[1]) % 4 == 1, batch["input_ids"], IGNORE)
+    labels[:, :16] = IGNORE
+    grads, losses = [], []
+    for fast in (False, True):
+        model = _ours(tiny_tied_ckpt).requires_grad_(True)
+        loss = model_loss(model, {**batch, "labels": labels}, 7) if fast else causal_lm_loss(model(**batch), labels, 7)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    worst = max(_rel(g, grads[0][n]) for n, g in grads[1].items())
+    parity_report("train: trained-rows loss vs plain loss, gradients (rel.)", worst, GRAD_RTOL)
 
 
 def test_checkpointing_and_accumulation_keep_the_gradients(tiny_tied_ckpt, parity_report):
