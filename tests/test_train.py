@@ -104,6 +104,14 @@ def test_labels_cover_assistant_turns_with_im_end_and_newline(tiny_ckpt, media):
     assert text.endswith("<|im_start|>assistant\n") and "Hello there" in text
 
 
+def test_labels_when_an_answer_starts_with_newlines(tiny_ckpt):
+    """The tokenizer merges the header's newline with the answer's leading ones; the turn is still found."""
+    proc = Processor.from_pretrained(tiny_ckpt)
+    ex = encode(proc, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nlist:\n- a"}])
+    trained = [t for t, lab in zip(ex.input_ids.tolist(), ex.labels.tolist()) if lab != IGNORE]
+    assert proc.tokenizer.decode(trained, skip_special_tokens=False) == "list:\n- a<|im_end|>\n"
+
+
 def test_data_errors_are_named(tiny_ckpt, tmp_path):
     from qwen2vl.processing.errors import InputError
 

@@ -83,15 +83,16 @@ def _resolve_paths(messages, base: Path, where: str) -> list[dict]:
     return messages
 
 
-def assistant_labels(ids: list[int], im_start: int, assistant_header: list[int], im_end: int) -> list[int]:
-    """Labels for a rendered conversation: each `<|im_start|>assistant\\n` turn's tokens after the header, through
-    its `<|im_end|>` and the one token after it (the newline); IGNORE elsewhere."""
+def assistant_labels(ids: list[int], im_start: int, assistant: list[int], im_end: int) -> list[int]:
+    """Labels for a rendered conversation: each `<|im_start|>assistant` turn's tokens from the second token after
+    `assistant` (past the newline token, which absorbs newlines the answer starts with, as in the Qwen team's
+    code), through its `<|im_end|>` and the one token after it (the newline); IGNORE elsewhere."""
     labels = [IGNORE] * len(ids)
-    head = [im_start, *assistant_header]
+    head = [im_start, *assistant]
     i = 0
     while i < len(ids):
         if ids[i:i + len(head)] == head:
-            start = i + len(head)
+            start = i + len(head) + 1
             end = start
             while end < len(ids) and ids[end] != im_end:
                 end += 1
@@ -123,7 +124,7 @@ def encode(processor: Processor, messages: list[dict], where: str = "conversatio
     batch = processor([messages], add_generation_prompt=False)
     ids = batch["input_ids"][0].tolist()
     tok = processor.tokenizer
-    labels = assistant_labels(ids, tok.token_id("<|im_start|>"), tok.encode("assistant\n"), tok.token_id("<|im_end|>"))
+    labels = assistant_labels(ids, tok.token_id("<|im_start|>"), tok.encode("assistant"), tok.token_id("<|im_end|>"))
     if all(label == IGNORE for label in labels):
         raise InputError("no assistant tokens to train on (the chat template shows no assistant turn)", where)
     return Example(torch.tensor(ids), torch.tensor(labels), batch.get("pixel_values"), batch.get("image_grid_thw"),
