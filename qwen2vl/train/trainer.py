@@ -267,7 +267,7 @@ class Trainer:
             with torch.no_grad():
                 for name, t in weights.items():
                     params[name].copy_(t)
-        extra = torch.load(directory / "optimizer.pt", weights_only=False)
+        extra = torch.load(directory / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.random.set_rng_state(extra["rng"])
