@@ -514,3 +514,26 @@ def test_serve_with_adapter_answers_as_the_pipeline_with_it(tiny_ckpt, tmp_path)
     tuned = load(str(tiny_ckpt), progress=False, adapter=str(tmp_path / "ad")).chat(conversation, max_new_tokens=10)
     plain = load(str(tiny_ckpt), progress=False).chat(conversation, max_new_tokens=10)
     assert r.choices[0].message.content == tuned != plain
+
+
+def test_full_finetune_resume_repeats_the_same_steps(tiny_tied_ckpt, tmp_path):
+    import shutil
+
+    from qwen2vl.testing import tokenizer_files
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_tied_ckpt, ckpt)
+    tokenizer_files.write_tokenizer_files(ckpt)
+    tokenizer_files.write_preprocessor_config(ckpt)
+    data = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * i}]
+            for i in range(1, 5)]
+    cfg = TrainConfig(lora=None, max_steps=3, batch_size=2, lr=1e-3, save_steps=1, weight_decay=0.1, seed=2)
+    straight = Trainer(ckpt, data, tmp_path / "a", cfg, progress=False)
+    straight.train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = Trainer(ckpt, data, tmp_path / "b", cfg, progress=False)
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    b = dict(resumed.model.named_parameters())
+    for name, value in straight.model.named_parameters():
+        assert torch.equal(value, b[name]), f"resume changed {name}"
