@@ -496,7 +496,7 @@ def _add_serve(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qwen2vl", description="Qwen2-VL: run, chat, plan, serve.", formatter_class=_Help,
+        prog="qwen2vl", description="Qwen2-VL: run, chat, plan, serve, finetune.", formatter_class=_Help,
         epilog="`qwen2vl COMMAND --help` lists a command's flags. A first offline trial: "
                "qwen2vl make-tiny /tmp/qwen2vl-tiny && qwen2vl run --model /tmp/qwen2vl-tiny --prompt Hi")
     parser.add_argument("--version", action="version", version=f"qwen2vl {__version__}")
