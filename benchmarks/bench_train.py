@@ -101,7 +101,8 @@ def run_side(side: str, mode: str, directory: str, steps: int, tokens: int, devi
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     n = int(data["attention_mask"].sum())
-    return {"side": side, "mode": mode, "step_s": step_s, "tokens_per_s": n / step_s, "peak_gib": peak_bytes(dev) / 2**30,
+    return {"side": side, "mode": mode, "step_s": step_s, "tokens_per_s": n / step_s,
+            "peak_gib": peak_bytes(dev) / 2**30,
             "first_loss": first, "trainable": sum(p.numel() for p in params), "tokens": n}
 
 

@@ -1,5 +1,5 @@
-"""The `qwen2vl` command: run, chat, plan, serve, make-tiny, finetune, merge. Each subcommand is a thin layer over the library;
-answers go to stdout and nothing else does (progress, logs and timings go to stderr).
+"""The `qwen2vl` command: run, chat, plan, serve, make-tiny, finetune, merge. Each subcommand is a thin layer over
+the library; answers go to stdout and nothing else does (progress, logs and timings go to stderr).
 
 Help is printed without importing torch (the library is imported inside the commands). A mistake of the user's (a
 missing file, a device this torch cannot use, a missing extra) is found before any model loads and reported in one
@@ -436,7 +436,8 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
                    help="learning-rate decay after the warmup")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a share of all steps, if no --warmup-steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="warmup as a share of all steps, if no --warmup-steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")

@@ -168,7 +168,8 @@ def test_gradients_match_on_random_batches(tmp_path, seed, hf_model_factory, par
 
     def grid(kind):
         t = 1 if kind == "image" else 2 * int(torch.randint(1, 3, (1,), generator=g))
-        return (kind, (t, 2 * int(torch.randint(1, 5, (1,), generator=g)), 2 * int(torch.randint(1, 5, (1,), generator=g))))
+        h, w = (2 * int(torch.randint(1, 5, (1,), generator=g)) for _ in range(2))
+        return (kind, (t, h, w))
 
     rows = [[int(torch.randint(3, 9, (1,), generator=g)), grid("image"), 5],
             [int(torch.randint(10, 30, (1,), generator=g))],

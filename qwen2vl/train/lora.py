@@ -107,7 +107,8 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = None, seed: int | None = None) -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = None,
+               seed: int | None = None) -> list[str]:
     """Wrap the targeted (or the given) linear layers in LoRALinear, in place; freezes every other weight.
     Returns the wrapped module names."""
     names = target_names(model, config) if names is None else names
@@ -168,7 +169,8 @@ def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict:
     targets = list(config.target_modules)
     if config.vision:  # a regex (PEFT full-matches a string): the vision names alone would also hit patch_embed.proj
         text = "|".join(config.target_modules)
-        targets = rf".*\.layers\.\d+\.(self_attn|mlp)\.({text})|.*visual\.blocks\.\d+\.(attn|mlp)\.({'|'.join(VISION_TARGETS)})"
+        vision = "|".join(VISION_TARGETS)
+        targets = rf".*\.layers\.\d+\.(self_attn|mlp)\.({text})|.*visual\.blocks\.\d+\.(attn|mlp)\.({vision})"
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,

@@ -96,7 +96,8 @@ class Trainer:
 
             self.model_path = Path(resolve_model_path(str(model_path)))
         self.train_set = data if isinstance(data, list) else read_jsonl(data)
-        self.eval_set = None if eval_data is None else (eval_data if isinstance(eval_data, list) else read_jsonl(eval_data))
+        self.eval_set = None if eval_data is None else (
+            eval_data if isinstance(eval_data, list) else read_jsonl(eval_data))
         self.processor = Processor.from_pretrained(self.model_path)
         for name, conversations in (("training data", self.train_set), ("eval data", self.eval_set or [])):
             for i, conversation in enumerate(conversations):
