@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+
 from model_inputs import build
 from processing_fixtures import make_video, noise_image
-
 from qwen2vl.processing import Processor
 from qwen2vl.train import (
     IGNORE,
