@@ -375,6 +375,41 @@ def cmd_serve(a) -> int:
     return serve_main(a)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching", formatter_class=_Help)
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key needed)")
+    p.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    p.add_argument("--max-model-len", type=int, default=8192, help="context per request (prompt + output)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--kv-cache-memory", default="2GiB",
+                   help="KV cache budget: bytes with a unit (e.g. 4GiB) or a fraction of free memory (e.g. 0.3)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step (latency of others)")
+    p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
+    p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
+    p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
+    from .serve.limits import Limits  # torch-free: help stays fast
+
+    limits = Limits()
+    p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
+                   help="images + videos in one request (400 beyond)")
+    p.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                   help="pixels of one image after resizing; items are sized as if they asked for at most this")
+    p.add_argument("--max-video-pixels", type=int, default=limits.max_video_pixels,
+                   help="pixels of one video frame after resizing, likewise")
+    p.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
+                   help="frames of one video (400 beyond)")
+    p.add_argument("--max-source-pixels", type=int, default=limits.max_source_pixels,
+                   help="pixels decoded before resizing, all items of a request together (400 beyond)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may take to send its body")
+    _verbose_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def cmd_finetune(a) -> int:
     _check_device(a)
     import torch
@@ -458,41 +493,6 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--output", required=True, help="where to write the merged checkpoint")
     _verbose_arg(p)
     p.set_defaults(func=cmd_merge)
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching", formatter_class=_Help)
-    _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key needed)")
-    p.add_argument("--served-model-name", help="the model name clients use (default: --model)")
-    p.add_argument("--max-model-len", type=int, default=8192, help="context per request (prompt + output)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together at most")
-    p.add_argument("--kv-cache-memory", default="2GiB",
-                   help="KV cache budget: bytes with a unit (e.g. 4GiB) or a fraction of free memory (e.g. 0.3)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step (latency of others)")
-    p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
-    p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
-    p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
-    from .serve.limits import Limits  # torch-free: help stays fast
-
-    limits = Limits()
-    p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
-                   help="images + videos in one request (400 beyond)")
-    p.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                   help="pixels of one image after resizing; items are sized as if they asked for at most this")
-    p.add_argument("--max-video-pixels", type=int, default=limits.max_video_pixels,
-                   help="pixels of one video frame after resizing, likewise")
-    p.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
-                   help="frames of one video (400 beyond)")
-    p.add_argument("--max-source-pixels", type=int, default=limits.max_source_pixels,
-                   help="pixels decoded before resizing, all items of a request together (400 beyond)")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may take to send its body")
-    _verbose_arg(p)
-    p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
