@@ -1,5 +1,5 @@
-"""The `qwen2vl` command: run, chat, plan, serve, make-tiny. Each subcommand is a thin layer over the library;
-answers go to stdout and nothing else does (progress, logs and timings go to stderr).
+"""The `qwen2vl` command: run, chat, plan, serve, make-tiny, finetune, merge. Each subcommand is a thin layer over
+the library; answers go to stdout and nothing else does (progress, logs and timings go to stderr).
 
 Help is printed without importing torch (the library is imported inside the commands). A mistake of the user's (a
 missing file, a device this torch cannot use, a missing extra) is found before any model loads and reported in one
@@ -73,6 +73,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-matmul", choices=["auto", "float32", "bf16"], default="auto",
                    help="CPU only: how vision and prefill products compute. auto: the faster on this CPU (native bf16 "
                         "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact")
+    p.add_argument("--adapter", metavar="DIR", type=_adapter_dir,
+                   help="LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors, e.g. from `qwen2vl "
+                        "finetune`) applied on top of the model's weights (default: none)")
+
+
+def _adapter_dir(value: str) -> str:
+    if not (Path(value) / "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{value}: not an adapter directory (no adapter_config.json)")
+    return value
 
 
 def _media(kind: str) -> Callable[[str], tuple[str, str]]:
@@ -191,7 +200,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
     from .pipeline import load
 
     pipe = load(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
-                quantize=args.quantize, cpu_matmul=args.cpu_matmul)
+                quantize=args.quantize, cpu_matmul=args.cpu_matmul, adapter=args.adapter)
     if getattr(args, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
     return pipe
@@ -409,9 +418,94 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_finetune(a) -> int:
+    _check_device(a)
+    import torch
+
+    from .train import LoRAConfig, TrainConfig, finetune
+
+    lora = None if a.full else LoRAConfig(r=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                                          target_modules=tuple(a.lora_targets.split(",")), vision=a.train_vision)
+    config = TrainConfig(
+        lora=lora, train_vision=a.train_vision, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
+        grad_accum=a.grad_accum, lr=a.lr, schedule=a.schedule, warmup_steps=a.warmup_steps,
+        warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm or None,
+        gradient_checkpointing=a.gradient_checkpointing, save_steps=a.save_steps, eval_steps=a.eval_steps,
+        seed=a.seed, dtype=getattr(torch, a.dtype), device=a.device)
+    result = finetune(a.model, a.data, a.output, config, eval_data=a.eval_data, resume=a.resume)
+    rate = result.tokens / result.seconds if result.seconds else 0.0
+    print(f"trained {result.steps} steps, {result.tokens} tokens in {result.seconds:.1f}s ({rate:.0f} tokens/s); "
+          f"last loss {result.train_loss:.4f}"
+          + ("" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"), file=sys.stderr)
+    print(result.output)
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .train import save_checkpoint
+    from .weights import load_model
+
+    model = load_model(a.model, progress=True, cpu_kernels=False, adapter=a.adapter)
+    print(save_checkpoint(model, _model_dir(a.model), a.output))
+    return 0
+
+
+def _model_dir(model: str) -> Path:
+    from .hub import resolve_model_path
+
+    return Path(model) if Path(model).is_dir() else Path(resolve_model_path(model))
+
+
+def _add_train_commands(sub) -> None:
+    p = sub.add_parser("finetune", help="LoRA (default) or full fine-tuning on JSONL conversations",
+                       formatter_class=_Help)
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--data", required=True, help="JSONL: one {\"messages\": [...]} conversation a line")
+    p.add_argument("--output", required=True, help="directory for the adapter (or, with --full, the checkpoint)")
+    p.add_argument("--eval-data", help="JSONL evaluated at --eval-steps and at the end (default: none)")
+    p.add_argument("--full", action="store_true", help="train all weights instead of a LoRA adapter")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated names of the decoder's linear layers to adapt")
+    p.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower (LoRA on its blocks' linear layers; all its weights with --full)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    p.add_argument("--max-steps", type=int, help="optimizer steps, instead of --epochs (default: from --epochs)")
+    p.add_argument("--batch-size", type=int, default=1, help="conversations per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="learning-rate decay after the warmup")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="warmup as a share of all steps, if no --warmup-steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--save-steps", type=int, help="a resumable checkpoint every N steps (default: none)")
+    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest OUTPUT/checkpoint-N")
+    p.add_argument("--seed", type=int, default=0, help="data order, LoRA initialisation and dropout")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="training dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(quantize=None)
+    _verbose_arg(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the weights: an official-format checkpoint",
+                       formatter_class=_Help)
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--adapter", required=True, type=_adapter_dir, help="adapter directory (PEFT's format)")
+    p.add_argument("--output", required=True, help="where to write the merged checkpoint")
+    _verbose_arg(p)
+    p.set_defaults(func=cmd_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qwen2vl", description="Qwen2-VL: run, chat, plan, serve.", formatter_class=_Help,
+        prog="qwen2vl", description="Qwen2-VL: run, chat, plan, serve, finetune.", formatter_class=_Help,
         epilog="`qwen2vl COMMAND --help` lists a command's flags. A first offline trial: "
                "qwen2vl make-tiny /tmp/qwen2vl-tiny && qwen2vl run --model /tmp/qwen2vl-tiny --prompt Hi")
     parser.add_argument("--version", action="version", version=f"qwen2vl {__version__}")
@@ -452,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny)
 
     _add_serve(sub)
+    _add_train_commands(sub)
     return parser
 
 

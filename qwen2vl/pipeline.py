@@ -346,14 +346,16 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str | None = None,
-         progress: bool = True, cpu_matmul: str = "auto", **processor_overrides) -> Pipeline:
+         progress: bool = True, cpu_matmul: str = "auto", adapter: str | None = None,
+         **processor_overrides) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
-    the download and the weights, and on CPU each item's cost said before its vision encode."""
+    the download and the weights, and on CPU each item's cost said before its vision encode. `adapter`: a LoRA
+    adapter directory (PEFT's format) applied on top of the weights."""
     t0 = time.perf_counter()
     check_device(device)
     directory = resolve_model_path(path_or_id)
     model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
-                       cpu_matmul=cpu_matmul)
+                       cpu_matmul=cpu_matmul, adapter=adapter)
     processor = Processor.from_pretrained(directory, **processor_overrides)
     gen_path = Path(directory) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}

@@ -228,6 +228,7 @@ def load_model(
     quantize: str | None = None,
     cpu_kernels: bool | None = None,
     cpu_matmul: str = "auto",
+    adapter: str | Path | None = None,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
@@ -235,6 +236,7 @@ def load_model(
     weights, float32 arithmetic. `"int4"` quantizes the decoder's projections group-wise to 4 bits
     (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the
     weights' own dtype, like the reference.
+    `adapter`: a LoRA adapter directory in PEFT's format (`qwen2vl.lora`), applied on top of the weights.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -262,6 +264,10 @@ def load_model(
     with torch.device("meta"):
         model = Qwen2VL(config)
     load_weights(model, directory, dtype, device, progress, scheme)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter)
     model.eval().requires_grad_(False)
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)

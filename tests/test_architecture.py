@@ -26,6 +26,7 @@ FORBIDDEN_ABOVE = {
     "qwen2vl.weights": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.pipeline", "qwen2vl.cli", "qwen2vl.train"},
     "qwen2vl.cpu": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.pipeline", "qwen2vl.cli", "qwen2vl.train"},
     "qwen2vl.quant": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.pipeline", "qwen2vl.cli", "qwen2vl.train"},
+    "qwen2vl.lora": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.pipeline", "qwen2vl.cli", "qwen2vl.train"},
     "qwen2vl.train": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.cli"},
     "qwen2vl.pipeline": {"qwen2vl.engine", "qwen2vl.serve", "qwen2vl.cli", "qwen2vl.train"},
     "qwen2vl.serve": {"qwen2vl.cli", "qwen2vl.train"},

@@ -37,7 +37,10 @@ class SwiGLU(nn.Module):
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(1.702 x), with one temporary instead of three (the MLP's widest activation)."""
+    """x * sigmoid(1.702 x), with one temporary instead of three (the MLP's widest activation). Under autograd
+    (training) the out-of-place form: the in-place one overwrites the sigmoid output its backward needs."""
+    if x.requires_grad:
+        return x * torch.sigmoid(1.702 * x)
     return torch.sigmoid_(x * 1.702).mul_(x)
 
 

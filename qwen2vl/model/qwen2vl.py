@@ -97,6 +97,21 @@ class Qwen2VL(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab) for a whole prompt; with `cache`, its keys/values are written at slots 0..L-1."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                              pixel_values_videos, video_grid_thw, cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """`forward` before the output projection: final hidden states (B, L, hidden), for callers that need the
+        logits of a few positions only (training's loss)."""
         _check_pair("pixel_values", pixel_values, "image_grid_thw", image_grid_thw)
         _check_pair("pixel_values_videos", pixel_values_videos, "video_grid_thw", video_grid_thw)
         image_features = video_features = None
@@ -107,8 +122,7 @@ class Qwen2VL(nn.Module):
         embeds = self.embed(input_ids, image_features, video_features)
         positions, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        hidden = self.model(embeds, positions.to(self.device), mask, cache, 0)
-        return self.logits(hidden)
+        return self.model(embeds, positions.to(self.device), mask, cache, 0)
 
 
 def _check_pair(a_name, a, b_name, b) -> None:

@@ -16,6 +16,7 @@ class ServerConfig:
     device: str = "cpu"
     quantize: str | None = None  # "int8": weight-only int8 language model, CPU only
     cpu_matmul: str = "auto"  # "auto", "float32" or "bf16" (qwen2vl.machine)
+    adapter: str | None = None  # a LoRA adapter directory in PEFT's format, applied at load (qwen2vl.lora)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' when set

@@ -579,7 +579,7 @@ def build_server(config: ServerConfig) -> Server:
 
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     pipe = load(config.model, dtype=dtype, device=config.device, quantize=config.quantize,
-                cpu_matmul=config.cpu_matmul)
+                cpu_matmul=config.cpu_matmul, adapter=config.adapter)
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
     kv = parse_bytes(str(config.kv_cache_memory), _free_memory(pipe.model.device))
