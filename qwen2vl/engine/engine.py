@@ -20,7 +20,8 @@ Shaped like nano-vllm's `LLMEngine.step` (schedule -> run -> postprocess) and vL
 Every request's tokens are what it would get alone: its prefill and vision run by themselves (an encode in pieces
 is bit-identical to the one-shot encode), decode rows use per-row attention (`SlotAttend`) and linear layers whose
 per-row result does not depend on the batch (`qwen2vl.kernels`). The token choice is a per-request callable, as in
-`generate.decode`.
+`generate.decode`; a request's `processors` (constrained decoding: `generate.structured`) change its logits before
+that choice and are told the chosen token after it, so each request carries its own grammar state.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
+    processors: tuple = ()  # LogitsProcessor objects (generate.structured), this request's own state
     # filled in by the engine
+    reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
     slot: int = -1
     done: int = 0  # prompt tokens whose keys/values are in the slot
     generated: list[int] = field(default_factory=list)
@@ -82,6 +85,7 @@ class Output:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
+    cached_tokens: int = 0  # with a request's first token: prompt tokens served from the prefix cache
 
 
 class VisionCache:
@@ -314,6 +318,7 @@ class Engine:
             req.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
             req.identity = self._identity(req, req.vision_pending)
             req.slot, req.done = self._pick_slot(req.identity)
+            req.reused = req.done
             self.prefix_tokens_reused += req.done
             self.prefilling.append(req)
 
@@ -361,6 +366,7 @@ class Engine:
 
     def _release(self, req: Request, keep: bool = True) -> None:
         req.encoding = None  # drops a half-done vision encode and its intermediate tensors
+        req.processors = ()  # and the grammar state: an aborted or finished request's matcher goes with it
         if keep:
             self.slot_tokens[req.slot] = req.identity[: req.done]
         self.free_slots.append(req.slot)
@@ -432,7 +438,12 @@ class Engine:
     def _emit(self, req: Request, logits: torch.Tensor) -> Output:
         seen = torch.cat([req.prompt.input_ids.to(logits.device),
                           torch.tensor([req.generated], dtype=torch.long, device=logits.device)], dim=1)
-        token = int(req.choose(logits, seen)[0])
+        scores = logits
+        for processor in req.processors:
+            scores = processor(scores)
+        token = int(req.choose(scores, seen)[0])
+        for processor in req.processors:
+            processor.accept(token)
         req.generated.append(token)
         self.generated_tokens += 1
         logprob, top = None, ()
@@ -447,7 +458,8 @@ class Engine:
             reason = "stop"
         elif len(req.generated) >= req.max_new_tokens or req.done + len(req.generated) >= self.max_model_len:
             reason = "length"
-        return Output(req.request_id, token, logprob, top, reason)
+        return Output(req.request_id, token, logprob, top, reason,
+                      cached_tokens=req.reused if len(req.generated) == 1 else 0)
 
 
 def _split_items(kind: str, pixels: torch.Tensor, grids: torch.Tensor) -> list:
