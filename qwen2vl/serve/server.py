@@ -33,10 +33,13 @@ from ..engine.engine import Engine, Output, QueueFull, Request
 from ..generate.decode import Prompt
 from ..generate.sampling import chooser
 from ..generate.stopping import StopMatcher
+from ..generate.structured import GrammarError, GrammarProcessor, grammars_for
 from ..pipeline import Pipeline
 from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
 from ..processing.processor import Budget, OverBudget
+from ..processing.tools import ToolCallParser, render_tools
 from .limits import LimitExceeded, Limits
+from .metrics import Latency
 from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
 
 log = logging.getLogger("qwen2vl.serve")
@@ -92,6 +95,7 @@ class Server:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
         self.preparing = 0  # requests between arrival and the engine (touched on the event loop only)
+        self.latency = Latency()
         self.app = self._build_app()
 
     # -- app -------------------------------------------------------------------------------------------------
@@ -156,6 +160,7 @@ class Server:
         @app.post("/v1/chat/completions")
         async def chat(request: HttpRequest):
             self._auth(request)
+            started = time.monotonic()
             # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
             # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
             if self.preparing >= self.engine.max_waiting:
@@ -167,6 +172,7 @@ class Server:
                 prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
             finally:
                 self.preparing -= 1
+            prepared["started"] = started
             submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
             if req.stream:  # Starlette cancels the stream when the client goes away
                 return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
@@ -213,12 +219,23 @@ class Server:
         """Limits, plan, then fetch, decode, render and tokenise (in a worker thread). Input problems become 400s,
         and a request over a limit is refused from its plan, before any picture is decoded."""
         context = self.engine.max_model_len
+        vocab = self.pipe.model.config.text.vocab_size
+        bad = [i for i, _ in req.params.logit_bias if i >= vocab]
+        if bad:
+            raise ApiError(400, f"logit_bias names token {bad[0]}, outside this model's vocabulary of {vocab}",
+                           param="logit_bias")
+        compiled = None
+        if req.constraint is not None:  # before any media work: a schema the engine cannot compile is a 400
+            try:
+                compiled = self._grammars().compile(req.constraint)
+            except GrammarError as e:
+                raise ApiError(400, str(e), param=req.constraint_param) from None
         completion = req.params.max_new_tokens if req.max_tokens_given else 1
         if completion >= context:
             raise ApiError(400, f"max_tokens is {completion}, but this model's maximum context length is {context} "
                                 f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
         try:
-            messages = self.limits.apply(req.messages)
+            messages = self.limits.apply(render_tools(req.messages, req.tools))
             batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
                                    fit=req.fit)
         except LimitExceeded as e:
@@ -240,7 +257,11 @@ class Server:
         usage_media = {kind: int(batch[f"{kind}_grid_thw"].prod(-1).sum()) // 4 if f"{kind}_grid_thw" in batch else 0
                        for kind in ("image", "video")}
         return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
-                "media": usage_media}
+                "media": usage_media, "grammar": compiled}
+
+    def _grammars(self):
+        return grammars_for(self.processor.tokenizer, self.pipe.model.config.text.vocab_size,
+                            tuple(self.pipe.params().stop_token_ids))
 
     # -- one request, n choices ----------------------------------------------------------------------------------
     def _submit(self, req: ChatRequest, prepared: dict) -> tuple:
@@ -254,10 +275,13 @@ class Server:
         for i, rid in enumerate(ids):
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
             self.loop.routes[rid] = (loop, queue)
-            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop))
+            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop),
+                           ToolCallParser() if req.tools else None)
+            processors = () if prepared["grammar"] is None else \
+                (GrammarProcessor(self._grammars(), prepared["grammar"]),)  # each choice has its own matcher
             try:
                 self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
-                                        req.top_logprobs if req.logprobs else None))
+                                        req.top_logprobs if req.logprobs else None, processors))
             except QueueFull as e:
                 for r in ids:
                     self.engine.abort(r)
@@ -266,34 +290,49 @@ class Server:
                                headers={"Retry-After": "1"}) from None
         return queue, ids, states
 
-    async def _choices(self, req: ChatRequest, submission: tuple) -> AsyncIterator[tuple[int, dict]]:
-        """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}. Cancelling
-        the consumer (the client went away) aborts every open choice in the engine."""
+    async def _choices(self, req: ChatRequest, submission: tuple, started: float | None = None
+                       ) -> AsyncIterator[tuple[int, dict]]:
+        """Yields (choice index, event) with event = {"text", "tool_calls", "logprobs", "finish_reason", "tokens",
+        "cached"}. With tools, `<tool_call>` blocks leave the text and arrive as parsed calls; a choice that called
+        a tool finishes with "tool_calls". Cancelling the consumer (the client went away) aborts every open choice
+        in the engine. Latencies (first token, per output token, end to end) go to the histograms."""
         queue, ids, states = submission
         open_ids = set(ids)
+        started = time.monotonic() if started is None else started
+        first: dict[str, float] = {}
+        counts = dict.fromkeys(ids, 0)
         try:
             while open_ids:
                 out: Output = await queue.get()
                 if out.request_id not in open_ids:
                     continue
-                index, detok, stop = states[out.request_id]
-                event = {"text": "", "logprobs": None, "finish_reason": out.finish_reason, "tokens": 0}
-                if out.token is not None and out.token not in req.params.stop_token_ids:
+                index, detok, stop, tools = states[out.request_id]
+                event = {"text": "", "tool_calls": [], "logprobs": None, "finish_reason": out.finish_reason,
+                         "tokens": 0, "cached": out.cached_tokens}
+                if out.token is not None:
                     event["tokens"] = 1
+                    counts[out.request_id] += 1
+                    first.setdefault(out.request_id, time.monotonic())
+                if out.token is not None and out.token not in req.params.stop_token_ids:
                     event["text"] = stop.feed(detok.push(out.token))
                     if req.logprobs:
                         event["logprobs"] = self._logprob_entry(out)
                     if stop.stopped:
                         event["finish_reason"] = "stop"
                         self.engine.abort(out.request_id)
-                elif out.token is not None:
-                    event["tokens"] = 1
                 if event["finish_reason"] is not None:
                     if event["finish_reason"] != "stop" or not stop.stopped:
                         event["text"] += stop.feed(detok.flush()) + stop.flush()
                     if out.finish_reason == "error":
                         raise ApiError(500, out.error or "generation failed", "server_error")
                     open_ids.discard(out.request_id)
+                    self.latency.observe(started, first.get(out.request_id), counts[out.request_id])
+                if tools is not None:
+                    event["text"], event["tool_calls"] = tools.feed(event["text"])
+                    if event["finish_reason"] is not None:
+                        event["text"] += tools.flush()
+                        if tools.calls and event["finish_reason"] == "stop":
+                            event["finish_reason"] = "tool_calls"
                 yield index, event
         finally:
             for rid in ids:
@@ -311,10 +350,11 @@ class Server:
         return {**entry(out.token, out.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
 
-    def _usage(self, prepared: dict, completion: int) -> dict:
+    def _usage(self, prepared: dict, completion: int, cached: int = 0) -> dict:
+        """`cached_tokens`: prompt tokens whose keys/values came from the prefix cache (the most of any choice)."""
         return {"prompt_tokens": prepared["prompt_tokens"], "completion_tokens": completion,
                 "total_tokens": prepared["prompt_tokens"] + completion,
-                "prompt_tokens_details": {"image_tokens": prepared["media"]["image"],
+                "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": prepared["media"]["image"],
                                           "video_tokens": prepared["media"]["video"]}}
 
     async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> Response:
@@ -335,22 +375,25 @@ class Server:
 
     async def _answer(self, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
         texts = [""] * req.n
+        calls: list[list] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
-        completion = 0
-        async for index, ev in self._choices(req, submission):
+        completion = cached = 0
+        async for index, ev in self._choices(req, submission, prepared.get("started")):
             texts[index] += ev["text"]
+            calls[index] += ev["tool_calls"]
             completion += ev["tokens"]
+            cached = max(cached, ev["cached"])
             if ev["logprobs"]:
                 logprobs[index].append(ev["logprobs"])
             if ev["finish_reason"]:
                 reasons[index] = ev["finish_reason"]
         self.requests_total["ok"] += 1
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        choices = [{"index": i, "message": _message(texts[i], calls[i]),
                     "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
         return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
-                "choices": choices, "usage": self._usage(prepared, completion)}
+                "choices": choices, "usage": self._usage(prepared, completion, cached)}
 
     async def _sse(self, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
@@ -364,18 +407,24 @@ class Server:
 
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(req.n)])
-        completion = 0
+        completion = cached = 0
+        called = [0] * req.n  # tool calls streamed so far, per choice (each call's delta index)
         try:
-            async for index, ev in self._choices(req, submission):
+            async for index, ev in self._choices(req, submission, prepared.get("started")):
                 completion += ev["tokens"]
-                if ev["text"] or ev["finish_reason"] or ev["logprobs"]:
-                    yield chunk([{"index": index, "delta": {"content": ev["text"]} if ev["text"] else {},
+                cached = max(cached, ev["cached"])
+                delta: dict = {"content": ev["text"]} if ev["text"] else {}
+                if ev["tool_calls"]:  # each call whole, in one delta: id, name and all its arguments
+                    delta["tool_calls"] = [c.openai(called[index] + k) for k, c in enumerate(ev["tool_calls"])]
+                    called[index] += len(ev["tool_calls"])
+                if delta or ev["finish_reason"] or ev["logprobs"]:
+                    yield chunk([{"index": index, "delta": delta,
                                   "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
                                   "finish_reason": ev["finish_reason"]}])
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         if req.include_usage:
-            yield chunk([], self._usage(prepared, completion))
+            yield chunk([], self._usage(prepared, completion, cached))
         self.requests_total["ok"] += 1
         yield "data: [DONE]\n\n"
 
@@ -408,7 +457,14 @@ class Server:
         out = []
         for name, kind, doc, value in lines:
             out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" + self.latency.text()
+
+
+def _message(text: str, calls: list) -> dict:
+    """The assistant message of a choice: content, and tool_calls when it called any (content None if only calls)."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text.strip() or None, "tool_calls": [c.openai() for c in calls]}
 
 
 async def _disconnected(http) -> None:
