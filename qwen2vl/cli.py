@@ -117,6 +117,10 @@ def _answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, help=f"1 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--seed", type=int, help="seed of the sampling draws (default: none, torch's global generator)")
     p.add_argument("--system", help="system prompt (default: the chat template's 'You are a helpful assistant.')")
+    p.add_argument("--response-format", choices=("text", "json_object"), default="text",
+                   help="json_object: the answer is one JSON value, enforced while decoding")
+    p.add_argument("--json-schema", metavar="FILE", help=(
+        "a JSON schema file: the answer is JSON that validates against it, enforced while decoding"))
     p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True, help=(
         "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
         "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"))
@@ -130,6 +134,17 @@ def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
 def _sampling(a) -> dict:
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
             "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+
+
+def _response_format(a) -> dict | None:
+    """--json-schema FILE or --response-format json_object as an OpenAI response_format; None for free text."""
+    if a.json_schema:
+        try:
+            schema = json.loads(Path(a.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--json-schema {a.json_schema}: {e}") from None
+        return {"type": "json_schema", "json_schema": {"name": Path(a.json_schema).stem, "schema": schema}}
+    return {"type": "json_object"} if a.response_format == "json_object" else None
 
 
 def _item(a, kind: str, source: str) -> dict:
@@ -249,7 +264,7 @@ def cmd_run(a) -> int:
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:
-        for piece in pipe.stream(conversation, fit=a.fit, **_sampling(a)):
+        for piece in pipe.stream(conversation, fit=a.fit, response_format=_response_format(a), **_sampling(a)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -304,7 +319,7 @@ def cmd_chat(a) -> int:
         content, pending = pending + [{"type": "text", "text": line}], []
         try:
             _note_fit(pipe, session.messages + [{"role": "user", "content": content}], a)
-            reply = session.send(content, fit=a.fit, **_sampling(a))
+            reply = session.send(content, fit=a.fit, response_format=_response_format(a), **_sampling(a))
         except ValueError as e:  # bad input: say so and keep the session (send has withdrawn the turn)
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -382,6 +397,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
     p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
     p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
+    p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", help=(
+        "browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or * for any (default: none)"))
     from .serve.limits import Limits  # torch-free: help stays fast
 
     limits = Limits()

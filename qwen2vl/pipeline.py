@@ -299,12 +299,13 @@ class ChatSession:
         self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
         self._reply: Reply | None = None
 
-    def send(self, content, fit: bool = False, **sampling) -> Reply:
+    def send(self, content, fit: bool = False, response_format=None, **sampling) -> Reply:
         if self._reply is not None:
             _ = self._reply.text  # finish the previous answer, so the history alternates user, assistant
         self.messages.append({"role": "user", "content": content})
         try:
             params = self.pipe.params(**sampling)
+            processors = self.pipe.constraint_processors(response_format)
             batch = self.pipe.prepare(self.messages, params, fit)
         except BaseException:
             self.messages.pop()
@@ -319,14 +320,16 @@ class ChatSession:
             if a != b:
                 break
             reuse += 1
-        self._reply = Reply(self._answer(batch, ids, params, reuse))
+        self._reply = Reply(self._answer(batch, ids, params, reuse, processors))
         return self._reply
 
-    def _answer(self, batch: dict, ids: list[int], params: SamplingParams, reuse: int) -> Iterator[str]:
+    def _answer(self, batch: dict, ids: list[int], params: SamplingParams, reuse: int,
+                processors: tuple = ()) -> Iterator[str]:
         messages, answer_ids = self.messages, []
 
         def steps():
-            for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
+            for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch,
+                                         processors=processors):
                 answer_ids.append(int(step.tokens[0]))
                 yield step
 

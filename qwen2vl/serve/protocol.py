@@ -265,6 +265,48 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+class CompletionRequest(BaseModel):
+    """The legacy /v1/completions body: a text prompt, continued without the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[Count, Field(ge=1, le=2**31)] = 16  # OpenAI's default for completions
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[Count, Field(ge=-1, le=2**31)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None \
+        = None
+    seed: Annotated[Count, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    n: Annotated[Count, Field(ge=1, le=8)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=4096)] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unsupported = {**UNSUPPORTED, "logprobs": (None,), "suffix": (None, ""), "echo": (None, False)}
+            for key, no_ops in unsupported.items():
+                if key in value and value[key] not in no_ops:
+                    raise ApiError(400, f"'{key}' is not supported by this server's /v1/completions", param=key,
+                                   code="unsupported_parameter")
+            if isinstance(value.get("prompt"), list) and len(value["prompt"]) > 1:
+                raise ApiError(400, "'prompt' as a list of several prompts is not supported: send one prompt per "
+                                    "request", param="prompt", code="unsupported_parameter")
+        return value
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
@@ -281,6 +323,7 @@ class ChatRequest:
     tools: list[dict] | None = None  # rendered into the prompt; None when tool_choice is "none"
     tool_choice: str | dict = "none"
     constraint_param: str | None = None  # the request field the constraint came from (for a 400 naming it)
+    prompt: str | None = None  # /v1/completions: the text to continue (messages is then empty)
 
 
 def _conversation(messages: list[Message]) -> list[dict]:
@@ -298,7 +341,7 @@ def _conversation(messages: list[Message]) -> list[dict]:
     return out
 
 
-def _constraint(r: ChatCompletionRequest) -> tuple[Constraint | None, str | None]:
+def _constraint(r: ChatCompletionRequest | CompletionRequest) -> tuple[Constraint | None, str | None]:
     """The output constraint a request asks for, and the field that asked; more than one is a 400."""
     asked = []
     if r.response_format is not None:
@@ -406,25 +449,48 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
         except InputError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
         field = "tools"
+    max_tokens = r.max_completion_tokens or r.max_tokens
+    params = _sampling(r, generation_config, max_tokens or 512)
+    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
+                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
+                       constraint, tools, choice, field)
+
+
+def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
     bias = None
     if r.logit_bias:
         try:
             bias = tuple((int(k), v) for k, v in r.logit_bias.items())
         except ValueError:
             raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
-    max_tokens = r.max_completion_tokens or r.max_tokens
     temperature = 0.0 if r.temperature is not None and r.temperature < GREEDY_BELOW else r.temperature
     try:
-        params = SamplingParams.from_generation_config(
-            generation_config, max_new_tokens=max_tokens or 512, temperature=temperature, top_p=r.top_p,
+        return SamplingParams.from_generation_config(
+            generation_config, max_new_tokens=max_tokens, temperature=temperature, top_p=r.top_p,
             top_k=0 if r.top_k == -1 else r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
             stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()), presence_penalty=r.presence_penalty,
             frequency_penalty=r.frequency_penalty, logit_bias=bias)
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
-    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
-                       constraint, tools, choice, field)
+
+
+def parse_completion_request(body: Any, generation_config: dict) -> ChatRequest:
+    """/v1/completions: the same request shape as a chat's, with `prompt` set and no messages."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        r = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise ApiError(400, message, param=param) from None
+    try:
+        constraint, field = _constraint(r)
+    except (GrammarError, json.JSONDecodeError) as e:
+        raise ApiError(400, str(e)) from None
+    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
+    return ChatRequest(r.model, [], _sampling(r, generation_config, r.max_tokens), True, False, r.n, r.stream,
+                       bool(r.stream_options and r.stream_options.include_usage), False, 0, constraint, None, "none",
+                       field, prompt)
 
 
 def completion_id() -> str:

@@ -1,7 +1,7 @@
 """`qwen2vl serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-Endpoints: POST /v1/chat/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics
-(Prometheus text). The engine steps in one background thread; requests are prepared (limits applied, media
+Endpoints: POST /v1/chat/completions and POST /v1/completions (JSON or server-sent events), GET /v1/models,
+GET /health, GET /metrics (Prometheus text, with latency histograms); CORS for --allowed-origins. The engine steps in one background thread; requests are prepared (limits applied, media
 planned from headers, then fetched and decoded under the server's media policy, tokenised) in a worker pool,
 submitted to the engine, and fed their tokens through an asyncio queue. Streaming and non-streaming responses come
 from one generator of per-choice deltas. Every error, 404/405 and the unforeseen included, is the OpenAI error
@@ -25,6 +25,7 @@ import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -40,7 +41,7 @@ from ..processing.processor import Budget, OverBudget
 from ..processing.tools import ToolCallParser, render_tools
 from .limits import LimitExceeded, Limits
 from .metrics import Latency
-from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
+from .protocol import ApiError, ChatRequest, completion_id, now, parse_completion_request, parse_request, read_json
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -85,12 +86,14 @@ class EngineLoop:
 class Server:
     def __init__(self, pipe: Pipeline, engine: Engine, model_name: str, api_key: str | None = None,
                  policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4,
-                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0) -> None:
+                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
         self.max_request_bytes, self.body_timeout_s, self.stall_after_s = max_request_bytes, body_timeout_s, stall_after_s
         self.limits = limits or Limits()
+        self.allowed_origins = tuple(allowed_origins or ())
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
@@ -159,26 +162,37 @@ class Server:
 
         @app.post("/v1/chat/completions")
         async def chat(request: HttpRequest):
-            self._auth(request)
-            started = time.monotonic()
-            # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
-            # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
-            if self.preparing >= self.engine.max_waiting:
-                raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
-                                    f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
-            self.preparing += 1
-            try:
-                req = await self._parse(request)
-                prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
-            finally:
-                self.preparing -= 1
-            prepared["started"] = started
-            submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
-            if req.stream:  # Starlette cancels the stream when the client goes away
-                return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
-            return await self._complete(request, req, prepared, submission)
+            return await self._serve(request, parse_request)
 
+        @app.post("/v1/completions")
+        async def completions(request: HttpRequest):
+            return await self._serve(request, parse_completion_request)
+
+        if self.allowed_origins:  # CORS: browsers on these origins may call the API (preflight answered here)
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.allowed_origins), allow_credentials=False,
+                               allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)
         return app
+
+    async def _serve(self, request: HttpRequest, parse) -> Response:
+        """One chat or text completion: parse, prepare in the pool, submit, then stream or answer whole."""
+        self._auth(request)
+        started = time.monotonic()
+        # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
+        # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
+        if self.preparing >= self.engine.max_waiting:
+            raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
+                                f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
+        self.preparing += 1
+        try:
+            req = await self._parse(request, parse)
+            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
+        finally:
+            self.preparing -= 1
+        prepared["started"] = started
+        submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
+        if req.stream:  # Starlette cancels the stream when the client goes away
+            return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
+        return await self._complete(request, req, prepared, submission)
 
     def _auth(self, request) -> None:
         if self.api_key is None:
@@ -207,9 +221,9 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def _parse(self, request) -> ChatRequest:
+    async def _parse(self, request, parse=parse_request) -> ChatRequest:
         body = read_json(await self._read_body(request))
-        req = parse_request(body, self.pipe.generation_config)
+        req = parse(body, self.pipe.generation_config)
         if req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
@@ -235,9 +249,12 @@ class Server:
             raise ApiError(400, f"max_tokens is {completion}, but this model's maximum context length is {context} "
                                 f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
         try:
-            messages = self.limits.apply(render_tools(req.messages, req.tools))
-            batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
-                                   fit=req.fit)
+            if req.prompt is not None:  # /v1/completions: the text as it is, no chat template
+                batch = self._text_batch(req.prompt, context - completion)
+            else:
+                messages = self.limits.apply(render_tools(req.messages, req.tools))
+                batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
+                                       fit=req.fit)
         except LimitExceeded as e:
             raise ApiError(400, str(e), param="messages", code=e.code) from None
         except OverBudget as e:
@@ -258,6 +275,19 @@ class Server:
                        for kind in ("image", "video")}
         return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
                 "media": usage_media, "grammar": compiled}
+
+    def _text_batch(self, text: str, room: int) -> dict:
+        tokenizer = self.processor.tokenizer
+        least = tokenizer.min_tokens(text)
+        if least > room:  # far over the context: refused without tokenising
+            raise OverBudget("the prompt is over the context", tokens=least, limit=room, at_least=True)
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(ids) > room:
+            raise OverBudget("the prompt is over the context", tokens=len(ids), limit=room)
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def _grammars(self):
         return grammars_for(self.processor.tokenizer, self.pipe.model.config.text.vocab_size,
@@ -389,6 +419,11 @@ class Server:
             if ev["finish_reason"]:
                 reasons[index] = ev["finish_reason"]
         self.requests_total["ok"] += 1
+        if req.prompt is not None:
+            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
+                       for i in range(req.n)]
+            return {"id": "cmpl-" + completion_id()[9:], "object": "text_completion", "created": now(),
+                    "model": self.model_name, "choices": choices, "usage": self._usage(prepared, completion, cached)}
         choices = [{"index": i, "message": _message(texts[i], calls[i]),
                     "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
@@ -398,15 +433,20 @@ class Server:
     async def _sse(self, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
 
+        text_completion = req.prompt is not None
+        if text_completion:
+            cid = "cmpl-" + cid[9:]
+
         def chunk(choices, usage=None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices}
+            body = {"id": cid, "object": "text_completion" if text_completion else "chat.completion.chunk",
+                    "created": created, "model": self.model_name, "choices": choices}
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(req.n)])
+        if not text_completion:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
         completion = cached = 0
         called = [0] * req.n  # tool calls streamed so far, per choice (each call's delta index)
         try:
@@ -417,7 +457,10 @@ class Server:
                 if ev["tool_calls"]:  # each call whole, in one delta: id, name and all its arguments
                     delta["tool_calls"] = [c.openai(called[index] + k) for k, c in enumerate(ev["tool_calls"])]
                     called[index] += len(ev["tool_calls"])
-                if delta or ev["finish_reason"] or ev["logprobs"]:
+                if text_completion and (ev["text"] or ev["finish_reason"]):
+                    yield chunk([{"index": index, "text": ev["text"], "logprobs": None,
+                                  "finish_reason": ev["finish_reason"]}])
+                elif not text_completion and (delta or ev["finish_reason"] or ev["logprobs"]):
                     yield chunk([{"index": index, "delta": delta,
                                   "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
                                   "finish_reason": ev["finish_reason"]}])
@@ -571,7 +614,7 @@ def build_server(a) -> Server:
     limits = Limits(max_media_items=a.max_media_items, max_pixels=a.max_pixels, max_video_pixels=a.max_video_pixels,
                     max_video_frames=a.max_video_frames, max_source_pixels=a.max_source_pixels)
     return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes,
-                  limits=limits, body_timeout_s=a.body_timeout)
+                  limits=limits, body_timeout_s=a.body_timeout, allowed_origins=tuple(a.allowed_origins or ()))
 
 
 def main(a) -> int:
