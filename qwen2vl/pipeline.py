@@ -14,8 +14,8 @@ of the checkpoint's values keep a request greedy. OpenAI's presence_penalty, fre
 ({token id: bias}) are sampling keywords too.
 
 `chat` and `stream` take `response_format` as the OpenAI API does ({"type": "json_object"}, {"type": "json_schema",
-"json_schema": {"schema": ...}}, or a JSON schema itself) or a `Constraint` (`generate.structured`: regex, choice,
-grammar): the output then matches it, enforced token by token while decoding.
+"json_schema": {"schema": ...}}) or a `Constraint` (`generate.structured`: a JSON schema, regex, choice, grammar):
+the output then matches it, enforced token by token while decoding.
 
 On CPU with `progress` on, each image or video says before its encode what it costs (tokens, and a time estimated
 from this machine's measured rate, `qwen2vl.cost`), and a long encode shows a bar over the vision blocks.
@@ -116,8 +116,8 @@ class Pipeline:
                               progress=self.progress)
 
     def constraint_processors(self, response_format) -> tuple:
-        """The logits processors that hold one output to `response_format` (a Constraint, an OpenAI
-        response_format object or a JSON schema); () for None. An uncompilable one raises GrammarError."""
+        """The logits processors that hold one output to `response_format` (a Constraint or an OpenAI
+        response_format object); () for None. An uncompilable one raises GrammarError."""
         if response_format is None:
             return ()
         c = response_format if isinstance(response_format, Constraint) else \

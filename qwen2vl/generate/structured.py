@@ -59,7 +59,7 @@ class Constraint:
     @classmethod
     def from_response_format(cls, response_format: Any) -> Constraint | None:
         """OpenAI's `response_format`: {"type": "text"} -> None, {"type": "json_object"}, {"type": "json_schema",
-        "json_schema": {"name", "schema", "strict"}}; a bare JSON schema (dict) is read as a json_schema's schema."""
+        "json_schema": {"name", "schema", "strict"}} (a schema alone: `Constraint.json_schema`)."""
         if response_format is None:
             return None
         if not isinstance(response_format, dict):
@@ -74,8 +74,6 @@ class Constraint:
             if not isinstance(spec, dict) or "schema" not in spec and "json_schema" not in spec:
                 raise GrammarError("response_format json_schema needs a 'json_schema' object with a 'schema'")
             return cls.json_schema(spec.get("schema", spec.get("json_schema")))
-        if kind is None:  # a schema given directly (CLI --json-schema FILE, pipe.chat(response_format=schema))
-            return cls.json_schema(response_format)
         raise GrammarError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
 
 
