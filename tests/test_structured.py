@@ -16,9 +16,20 @@ import torch
 
 import qwen2vl
 from qwen2vl.generate.sampling import SamplingParams, chooser, process_logits
-from qwen2vl.generate.structured import (Constraint, GrammarError, GrammarProcessor, apply_bitmask_reference,
-                                         grammars_for, with_processors)
-from qwen2vl.processing.tools import ToolCallParser, parse_tool_calls, render_tools, tool_constraint
+from qwen2vl.generate.structured import (
+    Constraint,
+    GrammarError,
+    GrammarProcessor,
+    apply_bitmask_reference,
+    grammars_for,
+    with_processors,
+)
+from qwen2vl.processing.tools import (
+    ToolCallParser,
+    parse_tool_calls,
+    render_tools,
+    tool_constraint,
+)
 
 STOPS = (151645, 151643)
 
