@@ -118,9 +118,10 @@ def _answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the sampling draws (default: none, torch's global generator)")
     p.add_argument("--system", help="system prompt (default: the chat template's 'You are a helpful assistant.')")
     p.add_argument("--response-format", choices=("text", "json_object"), default="text",
-                   help="json_object: the answer is one JSON value, enforced while decoding")
+                   help="json_object: the answer is one JSON value, enforced while decoding (default: text)")
     p.add_argument("--json-schema", metavar="FILE", help=(
-        "a JSON schema file: the answer is JSON that validates against it, enforced while decoding"))
+        "a JSON schema file: the answer is JSON that validates against it, enforced while decoding (default: "
+        "none)"))
     p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True, help=(
         "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
         "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"))
@@ -247,6 +248,7 @@ def cmd_run(a) -> int:
             raise UsageError("--draw-boxes needs an --image to draw on")
         if not Path(a.draw_boxes).resolve().parent.is_dir():
             raise UsageError(f"--draw-boxes {a.draw_boxes}: its directory does not exist")
+    response_format = _response_format(a)  # a missing or broken schema file is named before the model loads
     pipe = _load(a)
     _note_greedy(pipe, a)
     conversation = _system(a) + [{"role": "user", "content": _content(a, a.prompt)}]
@@ -264,7 +266,7 @@ def cmd_run(a) -> int:
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:
-        for piece in pipe.stream(conversation, fit=a.fit, response_format=_response_format(a), **_sampling(a)):
+        for piece in pipe.stream(conversation, fit=a.fit, response_format=response_format, **_sampling(a)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -283,6 +285,7 @@ PROMPT = "> "
 def cmd_chat(a) -> int:
     from .pipeline import ChatSession
 
+    response_format = _response_format(a)
     pipe = _load(a)
     _note_greedy(pipe, a)
     session = ChatSession(pipe, system=a.system)
@@ -319,7 +322,7 @@ def cmd_chat(a) -> int:
         content, pending = pending + [{"type": "text", "text": line}], []
         try:
             _note_fit(pipe, session.messages + [{"role": "user", "content": content}], a)
-            reply = session.send(content, fit=a.fit, response_format=_response_format(a), **_sampling(a))
+            reply = session.send(content, fit=a.fit, response_format=response_format, **_sampling(a))
         except ValueError as e:  # bad input: say so and keep the session (send has withdrawn the turn)
             print(f"error: {e}", file=sys.stderr)
             continue
