@@ -86,7 +86,11 @@ class Grammars:
     """Compiles constraints for one tokenizer; compiled grammars are cached (xgrammar's own cache)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise GrammarError("constrained output needs the xgrammar package, which is not installed: pip install "
+                               "'qwen2vl[structured]'") from None
 
         self.xgr = xgr
         vocab = tokenizer._tok.get_vocab(with_added_tokens=True)
