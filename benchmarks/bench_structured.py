@@ -39,7 +39,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import xgrammar as xgr
 
-    from qwen2vl.generate.structured import Constraint, GrammarProcessor, apply_bitmask_reference, grammars_for
+    from qwen2vl.generate.structured import (
+        Constraint,
+        GrammarProcessor,
+        apply_bitmask_reference,
+        grammars_for,
+    )
     from qwen2vl.processing.tokenizer import Tokenizer
     from qwen2vl.processing.tools import tool_constraint
     from qwen2vl.testing.tokenizer_files import write_tokenizer_files
@@ -91,8 +96,8 @@ def main() -> None:
                 ref.append(t3 - t2)
                 accept.append(t5 - t4)
                 done += 1
-        ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
-        p99 = lambda xs: 1e3 * sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
+        ms = lambda xs: 1e3 * statistics.median(xs)
+        p99 = lambda xs: 1e3 * sorted(xs)[int(0.99 * (len(xs) - 1))]
         total = [a + b + c for a, b, c in zip(fill, fast, accept)]
         rows.append((name, 1e3 * compile_s, ms(fill), ms(fast), ms(ref), ms(accept), ms(total), p99(total)))
     print("| constraint | compile ms | fill ms | apply ms (xgrammar) | apply ms (reference) | accept ms | "

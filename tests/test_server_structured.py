@@ -12,13 +12,13 @@ import jsonschema
 import openai
 import pytest
 import torch
+from test_structured import CLOCK, WEATHER, random_schema
 
 import qwen2vl
 from qwen2vl.cli import build_parser
 from qwen2vl.processing.chat import normalize_messages, render
 from qwen2vl.processing.tools import render_tools
 from qwen2vl.serve.server import build_server, serve_in_thread
-from test_structured import CLOCK, WEATHER, random_schema
 
 KEY = "sk-test"
 ORIGIN = "http://app.example"
@@ -234,7 +234,7 @@ def test_cached_tokens_come_from_the_prefix_cache(client):
     first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
     again = client.chat.completions.create(model="tiny", messages=messages[:1] + user("Second question"),
                                            max_tokens=2, stream=True, stream_options={"include_usage": True})
-    usage = [c.usage for c in again if c.usage][0]
+    usage = next(c.usage for c in again if c.usage)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = usage.prompt_tokens_details.cached_tokens
     assert cached > 0 and cached % 32 == 0 and cached < usage.prompt_tokens  # whole prefill chunks of 32

@@ -340,3 +340,47 @@ def test_processors_run_before_the_choice_and_learn_the_token():
     choose = with_processors(lambda logits, seen: logits.argmax(-1), [Ban()])
     logits = torch.tensor([[5.0, 1.0, 2.0]])
     assert int(choose(logits, torch.zeros(1, 1, dtype=torch.long))[0]) == 2 and seen_tokens == [2]
+
+
+def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars):
+    """In the continuous-batching engine each constrained request gives what the pipeline gives it alone, free
+    requests are unchanged, and an aborted request's slot and matcher go away."""
+    from qwen2vl.engine.engine import Engine, Request
+    from qwen2vl.generate.decode import Prompt
+
+    params = pipe.params(max_new_tokens=200)
+    convs = [[{"role": "user", "content": f"row {k}"}] for k in range(6)]
+    schemas = [random_schema(random.Random(300 + k)) for k in range(6)]
+    kinds = ["schema", "free", "schema", "abort", "free", "schema"]
+    expected = {}
+    for k, kind in enumerate(kinds):
+        if kind == "schema":
+            expected[k] = pipe.chat(convs[k], max_new_tokens=200, response_format=Constraint.json_schema(schemas[k]))
+        elif kind == "free":
+            expected[k] = pipe.chat(convs[k], max_new_tokens=10)
+    engine = Engine(pipe.model, max_num_seqs=4, max_model_len=1024, prefill_chunk=512)
+    requests = {}
+    for k, kind in enumerate(kinds):
+        processors = () if kind == "free" else (grammars.processor(Constraint.json_schema(schemas[k])),)
+        requests[k] = Request(str(k), Prompt.from_batch(pipe.prepare([convs[k]], params)), chooser(params),
+                              10 if kind == "free" else 200, params.stop_token_ids, processors=processors)
+        engine.add(requests[k])
+    tokens: dict[int, list[int]] = {k: [] for k in range(6)}
+    reasons, aborted = {}, False
+    while engine.has_work():
+        for out in engine.step():
+            if out.token is not None:
+                tokens[int(out.request_id)].append(out.token)
+            if out.finish_reason:
+                reasons[int(out.request_id)] = out.finish_reason
+        if len(tokens[3]) >= 2 and not aborted:  # mid-output, its matcher part-way through the grammar
+            engine.abort("3")
+            aborted = True
+    assert reasons[3] == "abort" and len(engine.free_slots) == engine.pool.slots
+    assert 2 <= len(tokens[3]) < 10 and requests[3].processors == ()  # it had started; its matcher is dropped
+    for k, text in expected.items():
+        got = pipe.processor.tokenizer.decode([t for t in tokens[k] if t not in params.stop_token_ids])
+        assert got == text, k
+        if kinds[k] == "schema":
+            assert reasons[k] == "stop"
+            jsonschema.validate(json.loads(got), schemas[k])
