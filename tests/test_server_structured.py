@@ -297,3 +297,22 @@ def _counts(server) -> dict:
             if sample.name.endswith("_count"):
                 out[family.name] = sample.value
     return out
+
+
+def test_openai_client_parse_with_a_pydantic_model(client):
+    """The client's own structured-output helper: it sends the model's strict JSON schema and parses the answer."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):
+        colour: Literal["red", "green"]
+        count: int = Field(ge=0, le=50)
+        fragile: bool
+        code: str = Field(max_length=4)
+
+    r = client.chat.completions.parse(model="tiny", messages=user("Describe the item"), response_format=Item,
+                                      max_tokens=200)
+    assert r.choices[0].finish_reason == "stop"
+    item = r.choices[0].message.parsed
+    assert isinstance(item, Item) and 0 <= item.count <= 50 and len(item.code) <= 4
