@@ -316,3 +316,16 @@ def test_openai_client_parse_with_a_pydantic_model(client):
     assert r.choices[0].finish_reason == "stop"
     item = r.choices[0].message.parsed
     assert isinstance(item, Item) and 0 <= item.count <= 50 and len(item.code) <= 4
+
+
+@pytest.mark.parametrize("messages,words", [
+    ([{"role": "tool", "tool_call_id": "c", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text"),
+    ([{"role": "user", "content": "x", "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                                         "arguments": "{}"}}]}],
+     "assistant"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{broken"}}]}, {"role": "user", "content": "x"}], "not valid JSON"),
+])
+def test_bad_tool_history_is_400(server, messages, words):
+    r = post(server, {"model": "tiny", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
