@@ -24,6 +24,24 @@ import torch
 from timing import median_time
 
 VS, VE, IMG = 151652, 151653, 151655
+PROMPT_TOKENS = 512  # text-only prompt for the prompt-processing rate (llama-bench's pp512)
+
+
+def bf16_matmul_rate() -> float:
+    """GFLOP/s of torch's bf16 GEMM on a vision-shaped product (1024 patches x 1280 -> 5120), median of 5: the rate
+    the vision tower's products can reach on this CPU."""
+    x, w = torch.randn(1024, 1280).to(torch.bfloat16), torch.randn(5120, 1280).to(torch.bfloat16)
+    return 2 * 1024 * 1280 * 5120 / median_time(lambda: torch.nn.functional.linear(x, w), 5, warmup=True) / 1e9
+
+
+def vision_flops(config, grid: tuple[int, int, int]) -> float:
+    """Matrix-product and attention FLOPs of one vision encode of `grid` (a Qwen2VLConfig's shapes; both sides)."""
+    cfg = config.vision
+    e, n = cfg.embed_dim, grid[0] * grid[1] * grid[2]
+    length = grid[1] * grid[2]
+    per_block = n * (8 * e * e + 4 * e * cfg.mlp_dim) + grid[0] * 4 * length * length * e
+    merger = n // 4 * (2 * cfg.merge_dim * cfg.merge_dim + 2 * cfg.merge_dim * config.text.hidden_size)
+    return cfg.depth * per_block + 2 * n * cfg.patch_dim * e + merger
 
 
 def rss_peak_reset() -> None:
@@ -168,6 +186,9 @@ def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=Fal
             stamps = side.decode_times(small, 1)
             ttft.append(stamps[1] - stamps[0])
         r["TTFT 448x448 + text, 281 tok (s)"] = statistics.median(ttft)
+        prompt = text_prompt(1, PROMPT_TOKENS)
+        r[f"prompt processing, {PROMPT_TOKENS} tok (tok/s)"] = statistics.median(
+            PROMPT_TOKENS / (s[1] - s[0]) for s in (side.decode_times(prompt, 1) for _ in range(repeats)))
     else:
         side.decode_times(text_prompt(1, 32), 2)  # warm-up
     bws = []
@@ -243,6 +264,13 @@ def main() -> None:
             better_low = "(s)" in key or "memory" in key
             line += f"{(vals[1] / vals[0] if better_low else vals[0] / vals[1]):>10.2f}x"
         print(line)
+    if device.type == "cpu" and not args.decode_only:
+        from qwen2vl.config import Qwen2VLConfig
+
+        rate, flops = bf16_matmul_rate(), vision_flops(Qwen2VLConfig.from_file(path / "config.json"), (1, 32, 32))
+        print(f"torch bf16 GEMM on this CPU: {rate:.0f} GFLOP/s; vision 448x448 = {flops / 1e9:.0f} GFLOP, so "
+              + ", ".join(f"{n} reaches {flops / results[n]['vision 448x448 (s)'] / 1e9 / rate:.0%} of it"
+                          for n in names))
     for n in names:
         nbytes, bw = bytes_per_token[n], bws[n]
         print(f"decode bound, {n}: {nbytes / 1e9:.2f} GB of weights read per token; read bandwidth around its batch-1 "

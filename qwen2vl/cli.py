@@ -63,7 +63,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto: the checkpoint's (bf16 for the official ones). On CPU, bf16 weights "
                         "compute in float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 language model, CPU only (default: off)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only int8, or group-wise int4, language model; CPU only (default: off)")
     p.add_argument("--cpu-matmul", choices=["auto", "float32", "bf16"], default="auto",
                    help="CPU only: how vision and prefill products compute. auto: the faster on this CPU (native bf16 "
                         "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact")
@@ -209,7 +210,7 @@ def _load(a):
 
 def _check_device(a) -> None:
     if a.quantize and a.device.split(":")[0] != "cpu":
-        raise UsageError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
+        raise UsageError(f"--quantize {a.quantize} runs on the CPU only: drop it, or use --device cpu")
     from .pipeline import check_device
 
     check_device(a.device)

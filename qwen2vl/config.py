@@ -91,6 +91,7 @@ class Qwen2VLConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     torch_dtype: torch.dtype | None = None  # the dtype the checkpoint was saved in, if it says
+    quantization: Any = None  # qwen2vl.quant.QuantScheme from `quantization_config`, for AWQ / GPTQ checkpoints
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Qwen2VLConfig":
@@ -105,8 +106,8 @@ class Qwen2VLConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_hf_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:  # the same kind (e.g. qwen2vl.quant.QuantizationError), with the file named
+            raise type(e)(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
@@ -133,7 +134,17 @@ class Qwen2VLConfig:
             bos_token_id=d.get("bos_token_id", text_d.get("bos_token_id", 151643)),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             torch_dtype=_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            quantization=_quantization(d.get("quantization_config")),
         )
+
+
+def _quantization(q: Any) -> Any:
+    if q is None:
+        return None
+    # refuses, by name, every format and option it does not read
+    from .quant.formats import parse_quantization_config
+
+    return parse_quantization_config(q)
 
 
 def _rope_fields(d: dict[str, Any]) -> tuple[tuple[int, ...], float]:

@@ -68,6 +68,9 @@ class WeightOnlyLinear(nn.Module):
             kernel = self._product or self._bind()
             if kernel is not None:
                 return kernel(rows).view(*x.shape[:-1], -1)
+        if x.dtype == torch.bfloat16:  # bf16 activations (vision blocks under bf16 products): bf16 out, bias fused
+            w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(torch.bfloat16))
         if self.matmul == "bf16" and x.dtype == torch.float32:  # native bf16 GEMM, float32 activations around it
             w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
             y = F.linear(x.to(torch.bfloat16), w).float()
@@ -129,8 +132,15 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
                 module.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
-    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul)
+    decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear)]
+    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul,
+                                      sorted({tuple(m.weight.shape) for m in decoder}))
     for m in linears:
         m.matmul = model.cpu_choice.matmul
+    inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
+    for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
+        block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)
+    for layer in model.model.layers:
+        layer.prompt_mlp_dtype = inner
     model.compute_dtype = torch.float32
     return model

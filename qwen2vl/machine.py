@@ -109,24 +109,20 @@ def time_matmul_paths(shape: tuple[int, int], rows: int = _TIMING_ROWS, repeats:
     return best
 
 
-def _decide_matmul(shape: tuple[int, int]) -> tuple[str, str]:
+def _remembered(what: str, shape: tuple[int, int], decide) -> tuple[str, str]:
+    """(choice, reason) for decision `what` on `shape`: from this machine's cache, else `decide()` (a timing),
+    written to the cache. Keyed by CPU model and flags, torch version, shape and thread count."""
     facts = cpu_facts()
-    if not facts.native_bf16:
-        return "float32", "no bf16 matrix instructions (AVX-512 BF16, AMX, ARM BF16): torch's bf16 GEMM is emulated"
-    cache, key = _cache_file(), _key(facts, shape, torch.get_num_threads())
+    cache, key = _cache_file(), what + ":" + _key(facts, shape, torch.get_num_threads())
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
         entry = known[key]
-        return entry["matmul"], entry["reason"] + " (timed earlier on this machine)"
-    t = time_matmul_paths(shape)
-    flops = 2 * _TIMING_ROWS * shape[0] * shape[1]
-    rates = f"bf16 {flops / t['bf16'] / 1e9:.0f} vs float32 {flops / t['float32'] / 1e9:.0f} GFLOP/s"
-    matmul = "bf16" if t["bf16"] * _MARGIN < t["float32"] else "float32"
-    reason = f"timed on a {_TIMING_ROWS}x{shape[1]}x{shape[0]} product: {rates}"
-    known[key] = {"matmul": matmul, "reason": reason}
+        return entry["choice"], entry["reason"] + " (timed earlier on this machine)"
+    choice, reason = decide()
+    known[key] = {"choice": choice, "reason": reason}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -134,17 +130,77 @@ def _decide_matmul(shape: tuple[int, int]) -> tuple[str, str]:
         os.replace(tmp, cache)  # atomic: concurrent loads never read half a file
     except OSError as e:
         log.info("qwen2vl: could not cache the CPU choice in %s (%s)", cache, e)
-    return matmul, reason
+    return choice, reason
 
 
-def choose(shapes: list[tuple[int, int]], matmul: str = "auto") -> CpuChoice:
-    """The paths for a model whose many-row products have weight shapes `shapes` (N, K). `matmul` forces the
-    many-row path ("float32": exact float32 arithmetic; "bf16") instead of deciding ("auto")."""
+def _decide_matmul(shape: tuple[int, int]) -> tuple[str, str]:
+    if not cpu_facts().native_bf16:
+        return "float32", "no bf16 matrix instructions (AVX-512 BF16, AMX, ARM BF16): torch's bf16 GEMM is emulated"
+
+    def timed() -> tuple[str, str]:
+        t = time_matmul_paths(shape)
+        flops = 2 * _TIMING_ROWS * shape[0] * shape[1]
+        rates = f"bf16 {flops / t['bf16'] / 1e9:.0f} vs float32 {flops / t['float32'] / 1e9:.0f} GFLOP/s"
+        matmul = "bf16" if t["bf16"] * _MARGIN < t["float32"] else "float32"
+        return matmul, f"timed on a {_TIMING_ROWS}x{shape[1]}x{shape[0]} product: {rates}"
+
+    return _remembered("matmul", shape, timed)
+
+
+def time_kernel_variants(shape: tuple[int, int], variants: list[str], repeats: int = 5) -> dict[str, float]:
+    """Best-of-`repeats` seconds of a decode step's worth of few-row products on a bf16 weight of `shape`: one row
+    and four rows (batch 1 and 4), by each kernel variant."""
     from . import kernels
 
-    gemv = "C kernels (AVX2/FMA)" if kernels.available() else "torch"
+    n, k = shape
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    xs = [torch.randn(rows, k, generator=gen) for rows in (1, 4)]
+    best = {}
+    for name in variants:
+        product = kernels.Product(w, variant=name)
+        for x in xs:
+            product(x)  # first call: page the weight in
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for x in xs:
+                product(x)
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+    return best
+
+
+def _decide_gemv(shape: tuple[int, int]) -> str:
+    """The decode kernels' variant: forced (kernels.use, QWEN2VL_KERNELS), the only one this CPU runs, or the faster
+    of those it runs on the model's largest decode product (timed once, cached); "torch" where none builds."""
+    from . import kernels
+
+    if not kernels.available():
+        return "torch"
+    supported = [v for v in kernels.supported() if kernels.builds(v)]
+    if kernels.forced() or len(supported) < 2:
+        return f"C kernels ({kernels.variant()}: {'forced' if kernels.forced() else 'the only one this CPU runs'})"
+
+    def timed() -> tuple[str, str]:
+        t = time_kernel_variants(shape, supported)
+        fastest = min(t, key=t.get)
+        rates = ", ".join(f"{name} {shape[0] * shape[1] * 2 * 2 / t[name] / 1e9:.0f} GB/s" for name in supported)
+        return fastest, f"timed on {shape[0]}x{shape[1]} at batch 1 and 4: {rates}"
+
+    name, reason = _remembered("gemv", shape, timed)
+    kernels.prefer(name)
+    return f"C kernels ({name}: {reason})"
+
+
+def choose(shapes: list[tuple[int, int]], matmul: str = "auto",
+           decode_shapes: list[tuple[int, int]] | None = None) -> CpuChoice:
+    """The paths for a model whose many-row products have weight shapes `shapes` (N, K) and whose decode step's
+    products have `decode_shapes` (default: the same). `matmul` forces the many-row path ("float32": exact float32
+    arithmetic; "bf16") instead of deciding ("auto")."""
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    gemv = _decide_gemv(max(decode_shapes or shapes, key=lambda s: s[0] * s[1]))
     if matmul == "auto":
-        largest = max(shapes, key=lambda s: s[0] * s[1])
         if largest[0] * largest[1] < _MIN_WEIGHTS:
             matmul, reason = "float32", f"largest matrix {largest[0]}x{largest[1]} is too small for bf16 to pay"
         else:

@@ -34,6 +34,9 @@ CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 # keys a checkpoint may carry that the model does not use, and when
 REDUNDANT_WHEN_TIED = ("lm_head.weight",)
 
+# quantized layers: freed heap memory is given back after every this many bytes of packed tensors
+QUANT_TRIM_BYTES = 32 << 20
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -96,22 +99,38 @@ def _read_tensor(f, path: Path, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
-def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> None:
-    """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise."""
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                 scheme=None) -> None:
+    """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise.
+
+    With a `scheme` (qwen2vl.quant.QuantScheme, from config.json's quantization_config), every layer stored as
+    `<layer>.qweight` is read one layer at a time and replaced by a qwen2vl.quant.QuantLinear.
+    """
+    headers = [(path, *read_header(path)) for path in checkpoint_files(directory)]
+    quantized: dict[str, torch.nn.Linear] = {}
+    if scheme is not None:
+        from . import quant
+
+        quantized = quant.quantized_layers(model, [our_name(k) for _, header, _ in headers for k in header])
+    expected = {name: p.shape for name, p in model.state_dict().items() if name.rpartition(".")[0] not in quantized}
     plan: list[tuple[Path, str, str, dict, int]] = []  # (file, checkpoint key, our name, info, data start)
+    quant_plan: dict[str, dict[str, tuple[Path, str, dict, int]]] = {p: {} for p in quantized}
     unused: list[str] = []
-    for path in checkpoint_files(directory):
-        header, start = read_header(path)
+    for path, header, start in headers:
         for key, info in header.items():
             name = our_name(key)
+            layer, _, suffix = name.rpartition(".")
             if name in expected:
                 plan.append((path, key, name, info, start))
+            elif layer in quant_plan:
+                quant_plan[layer][suffix] = (path, key, info, start)
             elif not (model.lm_head is None and name in REDUNDANT_WHEN_TIED):
                 unused.append(key)
     seen = [name for _, _, name, _, _ in plan]
     missing = sorted(set(expected) - set(seen))
     dupes = sorted({n for n in seen if seen.count(n) > 1}) if len(seen) != len(set(seen)) else []
+    for layer, tensors in quant_plan.items():  # each quantized layer: its tensors' shapes, before any reading
+        missing += _check_quantized(layer, quantized[layer], tensors, scheme, unused)
     if missing or unused or dupes:
         parts = []
         if missing:
@@ -122,26 +141,84 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             parts.append(f"tensors given twice (under both key layouts?): {dupes[:20]}")
         raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; " + "; ".join(parts))
 
-    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for *_, info, _ in plan)
+    infos = [info for *_, info, _ in plan] + [info for t in quant_plan.values() for _, _, info, _ in t.values()]
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in infos)
     state: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {directory.name}", disable=not progress)
     handles: dict[Path, object] = {}
+
+    def read(path: Path, info: dict, start: int) -> torch.Tensor:
+        f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+        t = _read_tensor(f, path, info, start)
+        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+        return t
+
     try:
         for path, key, name, info, start in plan:
-            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-            t = _read_tensor(f, path, info, start)
+            t = read(path, info, start)
             if name in CONVERSIONS:
                 t = CONVERSIONS[name](t)
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+        since_trim = 0
+        for layer, tensors in quant_plan.items():  # one layer at a time: packed tensors in, final layout out
+            read_back = {suffix: read(path, info, start) for suffix, (path, _, info, start) in tensors.items()}
+            _install_quantized(model, layer, read_back, quantized[layer], scheme, dtype, device)
+            since_trim += sum(t.numel() * t.element_size() for t in read_back.values())
+            if since_trim > QUANT_TRIM_BYTES:  # see quant.release_freed_memory: bounds the peak's working set
+                quant.release_freed_memory()
+                since_trim = 0
     finally:
         for f in handles.values():
             f.close()
         bar.close()
-    model.load_state_dict(state, strict=True, assign=True)
+    # strict above (missing / unused); the quantized layers are already in place, so only they may be absent here
+    result = model.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in result.missing_keys if k.rpartition(".")[0] not in quantized] + result.unexpected_keys
+    if left:
+        raise CheckpointError(f"{directory}: internal error, tensors not placed: {left[:20]}")
+
+
+def _check_quantized(layer: str, linear: torch.nn.Linear, tensors: dict, scheme, unused: list[str]) -> list[str]:
+    """Shapes and dtypes of one quantized layer's tensors against the config (from the headers); returns the
+    missing names and appends the unexpected ones to `unused`."""
+    from .quant import QuantizationError, layer_tensors
+
+    layout = layer_tensors(layer, scheme, linear.in_features, linear.out_features)
+    layout["bias"] = ((linear.out_features,), torch.float16)
+    for suffix, (_, key, info, _) in tensors.items():
+        if suffix not in layout:
+            unused.append(key)
+            continue
+        shape, dtype = layout[suffix]
+        wrong_dtype = suffix != "bias" and _ST_DTYPES.get(info["dtype"]) not in (dtype, None)
+        if tuple(info["shape"]) != shape or wrong_dtype:
+            raise QuantizationError(f"{key} has shape {tuple(info['shape'])} and dtype {info['dtype']}; the config "
+                                    f"needs {shape} {str(dtype).removeprefix('torch.')}")
+    needed = ["qweight", "qzeros", "scales"] + (["bias"] if linear.bias is not None else [])
+    return [f"{layer}.{s}" for s in needed if s not in tensors]
+
+
+def _install_quantized(model: Qwen2VL, layer: str, tensors: dict[str, torch.Tensor], linear: torch.nn.Linear,
+                       scheme, dtype: torch.dtype, device: torch.device) -> None:
+    from .quant import QuantizationError, QuantLinear, read_layer
+
+    storage = read_layer(layer, tensors, scheme, linear.in_features, linear.out_features)
+    bias = tensors.get("bias")
+    if linear.bias is None and bias is not None:  # older GPTQ revisions store zero biases the layer does not have
+        if bool(bias.any()):
+            raise QuantizationError(f"{layer}.bias is not zero, but this layer has no bias in Qwen2-VL")
+        bias = None
+    module = QuantLinear(linear.in_features, linear.out_features, scheme.bits, scheme.group_size,
+                         bias=bias is not None, permuted=storage.perm is not None, bias_dtype=dtype)
+    state = QuantLinear.state_from(storage)
+    if bias is not None:
+        state["bias"] = bias.to(dtype)
+    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    parent, _, child = layer.rpartition(".")
+    setattr(model.get_submodule(parent), child, module.to(device))
 
 
 def load_model(
@@ -155,8 +232,9 @@ def load_model(
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
-    On CPU, bf16 weights (and `quantize="int8"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact weights,
-    float32 arithmetic. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
+    On CPU, bf16 weights (and `quantize="int8"` or `"int4"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact
+    weights, float32 arithmetic. `"int4"` quantizes the decoder's projections group-wise to 4 bits
+    (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -164,20 +242,30 @@ def load_model(
 
         directory = resolve_model_path(str(path))
     config = Qwen2VLConfig.from_file(directory)
+    device = torch.device(device)
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
+    if config.quantization is not None:
+        if quantize:
+            raise ValueError(f"{directory} is already quantized ({config.quantization.method.upper()} "
+                             f"{config.quantization.bits}-bit); drop quantize={quantize!r}")
+        if dtype is None and device.type == "cpu":  # float16 arithmetic on CPU is slow: compute in float32
+            dtype = torch.float32
     dtype = dtype or config.torch_dtype or torch.float32
     with torch.device("meta"):
         model = Qwen2VL(config)
-    device = torch.device(device)
-    load_weights(model, directory, dtype, device, progress)
+    load_weights(model, directory, dtype, device, progress, config.quantization)
     model.eval().requires_grad_(False)
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)
     if quantize and not cpu_kernels:
-        raise ValueError("quantize='int8' runs through the CPU kernels; it needs device='cpu' and cpu_kernels")
+        raise ValueError(f"quantize={quantize!r} runs through the CPU kernels; it needs device='cpu' and cpu_kernels")
+    if quantize == "int4":  # the decoder's projections to 4 bits (group-wise); the output projection then int8
+        from .quant.rtn import quantize_decoder_int4
+
+        quantize_decoder_int4(model)
     if cpu_kernels:
         from .cpu import use_cpu_kernels
 
-        use_cpu_kernels(model, storage=quantize or "bf16", matmul=cpu_matmul)
+        use_cpu_kernels(model, storage={"int4": "int8"}.get(quantize, quantize or "bf16"), matmul=cpu_matmul)
     return model

@@ -13,14 +13,47 @@ from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 from qwen2vl.testing.checkpoint import make_config, write_checkpoint
 
 
+@pytest.fixture(params=[v.name for v in kernels.VARIANTS])
+def variant(request):
+    """Each kernel variant in turn, forced on; one this CPU lacks is skipped, saying so."""
+    if request.param not in kernels.supported():
+        pytest.skip(f"this CPU lacks {sorted(kernels.VARIANTS[[v.name for v in kernels.VARIANTS].index(request.param)].cpu_flags)}")
+    kernels.use(request.param)
+    assert kernels.variant() == request.param and kernels.available()
+    yield request.param
+    kernels.use(None)
+
+
+@pytest.fixture(params=[v.name for v in kernels.VARIANTS] + ["off"])
+def decode_path(request):
+    """Each kernel variant in turn, then the plain-PyTorch fallback with all of them off."""
+    if request.param != "off" and request.param not in kernels.supported():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    kernels.use(request.param)
+    yield request.param
+    kernels.use(None)
+
+
 def test_kernels_build_here():
-    # CI's machine has a C compiler and AVX2: the fast path must really be exercised there
-    assert kernels.available()
+    # CI's machine has a C compiler and AVX2: the fast path must really be exercised there, in its best variant
+    assert kernels.available() and kernels.variant() == kernels.supported()[0]
+
+
+def test_kernels_can_be_switched_off(bf16_ckpt):
+    kernels.use("off")
+    try:
+        assert not kernels.available() and kernels.variant() is None
+        model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+        assert "torch" in model.cpu_choice.gemv
+    finally:
+        kernels.use(None)
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        kernels.use("avx1024")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 64])
 @pytest.mark.parametrize("k", [8, 24, 72, 96, 200, 264, 1536])  # every tail: k % 32 in {8, 16, 24, 0}, k % 128
-def test_kernels_match_torch(m, k):
+def test_kernels_match_torch(m, k, variant):
     g = torch.Generator().manual_seed(m * 1000 + k)
     w = torch.randn(37, k, generator=g)
     x, bias = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4, torch.randn(37, generator=g)
@@ -50,7 +83,7 @@ def test_int16_rounding_of_kernel_inputs():
     assert (kernels.quantize_rows_int16(zeros)[1] == 1).all()  # an all-zero group keeps scale 1, not 0/0
 
 
-def test_a_rows_result_does_not_depend_on_its_batch():
+def test_a_rows_result_does_not_depend_on_its_batch(variant):
     # batched decoding must give each row exactly what decoding it alone gives
     g = torch.Generator().manual_seed(3)
     w = torch.randn(70, 200, generator=g).to(torch.bfloat16)
@@ -63,7 +96,7 @@ def test_a_rows_result_does_not_depend_on_its_batch():
     assert torch.equal(kernels.gemm_int8(x, q, s), alone)
 
 
-def test_weight_only_linear_paths_agree():
+def test_weight_only_linear_paths_agree(variant):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 40)
     for storage in ("bf16", "int8"):
@@ -87,16 +120,18 @@ def bf16_ckpt(tmp_path_factory):
                             tokenizer=False)
 
 
-def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report):
+def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report,
+                                                                decode_path):
     # same math as the reference run in float32 on the bf16 weights: the only difference is summation order
     ours = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+    assert (decode_path in ours.cpu_choice.gemv.lower()) or (decode_path == "off" and "torch" in ours.cpu_choice.gemv)
     assert ours.dtype == torch.float32 and ours.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     ref = hf_model_factory(bf16_ckpt, dtype=torch.float32, attn="sdpa")
     batch = build(CASES["left-padded batch: text / image / video"], seed=12)
     with torch.no_grad():
         a, b = ours(**batch), ref(**batch).logits
     keep = batch["attention_mask"].bool()
-    parity_report("logits, bf16 weights + f32 compute (CPU kernels) vs reference f32", (a - b)[keep].abs().max().item(), 1e-4)
+    parity_report(f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32", (a - b)[keep].abs().max().item(), 1e-4)
     tokens = torch.stack([s.tokens for s in generate_steps(ours, Prompt.from_batch(batch), greedy, 24)], dim=1)
     with torch.no_grad():
         expected = ref.generate(**batch, max_new_tokens=24, min_new_tokens=24, do_sample=False, top_k=None,
@@ -112,16 +147,20 @@ def test_plain_bf16_path_still_available(bf16_ckpt):
         assert torch.isfinite(plain(**batch)).all()
 
 
-def test_int8_drift_and_greedy_agreement(bf16_ckpt, parity_report):
+@pytest.mark.parametrize("bits, max_rel, max_disagree", [("int8", 0.05, 0.25), ("int4", 0.8, 0.75)])
+def test_quantized_drift_and_greedy_agreement(bf16_ckpt, parity_report, bits, max_rel, max_disagree):
+    from qwen2vl.quant import QuantLinear
+
     bf16 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
-    int8 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize="int8")
-    assert int8.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    int8 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize=bits)
+    q_proj = int8.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == torch.int8 if bits == "int8" else isinstance(q_proj, QuantLinear)
     batch = build(CASES["left-padded batch: text / image / video"], seed=13)
     with torch.no_grad():
         a, b = bf16(**batch), int8(**batch)
     keep = batch["attention_mask"].bool()
     rel = (a - b)[keep].abs().max().item() / a[keep].abs().max().item()
-    parity_report("int8 vs bf16 logits, max |diff| / max |logit|", rel, 0.05)
+    parity_report(f"{bits} vs bf16 logits, max |diff| / max |logit|", rel, max_rel)
     # greedy over 64 tokens: how long the free-running outputs stay identical, and, teacher-forced on the bf16
     # continuation, at how many of the 64 steps int8 picks the same token
     prompt = Prompt.from_batch(batch)
@@ -134,8 +173,8 @@ def test_int8_drift_and_greedy_agreement(bf16_ckpt, parity_report):
     with torch.no_grad():
         forced = int8(**full)[:, L - 1:-1].argmax(-1)
     agree = (forced == ta).float().mean().item()
-    print(f"int8 greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
-    parity_report("int8 vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, 0.25)
+    print(f"{bits} greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
+    parity_report(f"{bits} vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, max_disagree)
 
 
 def test_weight_only_linear_follows_its_parameters():
@@ -151,7 +190,7 @@ def test_weight_only_linear_follows_its_parameters():
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1536), (2, 5, 72), (3, 8)])
-def test_rms_norm_kernel_matches_the_module(shape):
+def test_rms_norm_kernel_matches_the_module(shape, variant):
     from qwen2vl.model.layers import RMSNorm
 
     g = torch.Generator().manual_seed(len(shape))
@@ -164,7 +203,7 @@ def test_rms_norm_kernel_matches_the_module(shape):
     assert kernels.rms_norm(x.transpose(0, -1), norm.weight.data, 1e-6) is None  # not contiguous
 
 
-def test_rope_kernel_matches_apply_rope_in_place():
+def test_rope_kernel_matches_apply_rope_in_place(variant):
     from qwen2vl.model.layers import apply_rope
 
     g = torch.Generator().manual_seed(9)
@@ -186,3 +225,93 @@ def test_cpu_transform_installs_the_small_kernels(bf16_ckpt):
     layer = model.model.layers[0]
     assert type(layer.input_layernorm) is FastRMSNorm and type(model.model.norm) is FastRMSNorm
     assert layer.self_attn.rope is fast_rope
+
+
+def _q4_reference(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
+    """The formats' weight: float16((q - z) * s) per group, (N, K)."""
+    zk, sk = (t.repeat_interleave(group, dim=1)[:, :q.shape[1]] for t in (z, s))
+    return (q.to(torch.int16) - zk).to(torch.float16) * sk
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("k, group", [(64, 32), (256, 128), (288, 96), (1536, 128), (160, 160)])
+def test_q4_kernel_multiplies_the_reference_float16_weights(m, k, group, variant):
+    g = torch.Generator().manual_seed(m * 7 + k)
+    n, groups = 29, -(-k // group)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    z = torch.randint(0, 17, (n, groups), generator=g, dtype=torch.int16)  # GPTQ v1 may store 16 (field + 1)
+    s = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).to(torch.float16)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    want = x.double() @ _q4_reference(q, s, z, group).double().T + bias.double()
+    got = kernels.Q4Product(packed, s, z, group, bias)(x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # a row's result does not depend on the rows beside it (batched decoding = decoding alone)
+    alone = torch.cat([kernels.Q4Product(packed, s, z, group, bias)(x[i:i + 1]) for i in range(m)])
+    assert torch.equal(got, alone)
+
+
+def test_q4_kernel_refuses_what_it_cannot_run():
+    assert not kernels.Q4Product.supports(80, 32) and not kernels.Q4Product.supports(128, 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kernels.Q4Product(torch.zeros(4, 40, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16),
+                          torch.zeros(4, 1, dtype=torch.int16), 80)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_quantized_layer_decodes_through_the_4bit_kernel(variant, permuted):
+    from qwen2vl.quant import QuantLinear
+
+    g = torch.Generator().manual_seed(11 + permuted)
+    k, n, group = 256, 40, 64
+    layer = QuantLinear(k, n, 4, group, bias=True, permuted=permuted, bias_dtype=torch.float32)
+    state = {"qweight": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+             "scales": (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(torch.float16),
+             "zeros": torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.int16),
+             "bias": torch.randn(n, generator=g)}
+    if permuted:
+        state["perm"] = torch.randperm(k, generator=g)
+    layer.load_state_dict(state, assign=True)
+    x = torch.randn(2, 3, k, generator=g)
+    want = x.double() @ layer.dequantize().double().T + state["bias"].double()
+    got = layer(x)
+    assert layer._cpu_product() is not None and got.shape == (2, 3, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    many = torch.randn(kernels.MAX_ROWS + 1, k, generator=g)  # many rows: the plain path, same numbers
+    assert torch.allclose(layer(many).double(), many.double() @ layer.dequantize().double().T + state["bias"].double(),
+                          rtol=1e-5, atol=1e-5)
+
+
+def test_int4_round_to_nearest_follows_the_awq_formula():
+    from qwen2vl.quant.formats import unpack_nibbles
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(2)
+    for k, group in ((256, 128), (200, 64), (96, 128)):  # whole groups, a short last group, one short group
+        w = torch.randn(17, k, generator=g) * 0.05
+        st = quantize_rtn(w, group)
+        q = unpack_nibbles(st.qweight, k)
+        assert st.qweight.dtype == torch.uint8 and st.scales.dtype == torch.float16 and st.perm is None
+        assert int(q.max()) <= 15 and int(st.zeros.min()) >= 0 and int(st.zeros.max()) <= 15
+        deq = _q4_reference(q, st.scales, st.zeros, group).float()
+        # round to nearest: every weight within half a step of its group's scale (plus float16 rounding)
+        step = st.scales.float().repeat_interleave(group, dim=1)[:, :k]
+        assert ((deq - w).abs() <= step / 2 + 1e-3 * w.abs() + 1e-6).all()
+
+
+def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):
+    from qwen2vl.quant import QUANTIZABLE, QuantLinear
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    plain = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_kernels=False)
+    int4 = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, quantize="int4")
+    names = {n for n, m in int4.named_modules() if isinstance(m, QuantLinear)}
+    assert names == {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and QUANTIZABLE.fullmatch(n)}
+    for name in sorted(names)[:5]:
+        original = plain.get_submodule(name)
+        st = quantize_rtn(original.weight.data)
+        layer = int4.get_submodule(name)
+        assert torch.equal(layer.qweight, st.qweight) and torch.equal(layer.scales, st.scales)
+        assert (layer.bias is None) == (original.bias is None)
+    assert int4.lm_head.weight.dtype == torch.int8  # the output projection: int8
+    assert int4.visual.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16  # the vision tower keeps bf16

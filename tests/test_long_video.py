@@ -13,7 +13,7 @@ from processing_fixtures import oracle
 from qwen2vl.processing import InputError
 from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.processor import Budget, OverBudget
-from qwen2vl.processing.video import _open, decode_frames, probe, resize_frames, sample_indices
+from qwen2vl.processing.video import RgbConverter, _open, decode_frames, probe, resize_frames, sample_indices
 from qwen2vl.testing.video import write_test_video
 from test_cli import cli, tiny  # noqa: F401 (a fixture)
 from test_server_hostile import RssPeak
@@ -38,11 +38,11 @@ def test_chunked_decode_equals_decoding_everything_then_resizing(two_minutes):
     indices = sample_indices({"fps": 0.5}, total, fps)
     indices = indices[:5] + [indices[5]] * 3 + indices[6:]  # repeats too
     # the plain path: every wanted frame at source size, one resize of the stack
-    wanted, plain = set(indices), {}
+    wanted, plain, to_rgb = set(indices), {}, RgbConverter()
     with _open(str(two_minutes), policy, "v") as c:
         for n, frame in enumerate(c.decode(video=0)):
             if n in wanted:
-                plain[n] = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                plain[n] = torch.from_numpy(to_rgb(frame, (height, width))).permute(2, 0, 1)
     expected = resize_frames(torch.stack([plain[i] for i in indices]), 112, 196)
     for chunk_bytes in (1, 3 * height * width * 3, 2**30):  # one frame, three frames, everything per chunk
         with _open(str(two_minutes), policy, "v") as c:

@@ -17,6 +17,7 @@ from qwen2vl.processing import InputError, Processor
 from qwen2vl.processing.image import IMAGE_STD
 from qwen2vl.processing.sizing import Bounds, ProcessorBounds, image_size
 from qwen2vl.processing.video import plan_video
+from qwen2vl.testing.video import encode_video, sharp_frames
 from qwen2vl.testing.tokenizer_files import PREPROCESSOR_CONFIG
 
 GREY_LEVEL = 1.0 / (255 * min(IMAGE_STD))  # one grey level, in normalised units
@@ -256,8 +257,14 @@ def test_sweep_against_the_reference(repo, tmp_path, parity_report):
     rng = np.random.default_rng(12)
     clips = [make_video(tmp_path / f"clip{w}x{h}.mp4", frames=8, fps=4, size=(w, h))
              for w, h in ((120, 90), (360, 240), (840, 560))]
+    # sharp colour edges, where decoders' colour conversions differ most: 10-bit BT.709, and 4:2:0 of odd height
+    clips += [encode_video(tmp_path / "sharp10.mkv", sharp_frames((360, 240), 8, seed=1), (360, 240), 4, gop=None,
+                           pix_fmt="yuv420p10le", colorspace=1),
+              encode_video(tmp_path / "sharp_odd.mkv", sharp_frames((201, 151), 8, seed=2), (201, 151), 4, "ffv1",
+                           gop=None)]
     cases, compared, refused, worst = 60, 0, 0, {"image": 0.0, "video": 0.0}
     second_resizes = {"image": 0, "video": 0}  # items whose size the processor's bounds changed
+    used = set()  # clips compared
     for n in range(cases):
         config, video_config, keywords, conv = _case(rng, clips, n)
         d = checkpoint(repo, tmp_path / f"ckpt{n}", config, video_config)
@@ -286,11 +293,13 @@ def test_sweep_against_the_reference(repo, tmp_path, parity_report):
         except AssertionError as e:
             raise AssertionError(f"{context}: {e}") from None
         compared += 1
+        used.update(p["video"] for p in conv[0]["content"] if p["type"] == "video")
         for part, item in zip([p for p in conv[0]["content"] if p["type"] != "text"], plan.items):
             w, h = item.source_size
             first = image_size(part, h, w) if item.kind == "image" else plan_video(part, proc.policy).resized
             second_resizes[item.kind] += first != item.resized_size[::-1]
     assert compared >= 0.8 * cases, f"only {compared} of {cases} cases ran through the reference ({refused} refused)"
     assert refused >= 1 and min(second_resizes.values()) >= 5, (refused, second_resizes)  # the sweep reaches both
+    assert used == {str(c) for c in clips}, f"clips never compared: {set(map(str, clips)) - used}"
     parity_report("sizing sweep: image pixels vs reference", worst["image"], EXACT)
     parity_report("sizing sweep: video pixels vs reference", worst["video"], TWO_GREY_LEVELS)

@@ -3,10 +3,12 @@
 `Product` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few rows of
 X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
 of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
-`rope_` are the decoder's normalisation and rotary in one call each. They are built from `gemv_avx2.c` and
-`decode_ops.c` with the system C compiler into a per-user cache the first time they are needed; where there is
-no compiler, no AVX2/FMA, or the build fails, `available()` is False and callers use the reference path
-(`torch` ops), which the tests compare against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
+`rope_` are the decoder's normalisation and rotary in one call each. They come in one build per instruction set
+(`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
+`decode_ops.c`), compiled with the system C compiler into a per-user cache the first time they are needed; the
+best variant the CPU supports is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no
+compiler, no AVX2/FMA, or the build or load fails, `available()` is False and callers use the reference path
+(`torch` ops), which the tests compare every variant against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
 applies these as an optional transform.
 """
 
@@ -19,25 +21,89 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = (Path(__file__).with_name("gemv_avx2.c"), Path(__file__).with_name("decode_ops.c"))
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]  # no implicit FMAs: the
-# small ops round like their PyTorch forms; the products use explicit FMA intrinsics
+_HERE = Path(__file__).parent
+_COMMON = ["-O3", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]  # no implicit FMAs: the small ops
+# round like their PyTorch forms; the products use explicit FMA intrinsics
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: the products' source, the CPU flags it needs, the compiler flags it takes."""
+
+    name: str
+    source: str
+    cpu_flags: frozenset[str]
+    cc_flags: tuple[str, ...]
+
+
+VARIANTS = (  # best first
+    Variant("avx512", "gemv_avx512.c", frozenset({"avx512f", "avx512bw", "avx2", "fma"}),
+            ("-mavx512f", "-mavx512bw", "-mavx2")),
+    Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mf16c")),
+)
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
-GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in gemv_avx2.c)
+GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return frozenset(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags)
+        return frozenset()
+
+
+def supported() -> list[str]:
+    """The variants this CPU can run, best first (empty: no AVX2/FMA, or not x86-64 Linux)."""
+    flags = _cpu_flags()
+    return [v.name for v in VARIANTS if v.cpu_flags <= flags]
+
+
+_forced: list[str | None] = [None]
+_preferred: list[str | None] = [None]
+
+
+def use(name: str | None) -> None:
+    """Run the kernels of variant `name` ("avx512", "avx2"), "off" for the PyTorch path, or None for the best this
+    CPU supports (the default; the environment variable QWEN2VL_KERNELS sets the same). Applies to weights bound
+    after the call; tests use it to run every variant against the PyTorch path."""
+    if name not in (None, "off", *(v.name for v in VARIANTS)):
+        raise ValueError(f"unknown kernel variant {name!r}; choose from {[v.name for v in VARIANTS]}, 'off' or None")
+    _forced[0] = name
+
+
+def forced() -> str | None:
+    """The variant forced by use() or QWEN2VL_KERNELS ("off" included), or None."""
+    return _forced[0] or os.environ.get("QWEN2VL_KERNELS") or None
+
+
+def prefer(name: str | None) -> None:
+    """Make `name` the default variant (qwen2vl.machine calls this with the one it timed fastest on this CPU)."""
+    _preferred[0] = name
+
+
+def variant() -> str | None:
+    """The variant in use: the forced one, else the preferred one, else the best supported; None: PyTorch path."""
+    name = forced()
+    if name == "off":
+        return None
+    if name is not None and name not in supported():
+        log.warning("qwen2vl kernels: variant %r is not supported by this CPU; using the PyTorch path", name)
+        return None
+    if name is None and _preferred[0] in supported():
+        name = _preferred[0]
+    return name or next(iter(supported()), None)
+
+
+def builds(name: str) -> bool:
+    """Whether variant `name` compiles and loads here."""
+    return _build(name) is not None
 
 
 def _cache_dir() -> Path:
@@ -45,14 +111,23 @@ def _cache_dir() -> Path:
     return Path(root) / "qwen2vl" / "kernels"
 
 
-@lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if not _cpu_has_avx2_fma():
-        log.info("qwen2vl kernels: CPU lacks AVX2/FMA; using the PyTorch path")
-        return None
+    name = variant()
+    return None if name is None else _build(name)
+
+
+@lru_cache(maxsize=None)
+def _build(name: str) -> ctypes.CDLL | None:
+    spec = next(v for v in VARIANTS if v.name == name)
+    sources = (_HERE / spec.source, _HERE / "decode_ops.c")
+    flags = [*_COMMON, *spec.cc_flags]
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    digest = hashlib.sha256(" ".join(_FLAGS).encode() + b"".join(f.read_bytes() for f in _SOURCES)).hexdigest()
-    target = _cache_dir() / f"qwen2vl-kernels-{digest[:16]}.so"
+    try:
+        digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in sources)).hexdigest()
+    except OSError as e:
+        log.warning("qwen2vl kernels: sources unreadable (%s); using the PyTorch path", e)
+        return None
+    target = _cache_dir() / f"qwen2vl-kernels-{name}-{digest[:16]}.so"
     if not target.exists():
         if compiler is None:
             log.warning("qwen2vl kernels: no C compiler found; decoding uses the slower PyTorch path")
@@ -60,17 +135,24 @@ def _library() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"]
+            cmd = [compiler, *flags, *map(str, sources), "-o", str(out), "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                log.warning("qwen2vl kernels: build failed, using the PyTorch path:\n%s", res.stderr[-2000:])
+                log.warning("qwen2vl kernels: %s build failed, using the PyTorch path:\n%s", name, res.stderr[-2000:])
                 return None
             os.replace(out, target)  # atomic: concurrent first uses do not see half a file
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        log.warning("qwen2vl kernels: could not load %s (%s); using the PyTorch path", target, e)
+        return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.gemm_bf16, lib.gemm_i8):  # (w, scale, bias, x, y, n, k, m, threads) -> 0, or -1 out of memory
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
+    # (qweight, scales, zeros, bias, x, y, n, k, m, group, threads) -> 0, -1 out of memory, -2 unsupported shape
+    lib.gemm_q4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.gemm_q4.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     for fn in (lib.rms_norm, lib.rope):
@@ -89,8 +171,9 @@ class Product:
     """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
     float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
 
-    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
-        lib = _library()
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 variant: str | None = None) -> None:
+        lib = _build(variant) if variant else _library()
         if lib is None:
             raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
         storage = torch.bfloat16 if scale is None else torch.int8
@@ -118,6 +201,50 @@ class Product:
         return y
 
 
+class Q4Product:
+    """Y = X @ W.T (+ bias) for a 4-bit group-quantized W in `qwen2vl.quant.QuantLinear`'s layout: qweight uint8
+    (N, K/2), two columns per byte (low nibble first); scales float16 and zeros int16 (N, K/G). The kernel multiplies
+    exactly the reference weight float16((q - z) * s), in float32. X (M <= MAX_ROWS, K) float32; K and G multiples
+    of 32 (`supports`)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                 bias: torch.Tensor | None = None, variant: str | None = None) -> None:
+        lib = _build(variant) if variant else _library()
+        if lib is None:
+            raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
+        n, k = qweight.shape[0], qweight.shape[1] * 2
+        if not self.supports(k, group):
+            raise ValueError(f"the 4-bit kernel needs K and the group size to be multiples of 32, got {k}, {group}")
+        groups = -(-k // group)
+        for name, t, dtype, shape in (("qweight", qweight, torch.uint8, (n, k // 2)),
+                                      ("scales", scales, torch.float16, (n, groups)),
+                                      ("zeros", zeros, torch.int16, (n, groups)),
+                                      ("bias", bias, torch.float32, (n,))):
+            if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()
+                                  or t.device.type != "cpu"):
+                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        self.n, self.k, self.group = n, k, group
+        self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
+        self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self._fn = lib.gemm_q4
+
+    @staticmethod
+    def supports(k: int, group: int) -> bool:
+        return k % 32 == 0 and group % 32 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        if k != self.k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
+            raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {self.k}), got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, self.group, _threads())
+        if status != 0:
+            raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
+        return y
+
+
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) bfloat16, bias (N,) float32 -> (M, N) float32."""
     return Product(w, None, bias)(x)
@@ -136,10 +263,11 @@ def _f32(*tensors: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
     float32 (the caller then uses PyTorch)."""
-    if not _f32(x, weight) or weight.shape != x.shape[-1:]:
+    lib = _library()
+    if lib is None or not _f32(x, weight) or weight.shape != x.shape[-1:]:
         return None
     y = torch.empty_like(x)
-    _library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
 
 
@@ -149,10 +277,11 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     if x.dim() != 4 or cos.shape != (x.shape[0], 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape:
         return None
     rows_first = x.transpose(1, 2)
-    if not _f32(rows_first, cos, sin):
+    lib = _library()
+    if lib is None or not _f32(rows_first, cos, sin):
         return None
     b, heads, n, d = x.shape
-    _library().rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
+    lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
     return x
 
 

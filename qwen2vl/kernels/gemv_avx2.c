@@ -158,3 +158,68 @@ int gemm_i8(const int8_t *w, const float *scale, const float *bias, const float 
     free(xs);
     return 0;
 }
+
+/* ---- 4-bit, group-quantized (AWQ / GPTQ as qwen2vl.quant.QuantLinear stores them) ---------------------------
+
+   w (N, K/2) uint8: byte j of a row holds column 2j in its low nibble and 2j+1 in its high nibble; scales (N,
+   groups) float16 bits, zeros (N, groups) int16; column j is in group j / G. The reference weight is float16:
+   W = fp16((q - z) * s). Per row and group the 16 values it can take are computed once into a table (the product
+   of a 5-bit integer and a float16 is exact in float32, so rounding it to float16 gives exactly the float16
+   product); each weight is then a lookup in that table (two 8-lane vpermps and a blend on the index's bit 3): the
+   kernel multiplies exactly the reference's weights, in float32. x is deinterleaved in 16-blocks as for bf16 (an
+   8-byte load holds 8 even columns in its low nibbles, 8 odd ones in its high nibbles). G and K must be multiples
+   of 32 (as in the AVX-512 variant). */
+
+static inline __m256 q4_lookup(__m256i idx, __m256 lo, __m256 hi) {
+    __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign bit = bit 3 of the index */
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), high);
+}
+
+static inline __m256 q4_half_table(int first, uint16_t scale, int16_t zero) {
+    __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+        _mm256_setr_epi32(first, first + 1, first + 2, first + 3, first + 4, first + 5, first + 6, first + 7),
+        _mm256_set1_epi32(zero)));
+    __m256 s = _mm256_cvtph_ps(_mm_set1_epi16((short)scale));
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(q, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+static inline float dot_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *xp, int64_t k,
+                           int64_t group) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g * group < k; g++) {
+        __m256 lo = q4_half_table(0, scales[g], zeros[g]), hi = q4_half_table(8, scales[g], zeros[g]);
+        int64_t end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int64_t j = g * group; j < end; j += 32) {
+            if (!(j & 127)) _mm_prefetch((const char *)(w + j / 2) + AHEAD, _MM_HINT_NTA);
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + j / 2)); /* 32 columns */
+            __m128i e = _mm_and_si128(b, low), o = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            a0 = _mm256_fmadd_ps(q4_lookup(_mm256_cvtepu8_epi32(e), lo, hi), _mm256_loadu_ps(xp + j), a0);
+            a1 = _mm256_fmadd_ps(q4_lookup(_mm256_cvtepu8_epi32(o), lo, hi), _mm256_loadu_ps(xp + j + 8), a1);
+            a2 = _mm256_fmadd_ps(q4_lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(e, 8)), lo, hi),
+                                 _mm256_loadu_ps(xp + j + 16), a2);
+            a3 = _mm256_fmadd_ps(q4_lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(o, 8)), lo, hi),
+                                 _mm256_loadu_ps(xp + j + 24), a3);
+        }
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias, const float *x,
+            float *y, int64_t n, int64_t k, int64_t m, int64_t group, int threads) {
+    if (k % 32 || group % 32) return -2;
+    int64_t groups = (k + group - 1) / group;
+    float *xp = malloc(sizeof(float) * m * k);
+    if (!xp) return -1;
+    for (int64_t i = 0; i < m; i++) deinterleave16(x + i * k, xp + i * k, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t r = c; r < end; r++)
+                y[i * n + r] = dot_q4(w + r * (k / 2), scales + r * groups, zeros + r * groups, xp + i * k, k, group)
+                               + (bias ? bias[r] : 0.0f);
+    }
+    free(xp);
+    return 0;
+}

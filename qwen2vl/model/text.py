@@ -47,10 +47,17 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # dtype of the MLP's activations over a prompt (more than one new token per sequence); None: the residual
+        # stream's. A transform may set bf16 while the residual stream, the norms, attention, the KV cache and
+        # every decode step stay float32 (qwen2vl.cpu, on CPUs with bf16 products).
+        self.prompt_mlp_dtype: torch.dtype | None = None
 
     def forward(self, x, cos, sin, attend, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if self.prompt_mlp_dtype is not None and x.shape[1] > 1:
+            h = h.to(self.prompt_mlp_dtype)
+        return x + self.mlp(h)
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device) -> torch.Tensor | None:

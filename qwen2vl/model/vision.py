@@ -63,10 +63,17 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg.embed_dim, cfg.mlp_dim, cfg.hidden_act)
+        # dtype of the attention and MLP activations; None: the residual stream's. A transform may set bf16 while
+        # the residual stream and the norms stay float32 (qwen2vl.cpu, where the CPU multiplies bf16 natively).
+        self.inner_dtype: torch.dtype | None = None
+
+    def inner(self, h: torch.Tensor) -> torch.Tensor:
+        """A normalised residual row block, in the dtype the attention and MLP compute in."""
+        return h if self.inner_dtype is None else h.to(self.inner_dtype)
 
     def forward(self, x, cos, sin, segments):
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.inner(self.norm1(x)), cos, sin, segments)
+        return x + self.mlp(self.inner(self.norm2(x)))
 
 
 class PatchMerger(nn.Module):
@@ -146,7 +153,9 @@ class VisionTransformer(nn.Module):
         x = torch.cat((yield from pace.rows(n, 2 * cfg.patch_dim * e, lambda r: self.patch_embed(pixel_values[r]))))
         cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
         if block_flops > piece_flops:  # q, k, v, attention output, MLP hidden: reused block after block
-            buffers = [x.new_empty(n, cfg.num_heads, cfg.head_dim) for _ in range(4)] + [x.new_empty(n, cfg.mlp_dim)]
+            inner = self.blocks[0].inner_dtype or x.dtype
+            buffers = [x.new_empty(n, cfg.num_heads, cfg.head_dim, dtype=inner) for _ in range(4)]
+            buffers.append(x.new_empty(n, cfg.mlp_dim, dtype=inner))
         for block in self.blocks:
             if block_flops <= piece_flops:
                 if pace.due(block_flops):
@@ -234,7 +243,7 @@ def _block_in_ranges(block: VisionBlock, x, cos, sin, segments, pace: _Pace, q, 
     heads, hd = q.shape[1:]
 
     def qkv(r):
-        q[r], k[r], v[r] = attn.qkv_rope(block.norm1(x[r]), cos[r], sin[r])
+        q[r], k[r], v[r] = attn.qkv_rope(block.inner(block.norm1(x[r])), cos[r], sin[r])
 
     yield from pace.rows(n, 6 * e * e, qkv)
     start = 0
@@ -248,7 +257,7 @@ def _block_in_ranges(block: VisionBlock, x, cos, sin, segments, pace: _Pace, q, 
 
     def fc1(r):  # x += attention; hidden = fc1(norm2(x))
         x[r] = x[r] + attn.proj(out[r].view(-1, e))
-        hidden[r] = mlp.fc1(block.norm2(x[r]))
+        hidden[r] = mlp.fc1(block.inner(block.norm2(x[r])))
 
     yield from pace.rows(n, 2 * e * e + 2 * e * hidden.shape[1], fc1)
     if pace.due(hidden.numel() * ELEMENTWISE_FLOPS):

@@ -6,13 +6,16 @@ resize (`torchvision.transforms.functional.resize(BICUBIC, antialias=True)` on u
 interpolation, clamp, round). The processor's own resize (step 2) follows in `Processor.video`.
 Deliberate difference: a list of frames is resized once, by the video rule; qwen-vl-utils 0.0.14 `fetch_video`
 first resizes every frame to multiples of 56 by the image rule and then again (a double resize).
+Frames become RGB as torchcodec 0.17 converts them (`RgbConverter`): the same bytes, not PyAV's own conversion.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +92,64 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
+# Colour matrices by the frame's AVColorSpace, as libswscale's `sws_getCoefficients` picks its table; any other value
+# (unspecified, reserved, YCgCo, ...) reads BT.601.
+_MATRICES = {1: "bt709", 4: "fcc", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+_RANGE_MPEG, _RANGE_JPEG = 1, 2  # AVColorRange
+
+
+class RgbConverter:
+    """Decoded frames to RGB24 bytes as torchcodec 0.17 converts them, which is how qwen-vl-utils reads video.
+
+    torchcodec (`CpuDeviceInterface`, `SwScale`, `create_sws_context`) converts at the source size with libswscale:
+    sws_getContext without a scaler flag, so bicubic; the colour matrix of the frame's colorspace; the frame's colour
+    range, else the pixel format's (full for yuvj*); chroma sited at the centre of its luma block, the legacy
+    default. (Widths that are not a multiple of 32 go through a "copy" filter graph whose inserted scale filter makes
+    the same choices.) PyAV's `to_ndarray` calls `sws_scale_frame`, which interpolates bilinearly and sites chroma
+    where the frame says (left, for H.264 and HEVC): the same bytes for 8-bit 4:2:0 and 4:2:2 of even height, which
+    libswscale converts without interpolating chroma, but up to ~60 grey levels apart at sharp colour edges of 10-bit
+    video, 4:2:0 of odd height, and the other paths through the scaler. So a filter graph spells torchcodec's choices
+    out. One graph per frame geometry and colour tags; frames of another size are scaled to `size` on the way."""
+
+    def __init__(self) -> None:
+        self._key, self._graph = None, None
+
+    def __call__(self, frame, size: tuple[int, int]) -> np.ndarray:
+        """`frame` (an av.VideoFrame) as uint8 (h, w, 3) of `size` (h, w)."""
+        key = (frame.width, frame.height, frame.format.name, frame.colorspace, frame.color_range, size)
+        if key != self._key:
+            self._graph, self._key = _rgb_graph(frame, size), key
+        self._graph.push(frame)
+        return self._graph.pull().to_ndarray()
+
+
+def _rgb_graph(frame, size: tuple[int, int]):
+    import av
+
+    fmt = frame.format
+    options = [f"w={size[1]}", f"h={size[0]}", "flags=bicubic"]
+    if len(fmt.components) >= 3 and not fmt.is_rgb:  # YUV: matrix, range and chroma siting as torchcodec's
+        if frame.color_range in (_RANGE_MPEG, _RANGE_JPEG):
+            full = frame.color_range == _RANGE_JPEG
+        else:
+            full = fmt.name.startswith("yuvj")
+        options += [f"in_color_matrix={_MATRICES.get(frame.colorspace, 'bt601')}",
+                    f"in_range={'full' if full else 'limited'}"]
+        # sws_getContext's default siting (-513) is the centre: (128 << log2 subsampling) - 128 in 1/256 luma pixels
+        probe = av.VideoFormat(fmt.name, 1024, 1024).components[1]
+        for axis, chroma in (("h", probe.width), ("v", probe.height)):
+            if chroma < 1024:
+                options.append(f"in_{axis}_chr_pos={(128 * 1024 // chroma) - 128}")
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=frame.width, height=frame.height, format=fmt,
+                              time_base=frame.time_base or Fraction(1, 1000))
+    nodes = [source, graph.add("scale", ":".join(options)), graph.add("format", "rgb24"), graph.add("buffersink")]
+    for a, b in itertools.pairwise(nodes):
+        a.link_to(b)
+    graph.configure()
+    return graph
+
+
 def _open(source, policy: MediaPolicy, what: str):
     import av  # optional extra: pip install qwen2vl[video]
 
@@ -152,6 +213,7 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
     chunk: torch.Tensor | None = None  # source frames waiting for their resize (allocated at the first frame)
     targets: list[list[int]] = []  # the output slots of each waiting frame
     filled, last, source_size = 0, max(indices), None
+    to_rgb = RgbConverter()
 
     def flush() -> None:
         nonlocal filled
@@ -176,9 +238,8 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
                     # resize reads as they are (same bytes out; a planar copy per frame cost 5 ms)
                     chunk = torch.empty(max(1, chunk_bytes // (3 * frame.height * frame.width)), *source_size, 3,
                                         dtype=torch.uint8)
-                elif (frame.height, frame.width) != source_size:  # the stream changed size midway
-                    frame = frame.reformat(width=source_size[1], height=source_size[0])
-                chunk.numpy()[len(targets)] = frame.to_ndarray(format="rgb24")  # numpy: a plain memcpy, no threads
+                # a stream that changes size midway is scaled to its first size on the way
+                chunk.numpy()[len(targets)] = to_rgb(frame, source_size)  # numpy: a plain memcpy, no threads
                 targets.append(slots[n])
                 if len(targets) == len(chunk):
                     flush()

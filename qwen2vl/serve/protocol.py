@@ -253,6 +253,7 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     fit: StrictBool = False  # ours: sample videos smaller, then sparser, until the prompt fits (Processor._fit)
+    skip_special_tokens: StrictBool = True  # vLLM's extra field; false keeps <|box_start|>... in the text
 
     @model_validator(mode="before")
     @classmethod
@@ -291,6 +292,7 @@ class CompletionRequest(BaseModel):
     guided_grammar: StrictStr | None = None
     structured_outputs: StructuredOutputs | None = None
     response_format: dict | None = None
+    skip_special_tokens: StrictBool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -319,6 +321,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    skip_special_tokens: bool = True
     constraint: Constraint | None = None  # what the output must match (response_format, guided_*, tool_choice)
     tools: list[dict] | None = None  # rendered into the prompt; None when tool_choice is "none"
     tool_choice: str | dict = "none"
@@ -453,7 +456,7 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
     params = _sampling(r, generation_config, max_tokens or 512)
     return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
                        bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
-                       constraint, tools, choice, field)
+                       r.skip_special_tokens, constraint, tools, choice, field)
 
 
 def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
@@ -489,8 +492,8 @@ def parse_completion_request(body: Any, generation_config: dict) -> ChatRequest:
         raise ApiError(400, str(e)) from None
     prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
     return ChatRequest(r.model, [], _sampling(r, generation_config, r.max_tokens), True, False, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), False, 0, constraint, None, "none",
-                       field, prompt)
+                       bool(r.stream_options and r.stream_options.include_usage), False, 0, r.skip_special_tokens,
+                       constraint, None, "none", field, prompt)
 
 
 def completion_id() -> str:

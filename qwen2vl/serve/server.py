@@ -42,6 +42,7 @@ from ..processing.tools import ToolCallParser, render_tools
 from .limits import LimitExceeded, Limits
 from .metrics import Latency
 from .protocol import ApiError, ChatRequest, completion_id, now, parse_completion_request, parse_request, read_json
+from .web import add_web_routes
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -171,6 +172,8 @@ class Server:
         if self.allowed_origins:  # CORS: browsers on these origins may call the API (preflight answered here)
             app.add_middleware(CORSMiddleware, allow_origins=list(self.allowed_origins), allow_credentials=False,
                                allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)
+
+        add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
 
     async def _serve(self, request: HttpRequest, parse) -> Response:
@@ -305,10 +308,12 @@ class Server:
         for i, rid in enumerate(ids):
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
             self.loop.routes[rid] = (loop, queue)
-            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer), StopMatcher(params.stop),
-                           ToolCallParser() if req.tools else None)
+            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens),
+                           StopMatcher(params.stop), ToolCallParser() if req.tools else None)
             processors = () if prepared["grammar"] is None else \
                 (GrammarProcessor(self._grammars(), prepared["grammar"]),)  # each choice has its own matcher
+
+        add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
             try:
                 self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
                                         req.top_logprobs if req.logprobs else None, processors))

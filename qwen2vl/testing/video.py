@@ -11,10 +11,12 @@ import numpy as np
 
 
 def encode_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int,
-                 codec: str = "libx264", gop: int | None = 250, vfr: bool = False) -> Path:
-    """RGB frames (H, W, 3) uint8 of `size` (width, height) written as a yuv420p clip at `fps`. `codec` falls back
+                 codec: str = "libx264", gop: int | None = 250, vfr: bool = False, pix_fmt: str = "yuv420p",
+                 colorspace: int | None = None, color_range: int | None = None) -> Path:
+    """RGB frames (H, W, 3) uint8 of `size` (width, height) written as a `pix_fmt` clip at `fps`. `codec` falls back
     from libx264 to MPEG-4 Part 2 where PyAV lacks it; `gop` None keeps the codec's own; `vfr` gives irregular frame
-    times (a variable frame rate)."""
+    times (a variable frame rate); `colorspace` and `color_range` (AVColorSpace, AVColorRange numbers) tag the
+    stream, as cameras and encoders do (1: BT.709; range 1: limited, 2: full)."""
     import av
 
     path = Path(path)
@@ -22,7 +24,11 @@ def encode_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int
         codec = "mpeg4"
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
         if gop is not None:
             stream.gop_size = gop
         if codec == "libx264":
@@ -60,3 +66,22 @@ def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (
         return img
 
     return encode_video(path, (frame(n) for n in range(round(seconds * fps))), size, fps, codec, gop, vfr)
+
+
+def sharp_frames(size: tuple[int, int], count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` RGB frames of `size` (width, height) with sharp colour edges: stripes, checkerboards and random
+    blocks in random colours, one pixel wide in places. Where decoders' colour conversions differ (chroma siting,
+    interpolation) such edges show it, by tens of grey levels; smooth gradients hide it."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    for n in range(count):
+        a, b = rng.integers(0, 256, (2, 3))
+        pattern = [(x // (1 + n % 3)) % 2, (y // (1 + n % 2)) % 2, (x // 3 + y // 3 + n) % 2,
+                   np.kron(rng.integers(0, 2, (height // 4 + 1, width // 4 + 1)), np.ones((4, 4), int))[:height, :width]]
+        mask = pattern[n % 4].astype(bool)[..., None]
+        img = np.where(mask, a, b).astype(np.uint8)
+        img[rng.integers(0, height), :] = rng.integers(0, 256, 3)  # a one-pixel line of a third colour
+        frames.append(img)
+    return frames

@@ -1,0 +1,263 @@
+/* The weight-streaming products of gemv_avx2.c for x86-64 CPUs with AVX-512 (F and BW): same functions, same
+   signatures, same contract (Y[m, n] = sum_k X[m, k] * W[n, k] (+ bias[n]) for a few rows m, W as bf16 or as
+   int8 with one float scale per output row, float32 arithmetic). Two differences:
+
+   - 64-byte loads (32 bf16 or 32 int8 weights each) into 32 zmm registers;
+   - each weight vector is widened once and used for up to ROWS rows of x before the next one is loaded. At
+     batch 4 the AVX2 kernel widens every weight four times and becomes compute-bound; here the widening is
+     paid once per weight, so a batch costs little more than one row.
+
+   bf16 weights are widened by a shift (even weights) and a mask (odd weights) against a copy of x whose 32-blocks
+   are reordered to match (evens, then odds); int8 weights are sign-extended to int16 and multiplied exactly with
+   x rounded to int16 per group of GROUP inputs (the same rounding as gemv_avx2.c and
+   kernels.quantize_rows_int16), summed in int32 per group, scaled and accumulated in float32.
+
+   Every (n, m) pair is summed in the same order whatever M is and whichever rows share a pass, so batched decoding
+   gives bit-identical results to decoding alone. The summation order differs from gemv_avx2.c's (16 lanes, not
+   8): the two variants agree to float32 rounding, not bit for bit; each is tested against the PyTorch path. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define GROUP 128 /* int8 path: inputs per int16 scale (must match GROUP in gemv_avx2.c and kernels/__init__.py) */
+#define AHEAD 1024 /* bytes of weights prefetched ahead, non-temporal (see gemv_avx2.c) */
+#define CHUNK 16  /* output rows per task */
+#define ROWS 4    /* rows of x per pass over a weight row: 4 x 4 accumulators + temporaries fit 32 registers */
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- bf16 ---------------------------------------------------------------------------------------------- */
+
+/* Reorder each full 32-block of x as [x0 x2 .. x30 x1 x3 .. x31]: 32-bit lane i of a 64-byte bf16 load holds
+   weights 2i (low half) and 2i+1 (high half). The tail (k % 32, a multiple of 8) keeps its natural order. */
+static void deinterleave32(const float *x, float *xp, int64_t k) {
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32)
+        for (int i = 0; i < 16; i++) {
+            xp[j + i] = x[j + 2 * i];
+            xp[j + 16 + i] = x[j + 2 * i + 1];
+        }
+    for (; j < k; j++) xp[j] = x[j];
+}
+
+/* y[r * ystride] = w . xp[r * k ..] for r < R (R a compile-time constant after inlining). */
+INLINE void dot_bf16(const uint16_t *w, const float *xp, int64_t k, float *y, int64_t ystride, int R) {
+    const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000);
+    __m512 a[ROWS][4];
+    __m256 t[ROWS];
+    for (int r = 0; r < R; r++) {
+        a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
+        t[r] = _mm256_setzero_ps();
+    }
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        _mm_prefetch((const char *)(w + j) + AHEAD, _MM_HINT_NTA);
+        __m512i v = _mm512_loadu_si512((const void *)(w + j));
+        __m512i u = _mm512_loadu_si512((const void *)(w + j + 32));
+        __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        __m512 ue = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), uo = _mm512_castsi512_ps(_mm512_and_si512(u, odd));
+        for (int r = 0; r < R; r++) {
+            const float *x = xp + r * k + j;
+            a[r][0] = _mm512_fmadd_ps(ve, _mm512_loadu_ps(x), a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(vo, _mm512_loadu_ps(x + 16), a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(ue, _mm512_loadu_ps(x + 32), a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(uo, _mm512_loadu_ps(x + 48), a[r][3]);
+        }
+    }
+    if (j + 32 <= k) {
+        __m512i v = _mm512_loadu_si512((const void *)(w + j));
+        __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        for (int r = 0; r < R; r++) {
+            const float *x = xp + r * k + j;
+            a[r][0] = _mm512_fmadd_ps(ve, _mm512_loadu_ps(x), a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(vo, _mm512_loadu_ps(x + 16), a[r][1]);
+        }
+        j += 32;
+    }
+    for (; j < k; j += 8) { /* 8, 16 or 24 left, natural order */
+        __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + j))), 16));
+        for (int r = 0; r < R; r++) t[r] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xp + r * k + j), t[r]);
+    }
+    for (int r = 0; r < R; r++)
+        y[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])))
+                         + hsum256(t[r]);
+}
+
+int gemm_bf16(const uint16_t *w, const float *unused_scale, const float *bias, const float *x, float *y, int64_t n,
+              int64_t k, int64_t m, int threads) {
+    (void)unused_scale; /* same signature as gemm_i8 */
+    float *xp = malloc(sizeof(float) * m * k);
+    if (!xp) return -1;
+    for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t r = c; r < end; r++) {
+            const uint16_t *wr = w + r * k;
+            int64_t i = 0;
+            for (; i + ROWS <= m; i += ROWS) dot_bf16(wr, xp + i * k, k, y + i * n + r, n, ROWS);
+            switch (m - i) {
+                case 3: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 3); break;
+                case 2: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 2); break;
+                case 1: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 1); break;
+            }
+            if (bias)
+                for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r];
+        }
+    }
+    free(xp);
+    return 0;
+}
+
+/* ---- int8 ---------------------------------------------------------------------------------------------- */
+
+/* x (k floats) -> xq (k int16) and one scale per group of GROUP: xq = round(x / s), s = max |x| / 32767 over the
+   group (1 for an all-zero group). The same rounding as gemv_avx2.c's quantize_x, so both variants see the same
+   integers. */
+static void quantize_x(const float *x, int16_t *xq, float *xs, int64_t k) {
+    for (int64_t g = 0; g < k; g += GROUP) {
+        int64_t end = k - g < GROUP ? k : g + GROUP;
+        float amax = 0.0f;
+        for (int64_t j = g; j < end; j++) amax = x[j] > amax ? x[j] : (-x[j] > amax ? -x[j] : amax);
+        float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+        for (int64_t j = g; j < end; j++) {
+            float q = __builtin_nearbyintf(x[j] * inv);
+            xq[j] = (int16_t)(q > 32767.0f ? 32767.0f : (q < -32767.0f ? -32767.0f : q));
+        }
+        xs[g / GROUP] = s;
+    }
+}
+
+INLINE void dot_i8(const int8_t *w, const int16_t *xq, const float *xs, int64_t k, int64_t groups, float *y,
+                   int64_t ystride, int R) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < k; g += GROUP) {
+        int64_t end = k - g < GROUP ? k : g + GROUP, j = g;
+        __m512i s[ROWS];
+        for (int r = 0; r < R; r++) s[r] = _mm512_setzero_si512();
+        for (; j + 32 <= end; j += 32) {
+            if (!(j & 63)) _mm_prefetch((const char *)(w + j) + AHEAD, _MM_HINT_NTA);
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
+            for (int r = 0; r < R; r++)
+                s[r] = _mm512_add_epi32(s[r], _mm512_madd_epi16(wv, _mm512_loadu_si512((const void *)(xq + r * k + j))));
+        }
+        for (; j < end; j += 8) { /* 8, 16 or 24 left */
+            __m128i wv = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(w + j)));
+            for (int r = 0; r < R; r++) {
+                __m128i p = _mm_madd_epi16(wv, _mm_loadu_si128((const __m128i *)(xq + r * k + j)));
+                s[r] = _mm512_add_epi32(s[r], _mm512_zextsi128_si512(p));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_set1_ps(xs[r * groups + g / GROUP]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * ystride] = _mm512_reduce_add_ps(acc[r]);
+}
+
+int gemm_i8(const int8_t *w, const float *scale, const float *bias, const float *x, float *y, int64_t n,
+            int64_t k, int64_t m, int threads) {
+    int64_t groups = (k + GROUP - 1) / GROUP;
+    int16_t *xq = malloc(sizeof(int16_t) * m * k);
+    float *xs = malloc(sizeof(float) * m * groups);
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
+    for (int64_t i = 0; i < m; i++) quantize_x(x + i * k, xq + i * k, xs + i * groups, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t r = c; r < end; r++) {
+            const int8_t *wr = w + r * k;
+            int64_t i = 0;
+            for (; i + ROWS <= m; i += ROWS) dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, ROWS);
+            switch (m - i) {
+                case 3: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 3); break;
+                case 2: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 2); break;
+                case 1: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 1); break;
+            }
+            for (int64_t q = 0; q < m; q++) y[q * n + r] = y[q * n + r] * scale[r] + (bias ? bias[r] : 0.0f);
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* ---- 4-bit, group-quantized (AWQ / GPTQ as qwen2vl.quant.QuantLinear stores them) ---------------------------
+
+   w (N, K/2) uint8: byte j of a row holds column 2j in its low nibble and 2j+1 in its high nibble; scales (N,
+   groups) float16 bits, zeros (N, groups) int16; column j is in group j / G. The reference weight is float16:
+   W = fp16((q - z) * s). Per row and group the 16 values it can take are computed once into a table (the product
+   of a 5-bit integer and a float16 is exact in float32, so rounding it to float16 gives exactly the float16
+   product), and each weight is then one table lookup (vpermps over 16 lanes): the kernel multiplies exactly the
+   reference's weights, in float32. x is deinterleaved in 32-blocks as for bf16 (a 16-byte load holds 16 even
+   columns in its low nibbles, 16 odd ones in its high nibbles). G and K must be multiples of 32. */
+
+INLINE __m512 q4_table(uint16_t scale, int16_t zero) {
+    __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(zero)));
+    __m512 s = _mm512_cvtph_ps(_mm256_set1_epi16((short)scale));
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(q, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+INLINE void dot_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *xp, int64_t k,
+                   int64_t group, float *y, int64_t ystride, int R) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m512 a[ROWS][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g * group < k; g++) {
+        __m512 table = q4_table(scales[g], zeros[g]);
+        int64_t end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int64_t j = g * group; j < end; j += 32) {
+            if (!(j & 127)) _mm_prefetch((const char *)(w + j / 2) + AHEAD, _MM_HINT_NTA);
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + j / 2));
+            __m512 we = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), table);
+            __m512 wo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), table);
+            for (int r = 0; r < R; r++) {
+                const float *x = xp + r * k + j;
+                a[r][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x), a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 16), a[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias, const float *x,
+            float *y, int64_t n, int64_t k, int64_t m, int64_t group, int threads) {
+    if (k % 32 || group % 32) return -2;
+    int64_t groups = (k + group - 1) / group;
+    float *xp = malloc(sizeof(float) * m * k);
+    if (!xp) return -1;
+    for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t r = c; r < end; r++) {
+            const uint8_t *wr = w + r * (k / 2);
+            const uint16_t *sr = scales + r * groups;
+            const int16_t *zr = zeros + r * groups;
+            int64_t i = 0;
+            for (; i + ROWS <= m; i += ROWS) dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, ROWS);
+            switch (m - i) {
+                case 3: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 3); break;
+                case 2: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 2); break;
+                case 1: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 1); break;
+            }
+            if (bias)
+                for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r];
+        }
+    }
+    free(xp);
+    return 0;
+}

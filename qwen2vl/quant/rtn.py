@@ -1,0 +1,55 @@
+"""`--quantize int4`: group-wise 4-bit round-to-nearest of a loaded bf16 model's decoder, into `QuantLinear`.
+
+The same layout, formula and kernels as the AWQ / GPTQ checkpoints: per output row and group of `group` inputs,
+an asymmetric range [min, max] -> s = float16((max - min) / 15), z = round(-min / s) in 0..15,
+q = clamp(round(w / s) + z, 0, 15), and the weight used is float16((q - z) * s), as AutoAWQ's `dequantize_gemm`
+defines it. No calibration (AWQ's and GPTQ's own quantizers need data and hours; a checkpoint they produced loads
+directly). Only the decoder's attention and MLP projections are quantized, as in the official releases; the
+vision tower, the embedding and the output projection keep their storage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import LayerStorage, pack_nibbles
+from .linear import QuantLinear
+
+GROUP = 128  # the official releases' group size
+
+
+def quantize_rtn(weight: torch.Tensor, group: int = GROUP) -> LayerStorage:
+    """(N, K) float weight -> 4-bit storage in QuantLinear's layout (stored order = input order, no permutation)."""
+    n, k = weight.shape
+    groups = -(-k // group)
+    w = torch.nn.functional.pad(weight.float(), (0, groups * group - k)).view(n, groups, group)
+    if k % group:  # the padding of a short last group must not widen its range
+        w[:, -1, k % group:] = w[:, -1, :1]
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range includes 0, so 0 stays exact-ish
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.float16)
+    s = scales.float()
+    zeros = torch.round(-lo / s).clamp_(0, 15)
+    q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8).view(n, -1)[:, :k]
+    return LayerStorage(qweight=pack_nibbles(q), scales=scales.contiguous(), zeros=zeros.to(torch.int16).contiguous(), perm=None)
+
+
+def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
+    """Replace the decoder's q/k/v/o and gate/up/down `nn.Linear` layers of a loaded model by 4-bit `QuantLinear`
+    (in place, one layer at a time, so the peak is the model plus one layer); returns the model."""
+    from . import QUANTIZABLE
+
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and QUANTIZABLE.fullmatch(name)):
+            continue
+        storage = quantize_rtn(module.weight.data, group)
+        bias = module.bias
+        layer = QuantLinear(module.in_features, module.out_features, 4, group, bias=bias is not None,
+                            bias_dtype=torch.float32)
+        state = QuantLinear.state_from(storage)
+        if bias is not None:
+            state["bias"] = bias.data.float()
+        layer.load_state_dict(state, strict=True, assign=True)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model
