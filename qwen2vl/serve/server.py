@@ -312,8 +312,6 @@ class Server:
                            StopMatcher(params.stop), ToolCallParser() if req.tools else None)
             processors = () if prepared["grammar"] is None else \
                 (GrammarProcessor(self._grammars(), prepared["grammar"]),)  # each choice has its own matcher
-
-        add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
             try:
                 self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
                                         req.top_logprobs if req.logprobs else None, processors))
