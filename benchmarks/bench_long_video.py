@@ -53,7 +53,8 @@ def cpu() -> str:
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("Flags")), [])
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; {' '.join(wanted)})"
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{model} ({cores} cores; {' '.join(wanted)})"
 
 
 def main() -> None:

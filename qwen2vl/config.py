@@ -3,7 +3,8 @@
 Matches what transformers builds from the same file (`Qwen2VLConfig`, `Qwen2VLTextConfig`,
 `Qwen2VLVisionConfig`, 4.45-5.x): text fields at the root or under `text_config`; M-RoPE sections under
 `rope_scaling` (`type: mrope` or `default`) or `rope_parameters` (5.x); a sparse `vision_config` whose missing
-fields take the reference class defaults (spec 1.2; `in_chans` and `spatial_patch_size` are ignored there too).
+fields take the reference class defaults (`Qwen2VLVisionConfig.__init__`; `in_chans` and `spatial_patch_size`
+are ignored there too).
 Every key read is named here; inconsistent values raise `ConfigError` with the values in the message.
 """
 
@@ -21,7 +22,8 @@ class ConfigError(ValueError):
     """config.json is missing a field, or its values contradict each other."""
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# config.json "torch_dtype" names; the one table of dtype names (the CLI lists the same names without torch)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +93,10 @@ class Qwen2VLConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     torch_dtype: torch.dtype | None = None  # the dtype the checkpoint was saved in, if it says
-    quantization: Any = None  # qwen2vl.quant.QuantScheme from `quantization_config`, for AWQ / GPTQ checkpoints
+    quantization_config: dict | None = None  # as config.json has it (AWQ / GPTQ); qwen2vl.quant reads it
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Qwen2VLConfig":
+    def from_file(cls, path: str | Path) -> Qwen2VLConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -110,7 +112,7 @@ class Qwen2VLConfig:
             raise type(e)(f"{path}: {e}") from None
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> Qwen2VLConfig:
         model_type = d.get("model_type")
         if model_type not in (None, "qwen2_vl"):
             raise ConfigError(f"model_type is {model_type!r}; this package implements 'qwen2_vl' only")
@@ -133,18 +135,9 @@ class Qwen2VLConfig:
             vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
             bos_token_id=d.get("bos_token_id", text_d.get("bos_token_id", 151643)),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            torch_dtype=_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
-            quantization=_quantization(d.get("quantization_config")),
+            torch_dtype=DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            quantization_config=d.get("quantization_config"),
         )
-
-
-def _quantization(q: Any) -> Any:
-    if q is None:
-        return None
-    # refuses, by name, every format and option it does not read
-    from .quant.formats import parse_quantization_config
-
-    return parse_quantization_config(q)
 
 
 def _rope_fields(d: dict[str, Any]) -> tuple[tuple[int, ...], float]:

@@ -1,10 +1,11 @@
 """What an image or video will cost before the work starts: its tokens, and an estimate of the time.
 
-The estimate counts the floating-point operations of the vision encode (spec 6: patch embedding, `depth` blocks
-with attention within each frame, the 2x2 merger) and of prefilling the item's tokens through the decoder, and
-divides by this machine's rate, measured once per process on a matrix product of the vision tower's width in the
-model's arithmetic dtype (float32 on CPU, `qwen2vl.cpu`). Attention and the small operations run below the
-matrix-product rate, so the estimate errs on the short side; it is meant to tell seconds from tens of minutes.
+The estimate counts the floating-point operations of the vision encode (`Qwen2VisionTransformerPretrainedModel`: patch
+embedding, `depth` blocks with attention within each frame, the 2x2 merger) and of prefilling the item's tokens
+through the decoder, and divides by this machine's rate, measured once per process on a matrix product of the vision
+tower's width in the model's arithmetic dtype (float32 on CPU, `qwen2vl.cpu`). Attention and the small operations run
+below the matrix-product rate, so the estimate errs on the short side; it is meant to tell seconds from tens of
+minutes.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class WeightOnlyLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
-        self._product: kernels.Product | None = None  # bound on first use, dropped when the parameters change
+        self._product: kernels.WeightOnlyMatmul | None = None  # bound on first use, dropped when the parameters change
         self.matmul = "float32"  # many-row products: "float32" (widen W) or "bf16" (native); see qwen2vl.machine
 
     def __setattr__(self, name, value) -> None:
@@ -42,15 +42,15 @@ class WeightOnlyLinear(nn.Module):
         self.__dict__["_product"] = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _bind(self) -> kernels.Product | None:
+    def _bind(self) -> kernels.WeightOnlyMatmul | None:
         w, scale, bias = (None if t is None else t.data for t in (self.weight, self.scale, self.bias))
         if (kernels.available() and w.shape[1] % 8 == 0 and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
                 and all(t is None or t.dtype == torch.float32 for t in (scale, bias))):
-            self._product = kernels.Product(w, scale, bias)
+            self._product = kernels.WeightOnlyMatmul(w, scale, bias)
         return self._product
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> "WeightOnlyLinear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> WeightOnlyLinear:
         if storage == "bf16":
             return cls(weight.to(torch.bfloat16).contiguous(), bias)
         if storage == "int8":
@@ -80,6 +80,13 @@ class WeightOnlyLinear(nn.Module):
 
 class FastRMSNorm(RMSNorm):
     """RMSNorm in one kernel call for float32 activations (the decode step has 57 of them)."""
+
+    @classmethod
+    def replacing(cls, norm: RMSNorm) -> FastRMSNorm:
+        """A FastRMSNorm holding `norm`'s own weight parameter (shared, not copied)."""
+        fast = cls(norm.weight.shape[0], norm.eps)
+        fast.weight = norm.weight
+        return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = kernels.rms_norm(x, self.weight, self.eps)
@@ -124,12 +131,13 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
-    if kernels.available():  # the decode step's small operations, one kernel call each: same state, other forward
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                module.__class__ = FastRMSNorm
-            elif isinstance(module, Attention):
-                module.rope = fast_rope
+    if kernels.available():  # the decode step's small operations, one kernel call each: same weights
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is RMSNorm:
+                    setattr(parent, child_name, FastRMSNorm.replacing(child))
+            if isinstance(parent, Attention):
+                parent.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
     decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear)]

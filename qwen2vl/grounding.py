@@ -1,4 +1,4 @@
-"""Grounding output (spec 9): `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`
+"""Grounding output: `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`
 and `<|quad_start|>(x1,y1),...,(x4,y4)<|quad_end|>` four-point polygons, parsed and mapped to the original image.
 
 Qwen2-VL writes corners normalised to [0, 1000) of the image width and height, whatever the resized resolution

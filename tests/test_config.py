@@ -1,4 +1,4 @@
-"""config.json in every layout the official and transformers-saved checkpoints use (spec 1.1-1.2)."""
+"""config.json in every layout the official and transformers-saved checkpoints use ."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from qwen2vl.config import ConfigError, Qwen2VLConfig, VisionConfig
 from qwen2vl.testing.checkpoint import SHAPES_2B_TEXT, SHAPES_2B_VISION, make_config
 
-# the root of the official 7B-Instruct config.json (spec 1.1), with its sparse vision_config (spec 1.2)
+# the root of the official 7B-Instruct config.json, with its sparse vision_config
 OFFICIAL_7B = {
     "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
     "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
@@ -38,7 +38,8 @@ def test_2b_shapes_tied():
 
 def test_all_rope_layouts_agree():
     base = Qwen2VLConfig.from_hf_dict(OFFICIAL_7B)
-    resaved = {**OFFICIAL_7B, "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}}
+    resaved = {**OFFICIAL_7B,
+               "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}}
     text_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"]
     v5 = {k: v for k, v in OFFICIAL_7B.items() if k not in text_keys + ["rope_scaling", "rope_theta"]}

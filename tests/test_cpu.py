@@ -17,7 +17,8 @@ from qwen2vl.testing.checkpoint import make_config, write_checkpoint
 def variant(request):
     """Each kernel variant in turn, forced on; one this CPU lacks is skipped, saying so."""
     if request.param not in kernels.supported():
-        pytest.skip(f"this CPU lacks {sorted(kernels.VARIANTS[[v.name for v in kernels.VARIANTS].index(request.param)].cpu_flags)}")
+        lacks = next(v.cpu_flags for v in kernels.VARIANTS if v.name == request.param)
+        pytest.skip(f"this CPU lacks one of {sorted(lacks)}")
     kernels.use(request.param)
     assert kernels.variant() == request.param and kernels.available()
     yield request.param
@@ -102,7 +103,7 @@ def test_weight_only_linear_paths_agree(variant):
     for storage in ("bf16", "int8"):
         wol = WeightOnlyLinear.quantize(lin.weight.data, lin.bias, storage)
         few, many = torch.randn(3, 64, generator=g), torch.randn(kernels.MAX_ROWS + 1, 64, generator=g)
-        ref = lambda x: x @ wol.dequantized().T + wol.bias  # noqa: E731
+        ref = lambda x, wol=wol: x @ wol.dequantized().T + wol.bias
         # a few rows go through the kernel (int8: on int16-rounded inputs), many through torch's float32 GEMM
         few_in = few if storage == "bf16" else torch.mul(*kernels.quantize_rows_int16(few))
         assert torch.allclose(wol(few), ref(few_in), atol=1e-5) and torch.allclose(wol(many), ref(many), atol=1e-5)
@@ -131,7 +132,8 @@ def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_mod
     with torch.no_grad():
         a, b = ours(**batch), ref(**batch).logits
     keep = batch["attention_mask"].bool()
-    parity_report(f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32", (a - b)[keep].abs().max().item(), 1e-4)
+    parity_report(f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32",
+                  (a - b)[keep].abs().max().item(), 1e-4)
     tokens = torch.stack([s.tokens for s in generate_steps(ours, Prompt.from_batch(batch), greedy, 24)], dim=1)
     with torch.no_grad():
         expected = ref.generate(**batch, max_new_tokens=24, min_new_tokens=24, do_sample=False, top_k=None,
@@ -139,12 +141,16 @@ def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_mod
     assert torch.equal(tokens, expected[:, batch["input_ids"].shape[1]:])
 
 
-def test_plain_bf16_path_still_available(bf16_ckpt):
+def test_plain_bf16_path_still_available(bf16_ckpt, hf_model_factory, parity_report):
+    # cpu_kernels=False: bf16 PyTorch as the reference runs it in bf16, compared with that run
     plain = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_kernels=False)
     assert plain.dtype == torch.bfloat16 and isinstance(plain.lm_head, torch.nn.Linear)
+    ref = hf_model_factory(bf16_ckpt, dtype=torch.bfloat16, attn="sdpa")
     batch = build(CASES["one image"], seed=1)
     with torch.no_grad():
-        assert torch.isfinite(plain(**batch)).all()
+        a, b = plain(**batch).float(), ref(**batch).logits.float()
+    parity_report("logits, plain bf16 path vs reference bf16, max |diff| / max |logit|",
+                  (a - b).abs().max().item() / b.abs().max().item(), 0.0)
 
 
 @pytest.mark.parametrize("bits, max_rel, max_disagree", [("int8", 0.05, 0.25), ("int4", 0.8, 0.75)])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import qwen2vl
+from model_inputs import CASES, build
 from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 from qwen2vl.model import KVCache
-from model_inputs import CASES, build
 
 NEW = 48
 GEN_CASES = {

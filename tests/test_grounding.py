@@ -1,4 +1,4 @@
-"""Grounding output (spec 9): parsing refs, boxes and quads; 0-1000 -> original pixels; drawing."""
+"""Grounding output: parsing refs, boxes and quads; 0-1000 -> original pixels; drawing."""
 
 from __future__ import annotations
 

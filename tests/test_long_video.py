@@ -5,7 +5,6 @@ checked against the oracle run on the same fitted fields."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

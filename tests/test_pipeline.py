@@ -101,6 +101,7 @@ def test_stream_chat_and_stop_strings(pipe, media):
     stop = full[at:at + 2]
     cut = pipe.chat(conv, max_new_tokens=20, stop=[stop])
     assert cut == full[: full.find(stop)] and len(cut) < len(full)
+    assert pipe.generate([conv], max_new_tokens=20, stop=[stop]) == [cut]  # the batch path cuts the same way
 
 
 def test_chat_session_reuses_history_and_vision(pipe, media):
@@ -109,11 +110,11 @@ def test_chat_session_reuses_history_and_vision(pipe, media):
     first = "".join(session.send([{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Hi"}],
                                  max_new_tokens=8))
     t1 = pipe.last_timings
-    encoded = len(pipe._vision)
+    encoded = pipe.vision_cache.misses
     second = "".join(session.send("And then?", max_new_tokens=8))
     t2 = pipe.last_timings
     assert t1.reused_tokens == 0 and t2.reused_tokens > t1.prompt_tokens - 2  # only the new turn is run
-    assert len(pipe._vision) == encoded  # the image was not encoded again
+    assert pipe.vision_cache.misses == encoded  # the image was not encoded again
     # the reused cache gives the same answer as a fresh run of the whole conversation
     fresh = pipe.chat(session.messages[:-1], max_new_tokens=8)
     assert second == fresh and first

@@ -1,4 +1,4 @@
-"""M-RoPE position ids against transformers 4.57 `get_rope_index` (the trained rule) and the spec's examples."""
+"""M-RoPE position ids against transformers 4.57 `get_rope_index` (the trained rule) and worked examples."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def row(*parts):
     return ids
 
 
-def test_spec_worked_example():
-    # spec 7.3: 14 text tokens, vision_start, a 56x56 image (grid 1x4x4 -> 2x2 tokens), vision_end, 7 tokens
+def test_worked_example():
+    # 14 text tokens, vision_start, a 56x56 image (grid 1x4x4 -> 2x2 tokens), vision_end, 7 tokens
     ids = [1] * 14 + row(("image", (1, 4, 4))) + [1] * 7
     pos, delta = mrope_positions(ids, {IMG: iter([(1, 4, 4)]), VID: iter([])}, **IDS)
     assert pos[0].tolist() == list(range(15)) + [15, 15, 15, 15] + list(range(17, 25))
@@ -33,7 +33,7 @@ def test_spec_worked_example():
 
 
 def test_text_after_long_video_starts_after_its_last_frame():
-    # spec 7.4: video grid (8, 4, 4) after a 15-token prefix -> text after it starts at 23 (5.x would say 17)
+    # video grid (8, 4, 4) after a 15-token prefix -> text after it starts at 23 (5.x would say 17)
     ids = [1] * 14 + row(("video", (8, 4, 4))) + [1] * 3
     pos, _ = mrope_positions(ids, {IMG: iter([]), VID: iter([(8, 4, 4)])}, **IDS)
     after = 14 + 1 + 8 * 2 * 2  # <|vision_end|>, the first text token after the video
@@ -93,4 +93,5 @@ def test_mismatches_raise():
     with pytest.raises(PlaceholderMismatch, match="needs 4 consecutive"):
         batch_mrope_positions(torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 4, 4]]), None, **IDS)
     with pytest.raises(PlaceholderMismatch, match="more rows"):
-        batch_mrope_positions(torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 2, 2]] * 2), None, **IDS)
+        batch_mrope_positions(torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 2, 2]] * 2), None,
+                              **IDS)

@@ -64,7 +64,8 @@ def test_base64_and_local_http_sources(repo, proc, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/web.png"
-        conv = user({"type": "image", "image": data_uri}, {"type": "image", "image": url}, {"type": "text", "text": "?"})
+        conv = user({"type": "image", "image": data_uri}, {"type": "image", "image": url},
+                    {"type": "text", "text": "?"})
         assert_same(proc(conv), oracle(repo, conv))
         # OpenAI-style parts give the same tensors
         openai = user({"type": "image_url", "image_url": {"url": data_uri}},
@@ -109,7 +110,8 @@ def test_chat_template_strings(repo, proc):
 
 
 def test_custom_template_from_a_fine_tune(tmp_path):
-    write_tokenizer_files(tmp_path, chat_template="{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    write_tokenizer_files(tmp_path, chat_template=template)
     write_preprocessor_config(tmp_path)
     p = Processor.from_pretrained(tmp_path)
     assert p.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
@@ -117,9 +119,11 @@ def test_custom_template_from_a_fine_tune(tmp_path):
 
 def test_tokenizer_matches_tiktoken_on_varied_text(proc):
     import tiktoken
+
     from qwen2vl.testing.tokenizer_files import SPLIT_PATTERN, _vocab_file
 
-    ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in _vocab_file().read_bytes().splitlines() if l)}
+    lines = _vocab_file().read_bytes().splitlines()
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in lines if line)}
     enc = tiktoken.Encoding("qwen", pat_str=SPLIT_PATTERN.replace(r"\p{L}", r"\p{L}"), mergeable_ranks=ranks,
                             special_tokens={})
     samples = ["Hello, world! 12345 6789", "  leading spaces\n\n\ttabs and\r\nnewlines   ", "emoji 🤖👍🏽 and café",

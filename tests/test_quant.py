@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_inputs import CASES, build
 from safetensors.torch import load_file, save_file
 
 import qwen2vl
+from model_inputs import CASES, build
 from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 from qwen2vl.quant import (
     QuantizationError,

@@ -29,7 +29,7 @@ def test_the_first_command_names_files_and_extras_that_exist():
         assert flag in install_run
 
 
-# -- the Python section, run as written on a tiny checkpoint (issue 17) -----------------------------------------
+# -- the Python section, run as written on a tiny checkpoint -------------------------------------------------
 def python_block(text: str) -> str:
     return text.split("```python")[1].split("```")[0]
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processing_fixtures import noise_image
-from qwen2vl.cli import build_parser
+from qwen2vl.serve.config import ServerConfig
 from qwen2vl.serve.server import build_server, serve_in_thread
 from test_server_hostile import RssPeak, png_declaring
 
@@ -41,10 +41,10 @@ def server(tiny_ckpt, tmp_path_factory):
     (media / "bomb.png").write_bytes(png_declaring(60000, 60000))
     (media / "text.png").write_text("not an image")
     (media / "empty.png").write_bytes(b"")
-    srv = build_server(build_parser().parse_args([
-        "serve", "--model", str(tiny_ckpt), "--dtype", "bfloat16", "--api-key", KEY, "--served-model-name", "tiny",
-        "--max-model-len", "512", "--max-num-seqs", "4", "--kv-cache-memory", "512MiB", "--prefill-chunk", "64",
-        "--allowed-local-media-path", str(media), "--max-request-bytes", str(2**20), "--body-timeout", "5"]))
+    srv = build_server(ServerConfig(
+        model=str(tiny_ckpt), dtype="bfloat16", api_key=KEY, served_model_name="tiny", max_model_len=512,
+        max_num_seqs=4, kv_cache_memory="512MiB", prefill_chunk=64, allowed_local_media_path=str(media),
+        max_request_bytes=2**20, body_timeout=5))
     uv, srv.base = serve_in_thread(srv, header_timeout_s=5.0)
     srv.media = media
     yield srv

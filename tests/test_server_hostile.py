@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from processing_fixtures import noise_image
-from qwen2vl.cli import build_parser
 from qwen2vl.processing import media
+from qwen2vl.serve.config import ServerConfig
 from qwen2vl.serve.limits import Limits
 from qwen2vl.serve.server import build_server, serve_in_thread
 
@@ -53,10 +53,10 @@ def server(tiny_ckpt, tmp_path_factory):
     media_dir = tmp_path_factory.mktemp("allowed")
     noise_image(64, 48, seed=3).save(media_dir / "ok.png")
     (media_dir / "bomb.png").write_bytes(png_declaring(50000, 50000))
-    srv = build_server(build_parser().parse_args([
-        "serve", "--model", str(tiny_ckpt), "--dtype", "bfloat16", "--api-key", KEY, "--served-model-name", "tiny",
-        "--max-model-len", str(CONTEXT), "--max-num-seqs", "4", "--kv-cache-memory", "1GiB", "--prefill-chunk", "64",
-        "--allowed-local-media-path", str(media_dir), "--max-request-bytes", str(4 * 2**20), "--body-timeout", "1"]))
+    srv = build_server(ServerConfig(
+        model=str(tiny_ckpt), dtype="bfloat16", api_key=KEY, served_model_name="tiny", max_model_len=CONTEXT,
+        max_num_seqs=4, kv_cache_memory="1GiB", prefill_chunk=64, allowed_local_media_path=str(media_dir),
+        max_request_bytes=4 * 2**20, body_timeout=1))
     uv, srv.base = serve_in_thread(srv, header_timeout_s=1.0)
     srv.media = media_dir
     yield srv

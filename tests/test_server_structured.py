@@ -12,13 +12,13 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_structured import CLOCK, WEATHER, random_schema
 
 import qwen2vl
 from qwen2vl.cli import build_parser
 from qwen2vl.processing.chat import normalize_messages, render
 from qwen2vl.processing.tools import render_tools
 from qwen2vl.serve.server import build_server, serve_in_thread
+from test_structured import CLOCK, WEATHER, random_schema
 
 KEY = "sk-test"
 ORIGIN = "http://app.example"
@@ -117,7 +117,8 @@ def test_vllm_style_fields(client, server):
 
     assert re.fullmatch(r"[a-f]{4}-\d\d", r.choices[0].message.content)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    for body in ({"guided_json": schema}, {"guided_json": json.dumps(schema)}, {"structured_outputs": {"json": schema}}):
+    for body in ({"guided_json": schema}, {"guided_json": json.dumps(schema)},
+                 {"structured_outputs": {"json": schema}}):
         r = client.chat.completions.create(model="tiny", messages=user("ok?"), max_tokens=40, extra_body=body)
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     r = post(server, {"model": "tiny", "messages": user("x"), "max_tokens": 20,

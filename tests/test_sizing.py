@@ -17,8 +17,8 @@ from qwen2vl.processing import InputError, Processor
 from qwen2vl.processing.image import IMAGE_STD
 from qwen2vl.processing.sizing import Bounds, ProcessorBounds, image_size
 from qwen2vl.processing.video import plan_video
-from qwen2vl.testing.video import encode_video, sharp_frames
 from qwen2vl.testing.tokenizer_files import PREPROCESSOR_CONFIG
+from qwen2vl.testing.video import encode_video, sharp_frames
 
 GREY_LEVEL = 1.0 / (255 * min(IMAGE_STD))  # one grey level, in normalised units
 TWO_GREY_LEVELS = 2 * GREY_LEVEL + 1e-5  # 0.030: the issue's bar for videos (PyAV vs torchcodec decoding)
@@ -64,6 +64,7 @@ def fast_loading(repo, monkeypatch):
     """Every checkpoint here has the same tokenizer files: load them once on each side. And skip the
     0.7 s `repr` of the whole processor (tokenizer included) that transformers formats for a log line it drops."""
     import transformers
+
     from qwen2vl.processing import processor as processor_module
     from qwen2vl.processing.tokenizer import Tokenizer
 

@@ -282,7 +282,8 @@ def test_tools_render_as_qwen25_prompts_them(pipe):
     # an existing system turn keeps its text; content before calls is followed by a newline
     text = render_template(pipe, render_tools(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"},
-         {"role": "assistant", "content": "Checking.", "tool_calls": [{"function": {"name": "now", "arguments": "{}"}}]}],
+         {"role": "assistant", "content": "Checking.",
+          "tool_calls": [{"function": {"name": "now", "arguments": "{}"}}]}],
         [CLOCK]))
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
     assert "<|im_start|>assistant\nChecking.\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>" in text

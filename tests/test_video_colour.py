@@ -8,8 +8,8 @@ import av
 import numpy as np
 import pytest
 import torch
-from processing_fixtures import oracle
 
+from processing_fixtures import oracle
 from qwen2vl.processing.image import IMAGE_STD
 from qwen2vl.processing.media import MediaPolicy
 from qwen2vl.processing.video import _open, decode_frames, probe

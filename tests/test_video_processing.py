@@ -57,7 +57,8 @@ def test_sampled_indices_equal_reference():
 
 
 def test_frame_list_with_odd_count_is_resized_once(repo, proc, tmp_path):
-    # qwen-vl-utils 0.0.14 resizes list frames twice (spec 4.1); we do the intended single resize:
+    # qwen-vl-utils 0.0.14 resizes list frames twice (`fetch_video` passes 28 as
+    # `image_patch_size` to `fetch_image` for each frame); we do the intended single resize:
     # pad to an even count with the last frame, then the video rule, as for a decoded file
     import torchvision.transforms.functional as TF
     from qwen_vl_utils.vision_process import VIDEO_MAX_TOKEN_NUM, VIDEO_MIN_TOKEN_NUM

@@ -10,12 +10,12 @@ import shutil
 import httpx
 import pytest
 from PIL import Image
-from processing_fixtures import noise_image
-from test_server import data_uri, serve_args
 
+from processing_fixtures import noise_image
 from qwen2vl.grounding import parse_boxes
 from qwen2vl.serve.protocol import ApiError, parse_request
 from qwen2vl.serve.server import build_server, serve_in_thread
+from test_server import data_uri, serve_args
 
 KEY = "sk-web"
 REPLY = ("The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(480,900)<|box_end|> sits by "
@@ -139,7 +139,8 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         expect(page.locator(".msg.assistant[data-state=done]")).to_have_count(2, timeout=120_000)
         history = page.evaluate("window.qwen2vl.state.history")
         assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
-        assert history[0]["content"][0]["type"] == "image_url" and history[2]["content"][-1]["text"] == "And the colours?"
+        assert history[0]["content"][0]["type"] == "image_url"
+        assert history[2]["content"][-1]["text"] == "And the colours?"
         assert not page.query_selector(".msg.error"), page.text_content(".msg.error")
 
         # grounding: a known reply's boxes drawn over the image, where the library puts them
@@ -158,3 +159,59 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         assert errors == []
         browser.close()
     print(json.dumps({"screenshot": str(shot)}))
+
+
+def test_drop_and_paste_attach_images_and_videos(server, tmp_path):
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (CI installs it: .ci/oracle-deps.sh)")
+    import base64
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from qwen2vl.testing.video import encode_video, sharp_frames
+
+    picture = tmp_path / "p.png"
+    noise_image(200, 150, seed=3).save(picture)
+    clip = encode_video(tmp_path / "c.mp4", sharp_frames((160, 120), 8), (160, 120), fps=4, gop=None)
+    files = [{"name": "p.png", "type": "image/png", "data": base64.b64encode(picture.read_bytes()).decode()},
+             {"name": "c.mp4", "type": "video/mp4", "data": base64.b64encode(clip.read_bytes()).decode()}]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.base + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        expect(page.locator("#model")).to_contain_text("tiny ·")
+        page.evaluate("""(files) => {
+            const asFile = (f) => new File([Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0))], f.name,
+                                           { type: f.type });
+            const dropped = new DataTransfer();
+            dropped.items.add(asFile(files[0]));
+            document.getElementById('drop').dispatchEvent(new DragEvent('drop', { dataTransfer: dropped,
+                                                                                  bubbles: true, cancelable: true }));
+            const pasted = new DataTransfer();
+            pasted.items.add(asFile(files[1]));
+            document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: pasted, bubbles: true }));
+        }""", files)
+        expect(page.locator(".item")).to_have_count(2)
+        expect(page.locator(".item .cost").nth(1)).to_contain_text("frames")
+        costs = page.locator(".item .cost").all_text_contents()
+        kinds = sorted(page.evaluate("window.qwen2vl.state.draft.map((d) => d.kind)"))
+        assert kinds == ["image", "video"]
+        local = server.pipe.processor  # the server's own refuses local files; same sizing rules
+        plan = local.plan(server.limits.apply([{"role": "user", "content": [
+            {"type": "image", "image": Image.open(picture)}, {"type": "video", "video": str(clip)}]}]))
+        order = page.evaluate("window.qwen2vl.state.draft.map((d) => d.kind)")
+        by_kind = {i.kind: i for i in plan.items}
+        for cost, kind in zip(costs, order):
+            item = by_kind[kind]
+            assert cost.endswith(f"{item.tokens} tokens") and f"→ {item.resized_size[0]}×{item.resized_size[1]}" in cost
+        # a pixel budget on the image lowers its cost, as the planner says
+        index = order.index("image")
+        page.locator(".item input").nth(index).fill("20000")
+        low = server.processor.plan([{"role": "user", "content": [
+            {"type": "image", "image": Image.open(picture), "max_pixels": 20000}]}]).items[0].tokens
+        expect(page.locator(".item .cost").nth(index)).to_contain_text(f" {low} tokens")
+        assert low < by_kind["image"].tokens
+        browser.close()

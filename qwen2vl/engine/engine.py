@@ -26,20 +26,20 @@ that choice and are told the chosen token after it, so each request carries its 
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from ..generate.decode import Prompt
+from ..generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from ..model import Qwen2VL
 from .slots import SlotAttend, SlotPool, slot_bytes
-
 
 STEP_WINDOW_S = 60.0  # stats()["longest_step_s"] looks this far back
 MIN_PROMPT_BUDGET_S = 0.05  # prompt work per step when nothing decodes, or decoding is faster than this
@@ -49,32 +49,44 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit; try again later."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
+    """What the caller asks of the engine; never changed by it."""
+
     request_id: str
     prompt: Prompt  # batch of one
     choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (1, V), seen (1, S)) -> (1,)
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
-    processors: tuple = ()  # LogitsProcessor objects (generate.structured), this request's own state
-    # filled in by the engine
+    processors: tuple = ()  # LogitsProcessor objects (generate.structured), with this request's own state
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """The engine's running state for one request, from its admission to its end (engine thread only)."""
+
+    request: Request
+    processors: tuple = ()  # the request's processors while it runs; dropped when it ends
     reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
     slot: int = -1
-    done: int = 0  # prompt tokens whose keys/values are in the slot
+    prefilled: int = 0  # prompt tokens whose keys/values are in the slot
     generated: list[int] = field(default_factory=list)
     embeds: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     next_position: int = 0
     vision_pending: list = field(default_factory=list)  # (kind, pixels, grid, cache key) per item not yet encoded
     encoding: tuple | None = None  # (kind, cache key, generator): the item being encoded, a piece per next()
-    identity: list = field(default_factory=list)
+    prefix_key: list = field(default_factory=list)  # generate.vision.prefix_key of the prompt
     features: dict = field(default_factory=dict)
-    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
     @property
     def ids(self) -> torch.Tensor:
-        return self.prompt.input_ids[0]
+        return self.request.prompt.input_ids[0]
 
 
 @dataclass(frozen=True)
@@ -86,39 +98,6 @@ class Output:
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
     cached_tokens: int = 0  # with a request's first token: prompt tokens served from the prefix cache
-
-
-class VisionCache:
-    """LRU of vision features keyed by a hash of the pixels and grid, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used, self.items = max_bytes, 0, OrderedDict()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(pixels: torch.Tensor, grid: torch.Tensor) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(pixels.contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(str(grid.tolist()).encode())
-        return h.hexdigest()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return self.items[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        self.items[key] = value
-        self.used += size
-        while self.used > self.max_bytes:
-            _, old = self.items.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
 
 
 class Engine:
@@ -140,9 +119,9 @@ class Engine:
         slots = max_num_seqs if kv_cache_bytes is None else min(max_num_seqs, kv_cache_bytes // per_slot)
         self.pool = SlotPool(cfg, slots, max_model_len, model.dtype, model.device)
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
-        self.waiting: deque[Request] = deque()
-        self.prefilling: list[Request] = []
-        self.running: list[Request] = []
+        self.waiting: deque[SequenceState] = deque()
+        self.prefilling: list[SequenceState] = []
+        self.running: list[SequenceState] = []
         self.free_slots = list(range(slots))
         self.slot_tokens: dict[int, list[int]] = {}  # prompt tokens whose KV a free slot still holds
         self.vision_cache = VisionCache(vision_cache_bytes)
@@ -171,7 +150,7 @@ class Engine:
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            self._inbox.append(("add", request))
+            self._inbox.append(("add", SequenceState(request)))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -190,7 +169,7 @@ class Engine:
         - longest_step_s: the longest step that ended in the last STEP_WINDOW_S seconds (0.0 if none): the worst
           gap between tokens that running requests have seen lately, apart from their own decode step.
         """
-        used = sum(r.done + len(r.generated) for r in self.running + self.prefilling)
+        used = sum(r.prefilled + len(r.generated) for r in self.running + self.prefilling)
         now = time.monotonic()
         with self._lock:
             recent = [d for end, d in self._steps if end >= now - STEP_WINDOW_S]
@@ -209,10 +188,10 @@ class Engine:
         """End every request (after an internal failure), freeing all slots; the engine stays usable."""
         outputs = []
         for queue in (self.waiting, self.prefilling, self.running):
-            for req in list(queue):
-                outputs.append(Output(req.request_id, None, finish_reason="error", error=error))
-                if req.slot >= 0:
-                    self._release(req, keep=False)
+            for seq in list(queue):
+                outputs.append(Output(seq.request_id, None, finish_reason="error", error=error))
+                if seq.slot >= 0:
+                    self._release(seq, keep=False)
         self.waiting.clear()
         self.prefilling, self.running = [], []
         self.slot_tokens.clear()
@@ -254,39 +233,39 @@ class Engine:
             budget = max(MIN_PROMPT_BUDGET_S, decode)
         outputs, worked = [], None
         while self.prefilling:
-            req = self.prefilling[0]
-            tokens = 0 if req.encoding or req.vision_pending else self._chunk_end(req) - req.done
+            seq = self.prefilling[0]
+            tokens = 0 if seq.encoding or seq.vision_pending else self._chunk_end(seq) - seq.prefilled
             estimate = self._token_s * tokens if tokens else self._piece_s
             if worked is not None and time.monotonic() - start + estimate > budget:
                 break
             t = time.monotonic()
-            outputs += self._prompt_unit(req)
+            outputs += self._prompt_unit(seq)
             if tokens:
                 self._token_s = (time.monotonic() - t) / tokens
             else:
                 self._piece_s = time.monotonic() - t
-            worked = req
+            worked = seq
             if self._abort_pending:  # a client left: free its slot now, and do no more of its work
                 outputs += self._drain_inbox()
         if len(self.prefilling) > 1 and self.prefilling[0] is worked:
             self.prefilling.append(self.prefilling.pop(0))
         return outputs
 
-    def _prompt_unit(self, req: Request) -> list[Output]:
-        """One unit of req's prompt work; its first token when that ends the prompt."""
+    def _prompt_unit(self, seq: SequenceState) -> list[Output]:
+        """One unit of seq's prompt work; its first token when that ends the prompt."""
         try:
-            first = self._prompt_work(req)
+            first = self._prompt_work(seq)
         except Exception as e:  # one bad request must not take the others down
-            self.prefilling.remove(req)
-            self._release(req, keep=False)
-            return [Output(req.request_id, None, finish_reason="error", error=str(e))]
+            self.prefilling.remove(seq)
+            self._release(seq, keep=False)
+            return [Output(seq.request_id, None, finish_reason="error", error=str(e))]
         if first is None:
             return []
-        self.prefilling.remove(req)
+        self.prefilling.remove(seq)
         if first.finish_reason is None:
-            self.running.append(req)
+            self.running.append(seq)
         else:
-            self._release(req)
+            self._release(seq)
         return [first]
 
     def _drain_inbox(self) -> list[Output]:
@@ -298,65 +277,33 @@ class Engine:
                 self.waiting.append(item)
                 continue
             for queue in (self.waiting, self.prefilling, self.running):
-                for req in list(queue):
-                    if req.request_id == item:
-                        queue.remove(req)
-                        if req.slot >= 0:
-                            self._release(req, keep=False)
-                        outputs.append(Output(req.request_id, None, finish_reason="abort"))
+                for seq in list(queue):
+                    if seq.request_id == item:
+                        queue.remove(seq)
+                        if seq.slot >= 0:
+                            self._release(seq, keep=False)
+                        outputs.append(Output(seq.request_id, None, finish_reason="abort"))
         return outputs
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            p = req.prompt
-            items = []
-            if p.image_features is None and p.pixel_values is not None:
-                items += _split_items("image", p.pixel_values, p.image_grid_thw)
-            if p.video_features is None and p.pixel_values_videos is not None:
-                items += _split_items("video", p.pixel_values_videos, p.video_grid_thw)
-            req.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
-            req.identity = self._identity(req, req.vision_pending)
-            req.slot, req.done = self._pick_slot(req.identity)
-            req.reused = req.done
-            self.prefix_tokens_reused += req.done
-            self.prefilling.append(req)
-
-    def _identity(self, req: Request, items: list) -> list:
-        """The prompt's token ids, with each image/video placeholder replaced by (content hash, index): two
-        prompts share a prefix only if their pictures are the same too."""
-        p, cfg = req.prompt, self.model.config
-        merge = cfg.vision.spatial_merge_size ** 2
-        pads = {cfg.image_token_id: [], cfg.video_token_id: []}  # per kind: [(key, tokens), ...] in order
-        for kind, _, grid, key in items:
-            token = cfg.image_token_id if kind == "image" else cfg.video_token_id
-            pads[token].append((key, int(grid.prod()) // merge))
-        for token, feats in ((cfg.image_token_id, p.image_features), (cfg.video_token_id, p.video_features)):
-            if feats is not None:  # precomputed features: one key covering all of them
-                pads[token] = [(VisionCache.key(feats, torch.tensor(feats.shape)), feats.shape[0])]
-        out, item, used = [], {t: 0 for t in pads}, {t: 0 for t in pads}
-        for t in req.ids.tolist():
-            if t in pads and item[t] < len(pads[t]):
-                key, count = pads[t][item[t]]
-                out.append((key, used[t]))
-                used[t] += 1
-                if used[t] == count:
-                    item[t], used[t] = item[t] + 1, 0
-            else:
-                out.append(t)
-        return out
+            seq = self.waiting.popleft()
+            items = vision_items(seq.request.prompt)
+            seq.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
+            seq.prefix_key = prefix_key(seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending],
+                                        self.model.config)
+            seq.slot, seq.prefilled = self._pick_slot(seq.prefix_key)
+            seq.reused = seq.prefilled
+            seq.processors = seq.request.processors
+            self.prefix_tokens_reused += seq.prefilled
+            self.prefilling.append(seq)
 
     def _pick_slot(self, ids: list) -> tuple[int, int]:
         """A free slot, preferring the one holding the longest run of whole prefill chunks of this prompt."""
         best, best_len = self.free_slots[0], 0
         for slot in self.free_slots:
-            held = self.slot_tokens.get(slot, [])
-            common = 0
-            for a, b in zip(held, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # the last prompt token is always run, for its logits
+            # the last prompt token is always run, for its logits
+            common = min(common_prefix(self.slot_tokens.get(slot, []), ids), len(ids) - 1)
             whole = common // self.prefill_chunk * self.prefill_chunk
             if whole > best_len:
                 best, best_len = slot, whole
@@ -364,111 +311,104 @@ class Engine:
         self.slot_tokens.pop(best, None)
         return best, best_len
 
-    def _release(self, req: Request, keep: bool = True) -> None:
-        req.encoding = None  # drops a half-done vision encode and its intermediate tensors
-        req.processors = ()  # and the grammar state: an aborted or finished request's matcher goes with it
+    def _release(self, seq: SequenceState, keep: bool = True) -> None:
+        seq.encoding = None  # drops a half-done vision encode and its intermediate tensors
+        seq.processors = ()  # and the grammar state: a finished or aborted request's matcher goes with it
         if keep:
-            self.slot_tokens[req.slot] = req.identity[: req.done]
-        self.free_slots.append(req.slot)
-        req.slot = -1
+            self.slot_tokens[seq.slot] = seq.prefix_key[: seq.prefilled]
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
 
-    def _prompt_work(self, req: Request) -> Output | None:
+    def _prompt_work(self, seq: SequenceState) -> Output | None:
         model = self.model
-        if req.encoding is None and req.vision_pending:
-            kind, pixels, grid, key = req.vision_pending.pop(0)
+        if seq.encoding is None and seq.vision_pending:
+            kind, pixels, grid, key = seq.vision_pending.pop(0)
             feats = self.vision_cache.get(key)
             if feats is not None:
-                req.features.setdefault(kind, []).append(feats)
+                seq.features.setdefault(kind, []).append(feats)
                 return None
-            req.encoding = (kind, key, model.encode_vision_pieces(pixels, grid, self.vision_piece_flops))
-        if req.encoding is not None:  # one piece of the encode
-            kind, key, pieces = req.encoding
+            seq.encoding = (kind, key, model.encode_vision_pieces(pixels, grid, self.vision_piece_flops))
+        if seq.encoding is not None:  # one piece of the encode
+            kind, key, pieces = seq.encoding
             self.vision_pieces += 1
             try:
                 next(pieces)
                 return None
             except StopIteration as done:
                 feats = done.value
-            req.encoding = None
+            seq.encoding = None
             self.vision_cache.put(key, feats)
-            req.features.setdefault(kind, []).append(feats)
+            seq.features.setdefault(kind, []).append(feats)
             return None
-        if req.embeds is None:
-            p = req.prompt
-            image = p.image_features if p.image_features is not None else _cat(req.features.get("image"))
-            video = p.video_features if p.video_features is not None else _cat(req.features.get("video"))
-            req.embeds = model.embed(p.input_ids, image, video)
-            req.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
-            req.next_position = p.input_ids.shape[1] + int(deltas[0])
-            req.features = {}
-        length, end = req.embeds.shape[1], self._chunk_end(req)
-        hidden = model.model(req.embeds[:, req.done:end], req.positions[:, :, req.done:end].to(model.device),
-                             None, self.pool.view(req.slot), req.done)
-        req.done = end
+        if seq.embeds is None:
+            p = seq.request.prompt
+            image = p.image_features if p.image_features is not None else _cat(seq.features.get("image"))
+            video = p.video_features if p.video_features is not None else _cat(seq.features.get("video"))
+            seq.embeds = model.embed(p.input_ids, image, video)
+            seq.positions, deltas = model.positions(p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw)
+            seq.next_position = p.input_ids.shape[1] + int(deltas[0])
+            seq.features = {}
+        assert seq.positions is not None  # set with embeds, above
+        length, end = seq.embeds.shape[1], self._chunk_end(seq)
+        hidden = model.model(seq.embeds[:, seq.prefilled:end], seq.positions[:, :, seq.prefilled:end].to(model.device),
+                             None, self.pool.view(seq.slot), seq.prefilled)
+        seq.prefilled = end
         if end < length:
             return None
-        req.embeds = req.positions = None
-        return self._emit(req, model.logits(hidden[:, -1]).float())
+        seq.embeds = seq.positions = None
+        return self._emit(seq, model.logits(hidden[:, -1]).float())
 
-    def _chunk_end(self, req: Request) -> int:
-        """Where req's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
-        return min(req.ids.shape[0], (req.done // self.prefill_chunk + 1) * self.prefill_chunk)
+    def _chunk_end(self, seq: SequenceState) -> int:
+        """Where seq's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
+        return min(seq.ids.shape[0], (seq.prefilled // self.prefill_chunk + 1) * self.prefill_chunk)
 
     def _decode(self) -> list[Output]:
         model = self.model
-        reqs = self.running
-        tokens = torch.tensor([[r.generated[-1]] for r in reqs], device=model.device)
-        lengths = [r.done + len(r.generated) - 1 for r in reqs]
-        pos = torch.tensor([r.next_position + len(r.generated) - 1 for r in reqs], device=model.device)
+        seqs = self.running
+        tokens = torch.tensor([[r.generated[-1]] for r in seqs], device=model.device)
+        lengths = [r.prefilled + len(r.generated) - 1 for r in seqs]
+        pos = torch.tensor([r.next_position + len(r.generated) - 1 for r in seqs], device=model.device)
         positions = pos.view(1, -1, 1).expand(3, -1, -1)
-        attend = SlotAttend(self.pool, [r.slot for r in reqs], lengths)
+        attend = SlotAttend(self.pool, [r.slot for r in seqs], lengths)
         hidden = model.model(model.model.embed_tokens(tokens).to(model.dtype), positions, attend=attend)
         logits = model.logits(hidden[:, -1]).float()
         outputs, still = [], []
-        for i, req in enumerate(reqs):
-            out = self._emit(req, logits[i:i + 1])
+        for i, seq in enumerate(seqs):
+            out = self._emit(seq, logits[i:i + 1])
             outputs.append(out)
             if out.finish_reason is None:
-                still.append(req)
+                still.append(seq)
             else:
-                self._release(req)
+                self._release(seq)
         self.running = still
         return outputs
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> Output:
-        seen = torch.cat([req.prompt.input_ids.to(logits.device),
-                          torch.tensor([req.generated], dtype=torch.long, device=logits.device)], dim=1)
+    def _emit(self, seq: SequenceState, logits: torch.Tensor) -> Output:
+        seen = torch.cat([seq.request.prompt.input_ids.to(logits.device),
+                          torch.tensor([seq.generated], dtype=torch.long, device=logits.device)], dim=1)
         scores = logits
-        for processor in req.processors:
+        for processor in seq.processors:
             scores = processor(scores)
-        token = int(req.choose(scores, seen)[0])
-        for processor in req.processors:
+        token = int(seq.request.choose(scores, seen)[0])
+        for processor in seq.processors:
             processor.accept(token)
-        req.generated.append(token)
+        seq.generated.append(token)
         self.generated_tokens += 1
-        logprob, top = None, ()
-        if req.logprobs is not None:
+        logprob, top = None, cast(tuple[tuple[int, float], ...], ())
+        if seq.request.logprobs is not None:
             lp = torch.log_softmax(logits[0], dim=-1)
             logprob = float(lp[token])
-            if req.logprobs:
-                values, ids = lp.topk(req.logprobs)
+            if seq.request.logprobs:
+                values, ids = lp.topk(seq.request.logprobs)
                 top = tuple(zip(ids.tolist(), values.tolist()))
         reason = None
-        if token in req.stop_token_ids:
+        if token in seq.request.stop_token_ids:
             reason = "stop"
-        elif len(req.generated) >= req.max_new_tokens or req.done + len(req.generated) >= self.max_model_len:
+        elif (len(seq.generated) >= seq.request.max_new_tokens
+              or seq.prefilled + len(seq.generated) >= self.max_model_len):
             reason = "length"
-        return Output(req.request_id, token, logprob, top, reason,
-                      cached_tokens=req.reused if len(req.generated) == 1 else 0)
-
-
-def _split_items(kind: str, pixels: torch.Tensor, grids: torch.Tensor) -> list:
-    items, start = [], 0
-    for grid in grids:
-        n = int(grid.prod())
-        items.append((kind, pixels[start:start + n], grid[None]))
-        start += n
-    return items
+        return Output(seq.request_id, token, logprob, top, reason,
+                      cached_tokens=seq.reused if len(seq.generated) == 1 else 0)
 
 
 def _cat(parts: list | None) -> torch.Tensor | None:

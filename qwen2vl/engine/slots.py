@@ -17,8 +17,7 @@ from ..model import KVCache
 
 
 def slot_bytes(cfg: TextConfig, max_model_len: int, dtype: torch.dtype) -> int:
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-    return per_token * max_model_len
+    return KVCache.bytes_needed(cfg, 1, max_model_len, dtype)
 
 
 class SlotPool:
@@ -26,17 +25,12 @@ class SlotPool:
         if slots < 1:
             raise ValueError("the KV budget does not fit one request of max_model_len tokens; raise the budget "
                              "or lower max_model_len")
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_model_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        pool = KVCache(cfg, slots, max_model_len, dtype, device)  # one allocation path: a batch of `slots` rows
+        self.k, self.v = pool.k, pool.v
         self.slots, self.max_model_len = slots, max_model_len
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
     def view(self, slot: int) -> KVCache:
-        return KVCache.over(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
+        return KVCache.backed_by(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
 
 
 class SlotAttend:

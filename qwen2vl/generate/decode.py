@@ -1,10 +1,10 @@
 """Prefill, then decode one token at a time with a caller-owned KV cache: the one loop every surface uses.
 
-Matches transformers 4.57 `GenerationMixin._sample` for `Qwen2VLForConditionalGeneration`: the prompt (vision
-features written at their placeholders) fills the cache, each step feeds the chosen token back at position
-(max prompt position of its row) + 1 + k (spec 8.2), finished rows keep receiving the pad token, and the last
-position's logits are taken in float32 before the logits processors. The token choice itself (greedy, sampling,
-penalties) is a callable, so this file knows nothing of sampling parameters.
+Matches transformers 4.57 `GenerationMixin._sample` for `Qwen2VLForConditionalGeneration`: the prompt (vision features
+written at their placeholders) fills the cache, each step feeds the chosen token back at position (max prompt position
+of its row) + 1 + k (4.x: the cache length plus `get_rope_index`'s `rope_deltas`), finished rows keep receiving the
+pad token, and the last position's logits are taken in float32 before the logits processors. The token choice itself
+(greedy, sampling, penalties) is a callable, so this file knows nothing of sampling parameters.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class Prompt:
     video_features: torch.Tensor | None = None
 
     @classmethod
-    def from_batch(cls, batch, **extra) -> "Prompt":
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    def from_batch(cls, batch, **extra) -> Prompt:
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                "video_grid_thw")
         fields = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
         fields.setdefault("attention_mask", torch.ones_like(fields["input_ids"]))
         return cls(**fields, **extra)
@@ -47,13 +48,20 @@ class Step:
     finished: torch.Tensor  # (B,) True where the row has produced a stop token at or before this step
 
 
+def require_grid(grid_thw: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The grid that must come with `kind` pixels."""
+    if grid_thw is None:
+        raise ValueError(f"the prompt has {kind} pixels but no {kind}_grid_thw")
+    return grid_thw
+
+
 def encode_vision(model: Qwen2VL, prompt: Prompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     image = prompt.image_features
     if image is None and prompt.pixel_values is not None:
-        image = model.encode_vision(prompt.pixel_values, prompt.image_grid_thw)
+        image = model.encode_vision(prompt.pixel_values, require_grid(prompt.image_grid_thw, "image"))
     video = prompt.video_features
     if video is None and prompt.pixel_values_videos is not None:
-        video = model.encode_vision(prompt.pixel_values_videos, prompt.video_grid_thw)
+        video = model.encode_vision(prompt.pixel_values_videos, require_grid(prompt.video_grid_thw, "video"))
     return image, video
 
 
@@ -106,7 +114,8 @@ def generate_steps(
         seen = torch.cat([seen, tokens[:, None]], dim=1)
         start = length + k
         step_pos = decode_positions(start, 1, deltas)
-        hidden = model.model(model.model.embed_tokens(tokens[:, None]), step_pos, full_mask[:, : start + 1], cache, start)
+        embeds = model.model.embed_tokens(tokens[:, None])
+        hidden = model.model(embeds, step_pos, full_mask[:, : start + 1], cache, start)
         logits = model.logits(hidden[:, -1]).float()
 
 

@@ -4,7 +4,7 @@ Matches `GenerationMixin._get_logits_processor` + `_sample` (transformers/genera
 Qwen2-VL generation_config.json uses: repetition penalty (`RepetitionPenaltyLogitsProcessor`: every id in the
 sequence so far, prompt and left padding included) -> temperature -> top-k -> top-p (`TopPLogitsWarper`,
 min_tokens_to_keep=1, ascending-sort cumulative rule), then argmax (greedy) or one `torch.multinomial` draw from
-the softmax. The warpers run only when sampling. The official files sample with top_k=1 (spec 8.1): the draw
+the softmax. The warpers run only when sampling. The official generation_config.json files sample with top_k=1: the draw
 always lands on a maximal processed score, i.e. greedy, but the processors are kept so ties behave as in HF.
 Ours, not HF's: temperature 0 means greedy (HF raises), and `seed` gives a private `torch.Generator`.
 OpenAI's `logit_bias`, `presence_penalty` and `frequency_penalty` run first, in that order (off by default), as
@@ -14,13 +14,13 @@ generated so far (the prompt does not count), logit[j] -= c[j] * frequency_penal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-# <|im_end|>, <|endoftext|>: the eos_token_id list of the official generation_config.json (spec 1.3, 8.1)
+# <|im_end|>, <|endoftext|>: the eos_token_id list of the official generation_config.json
 DEFAULT_STOP_TOKEN_IDS = (151645, 151643)
 
 # transformers' GenerationConfig defaults for keys a generation_config.json leaves out
@@ -75,7 +75,7 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
     @classmethod
-    def from_generation_config(cls, config: dict[str, Any] | None = None, **overrides: Any) -> "SamplingParams":
+    def from_generation_config(cls, config: dict[str, Any] | None = None, **overrides: Any) -> SamplingParams:
         """A checkpoint's generation_config.json read as transformers' `GenerationConfig`, then the caller's keywords.
 
         Keys the file leaves out take transformers' defaults (greedy, top_k 50); a key set to null turns its
@@ -100,7 +100,7 @@ class SamplingParams:
             given["do_sample"] = given.get("temperature", 1.0) != 0
         return cls(**{**values, **given})
 
-    def with_(self, **changes: Any) -> "SamplingParams":
+    def with_(self, **changes: Any) -> SamplingParams:
         return replace(self, **changes)
 
 
@@ -120,9 +120,11 @@ def openai_penalties(logits: torch.Tensor, generated: torch.Tensor, p: SamplingP
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, prompt_len: int | None = None
                    ) -> torch.Tensor:
     """(B, V) float32 logits and the (B, S) ids so far -> the scores transformers' processor list gives.
-    `prompt_len`: where the generated ids start in `seen` (only OpenAI's penalties need it; None: nothing was generated)."""
+    `prompt_len`: where the generated ids start in `seen` (only OpenAI's penalties need it; None: nothing was
+    generated)."""
     if logits.dim() != 2 or seen.dim() != 2 or seen.shape[0] != logits.shape[0]:
-        raise ValueError(f"expected logits (B, V) and seen ids (B, S), got {tuple(logits.shape)} and {tuple(seen.shape)}")
+        raise ValueError(f"expected logits (B, V) and seen ids (B, S), "
+                         f"got {tuple(logits.shape)} and {tuple(seen.shape)}")
     scores = logits
     if p.logit_bias or p.presence_penalty or p.frequency_penalty:
         scores = openai_penalties(scores, seen[:, seen.shape[1] if prompt_len is None else prompt_len:], p)
@@ -179,11 +181,3 @@ def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Chooser:
     return choose
 
 
-def choose_each(logits: torch.Tensor, seen: Sequence[torch.Tensor], choosers: Sequence[Chooser]) -> torch.Tensor:
-    """A batch whose rows follow different SamplingParams: row i is chosen by choosers[i] from seen[i] (S_i,).
-
-    Each row gets exactly the token that row alone would get, so an engine can batch unrelated requests."""
-    if not logits.shape[0] == len(seen) == len(choosers):
-        raise ValueError(f"{logits.shape[0]} rows of logits, {len(seen)} id sequences, {len(choosers)} choosers")
-    return torch.cat([choose(logits[i:i + 1], ids.reshape(1, -1)) for i, (ids, choose) in
-                      enumerate(zip(seen, choosers))])

@@ -1,14 +1,16 @@
 """CPU kernels for the decode step, compiled on first use, each with a plain-PyTorch reference path.
 
-`Product` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few rows of
-X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per group
-of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding). `rms_norm` and
-`rope_` are the decoder's normalisation and rotary in one call each. They come in one build per instruction set
+`WeightOnlyMatmul` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a
+few rows of X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16
+per group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding);
+`Q4Product` is the same for 4-bit group-quantized weights (`qwen2vl.quant`). `rms_norm` and `rope_` are the
+decoder's normalisation and rotary in one call each. They come in one build per instruction set
 (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
-`decode_ops.c`), compiled with the system C compiler into a per-user cache the first time they are needed; the
-best variant the CPU supports is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no
-compiler, no AVX2/FMA, or the build or load fails, `available()` is False and callers use the reference path
-(`torch` ops), which the tests compare every variant against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
+`decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a per-user cache the
+first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed fastest) is used
+unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no AVX2/FMA, no compiler, no sources, or the build
+or load fails, `available()` is False (one log line says why) and callers use the reference path (`torch` ops),
+which the tests compare every variant against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
 applies these as an optional transform.
 """
 
@@ -22,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -116,36 +118,44 @@ def _library() -> ctypes.CDLL | None:
     return None if name is None else _build(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _build(name: str) -> ctypes.CDLL | None:
-    spec = next(v for v in VARIANTS if v.name == name)
-    sources = (_HERE / spec.source, _HERE / "decode_ops.c")
-    flags = [*_COMMON, *spec.cc_flags]
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    """Variant `name` compiled and loaded, or None (with one log line saying why) wherever it cannot be: no
+    compiler, missing sources, a failed build, an unwritable cache, a library that does not load."""
     try:
-        digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in sources)).hexdigest()
-    except OSError as e:
-        log.warning("qwen2vl kernels: sources unreadable (%s); using the PyTorch path", e)
+        return _build_and_load(next(v for v in VARIANTS if v.name == name))
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: a symbol is missing
+        log.warning("qwen2vl kernels: %s unavailable (%s: %s); using the slower PyTorch path", name,
+                    type(e).__name__, e)
         return None
-    target = _cache_dir() / f"qwen2vl-kernels-{name}-{digest[:16]}.so"
+
+
+def _sources(spec: Variant) -> tuple[Path, Path]:
+    return _HERE / spec.source, _HERE / "decode_ops.c"
+
+
+def _built_path(spec: Variant) -> Path:
+    """Where the library built from these sources and flags lives (raises OSError where a source is missing)."""
+    flags = [*_COMMON, *spec.cc_flags]
+    digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in _sources(spec))).hexdigest()
+    return _cache_dir() / f"qwen2vl-kernels-{spec.name}-{digest[:16]}.so"
+
+
+def _build_and_load(spec: Variant) -> ctypes.CDLL:
+    sources, flags, target = _sources(spec), [*_COMMON, *spec.cc_flags], _built_path(spec)
     if not target.exists():
+        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
         if compiler is None:
-            log.warning("qwen2vl kernels: no C compiler found; decoding uses the slower PyTorch path")
-            return None
+            raise OSError("no C compiler found (set CC)")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
             cmd = [compiler, *flags, *map(str, sources), "-o", str(out), "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                log.warning("qwen2vl kernels: %s build failed, using the PyTorch path:\n%s", name, res.stderr[-2000:])
-                return None
+                raise OSError(f"the build failed: {res.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: concurrent first uses do not see half a file
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        log.warning("qwen2vl kernels: could not load %s (%s); using the PyTorch path", target, e)
-        return None
+    lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.gemm_bf16, lib.gemm_i8):  # (w, scale, bias, x, y, n, k, m, threads) -> 0, or -1 out of memory
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -167,7 +177,7 @@ def available() -> bool:
 _threads = torch.get_num_threads
 
 
-class Product:
+class WeightOnlyMatmul:
     """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
     float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
 
@@ -182,7 +192,8 @@ class Product:
                              f"got {w.dtype} {tuple(w.shape)}")
         for name, v in (("scale", scale), ("bias", bias)):
             if v is not None and (v.dtype != torch.float32 or v.shape != (w.shape[0],) or not v.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, got {v.dtype} {tuple(v.shape)}")
+                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, "
+                                 f"got {v.dtype} {tuple(v.shape)}")
         self.n, self.k = w.shape
         self.tensors = (w, scale, bias)  # kept alive: the kernel reads them through raw pointers
         self.ptr = w.data_ptr()
@@ -247,16 +258,16 @@ class Q4Product:
 
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) bfloat16, bias (N,) float32 -> (M, N) float32."""
-    return Product(w, None, bias)(x)
+    return WeightOnlyMatmul(w, None, bias)(x)
 
 
 def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N) float32 = x' @ (w * scale[:, None]).T + bias,
     where x' is x rounded to int16 per group of GROUP inputs (see `quantize_rows_int16`)."""
-    return Product(w, scale, bias)(x)
+    return WeightOnlyMatmul(w, scale, bias)(x)
 
 
-def _f32(*tensors: torch.Tensor) -> bool:
+def _contiguous_cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
@@ -264,7 +275,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension; None when x, weight are not contiguous CPU
     float32 (the caller then uses PyTorch)."""
     lib = _library()
-    if lib is None or not _f32(x, weight) or weight.shape != x.shape[-1:]:
+    if lib is None or not _contiguous_cpu_float32(x, weight) or weight.shape != x.shape[-1:]:
         return None
     y = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
@@ -278,7 +289,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         return None
     rows_first = x.transpose(1, 2)
     lib = _library()
-    if lib is None or not _f32(rows_first, cos, sin):
+    if lib is None or not _contiguous_cpu_float32(rows_first, cos, sin):
         return None
     b, heads, n, d = x.shape
     lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)

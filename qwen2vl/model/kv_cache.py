@@ -13,21 +13,28 @@ from ..config import TextConfig
 
 class KVCache:
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu") -> None:
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = KVCache.shape(cfg, batch, max_len)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    @staticmethod
+    def shape(cfg: TextConfig, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
+        """(layers, batch, kv_heads, max_len, head_dim): the shape of each of the two tensors."""
+        return (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+
+    @staticmethod
+    def bytes_needed(cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+        """The memory a cache of this size takes (keys and values)."""
+        layers, batch, heads, max_len, head_dim = KVCache.shape(cfg, batch, max_len)
+        return 2 * layers * batch * heads * max_len * head_dim * dtype.itemsize
+
     @classmethod
-    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+    def backed_by(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """A cache backed by existing (layers, batch, kv_heads, max_len, head_dim) tensors, e.g. one engine slot."""
         cache = cls.__new__(cls)
         cache.k, cache.v, cache.max_len = k, v, k.shape[3]
         return cache
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, L, hd) at slots start..start+L; return all keys/values up to there."""

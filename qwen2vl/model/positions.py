@@ -1,15 +1,17 @@
-"""3-stream M-RoPE position ids for token sequences with images and videos (spec 7.3, 8.2).
+"""3-stream M-RoPE position ids for token sequences with images and videos, for the prompt and each decode step.
 
 Reference semantics: transformers 4.45-4.57 `Qwen2VLModel.get_rope_index`, the rule the model was trained with.
 Text runs count up on all three streams; a vision item with grid (t, h, w) patches becomes T=t, Hm=h/m, Wm=w/m
 tokens positioned at S + (t_idx, row, col); the next text starts at max(so far) + 1, so after a video with more
-temporal patches than spatial ones it starts at S + T (transformers 5.x differs there, spec 7.4). Pure functions:
+temporal patches than spatial ones it starts at S + T (transformers 5.x `get_rope_index` advances by max(Hm, Wm)
+only and differs there). Pure functions:
 the model keeps no rope deltas between calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -28,7 +30,7 @@ def _vision_block(start: int, t: int, hm: int, wm: int) -> torch.Tensor:
 
 def mrope_positions(
     token_ids: list[int] | torch.Tensor,
-    grids: Iterator[tuple[int, int, int]] | dict[int, Iterator],
+    grids: dict[int, Iterator[Any]],
     *,
     image_token_id: int,
     video_token_id: int,

@@ -2,7 +2,8 @@
 
 Matches transformers `Qwen2VLForConditionalGeneration.forward` (4.45-4.57): the same input tensors as the
 Qwen2-VL processor returns (left-padded batches), image and video features scattered in flattened batch order at
-`<|image_pad|>` / `<|video_pad|>` positions (spec 6.6), M-RoPE positions by the trained rule (spec 7.3), logits
+`<|image_pad|>` / `<|video_pad|>` positions (`Qwen2VLModel.forward`'s `masked_scatter`), M-RoPE positions by the
+trained rule (4.x `Qwen2VLModel.get_rope_index`), logits
 for every position. The module holds weights only; positions, masks and caches are arguments.
 """
 
@@ -69,6 +70,7 @@ class Qwen2VL(nn.Module):
                     f"the {name} inputs give {have} features (t*h*w/4 per item from {name}_grid_thw)"
                 )
             if count:
+                assert feats is not None  # count == have above
                 x = x.masked_scatter(mask[..., None], feats.to(x.dtype))
         return x
 
@@ -97,8 +99,11 @@ class Qwen2VL(nn.Module):
         """Logits (B, L, vocab) for a whole prompt; with `cache`, its keys/values are written at slots 0..L-1."""
         _check_pair("pixel_values", pixel_values, "image_grid_thw", image_grid_thw)
         _check_pair("pixel_values_videos", pixel_values_videos, "video_grid_thw", video_grid_thw)
-        image_features = None if pixel_values is None else self.encode_vision(pixel_values, image_grid_thw)
-        video_features = None if pixel_values_videos is None else self.encode_vision(pixel_values_videos, video_grid_thw)
+        image_features = video_features = None
+        if pixel_values is not None and image_grid_thw is not None:  # both or neither (checked above)
+            image_features = self.encode_vision(pixel_values, image_grid_thw)
+        if pixel_values_videos is not None and video_grid_thw is not None:
+            video_features = self.encode_vision(pixel_values_videos, video_grid_thw)
         embeds = self.embed(input_ids, image_features, video_features)
         positions, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
         mask = None if attention_mask is None else attention_mask.to(self.device)

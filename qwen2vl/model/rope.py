@@ -1,8 +1,9 @@
 """Rotary tables: 2-D rotary for the vision tower and M-RoPE for the decoder.
 
-Match transformers `VisionRotaryEmbedding` + `Qwen2VisionTransformerPretrainedModel.rot_pos_emb` (spec 6.2-6.3)
-and `Qwen2VLRotaryEmbedding` + `apply_multimodal_rotary_pos_emb` (spec 7.2). inv_freq is computed here on each
-call, in float32, with the reference's expression, so no buffer can be cast to bf16 by `module.to()` (spec 10.9).
+Match transformers `VisionRotaryEmbedding` + `Qwen2VisionTransformerPretrainedModel.rot_pos_emb`
+and `Qwen2VLRotaryEmbedding` + `apply_multimodal_rotary_pos_emb`. inv_freq is computed here on each call, in
+float32, with the reference's expression, so no buffer can be cast to bf16 by `module.to()` (the reference keeps
+`inv_freq` in float32 and computes cos/sin in float32 under bf16 weights).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def mrope_cos_sin(
     """
     freqs = inv_freq(head_dim, theta, positions.device)  # (head_dim/2,)
     angles = positions[..., None].float() * freqs  # (3, B, L, head_dim/2)
-    stream = torch.repeat_interleave(torch.arange(3, device=positions.device), torch.tensor(section, device=positions.device))
+    device = positions.device
+    stream = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
     angles = angles.gather(0, stream.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)  # (B, L, hd/2)
     emb = torch.cat((angles, angles), dim=-1).unsqueeze(1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

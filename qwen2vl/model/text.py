@@ -1,4 +1,4 @@
-"""The Qwen2 decoder with multimodal rotary positions (spec 7.1-7.2).
+"""The Qwen2 decoder with multimodal rotary positions.
 
 Matches transformers `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` / `Qwen2VLAttention` (4.45-5.x): pre-norm
 RMSNorm blocks, q/k/v with biases and o_proj without, grouped-query attention, causal with a padding mask.
@@ -23,13 +23,14 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attend: "Attend", layer: int):
+    def forward(self, x, cos, sin, attend: Attend, layer: int):
         b, n, _ = x.shape
         # (B, L, heads*hd) -> (B, heads, L, hd)
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -60,7 +61,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(h)
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device) -> torch.Tensor | None:
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, batch: int, n: int, start: int, device
+) -> torch.Tensor | None:
     """Boolean (B, 1, n, start+n) mask: causal and not padding. None when plain causal attention suffices.
 
     `attention_mask` (B, start+n) marks real tokens with 1 over the cached and the new slots. A query slot that is

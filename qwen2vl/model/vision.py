@@ -1,4 +1,4 @@
-"""The Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, 2x2 patch merger (spec 6).
+"""The Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, 2x2 patch merger.
 
 Matches transformers `Qwen2VisionTransformerPretrainedModel` (4.45-5.x). Input rows are pixel patches in
 merge-window order, (N, C*T*P*P); output is one row per 2x2 window, (N/4, text hidden size). Attention is
@@ -6,6 +6,8 @@ restricted to each temporal patch of each image or video (the reference's cu_seq
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ class VisionAttention(nn.Module):
         """Rows of x -> q, k, v, each (rows, heads, hd), with q and k rotated."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, hd)
-        # rotary in float32 whatever the weight dtype (spec 10.9), then back
+        # rotary in float32 whatever the weight dtype, then back (`apply_rotary_pos_emb_vision` upcasts q, k)
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rope(q.float(), cos, sin).to(x.dtype)
         k = apply_rope(k.float(), cos, sin).to(x.dtype)
@@ -162,7 +164,7 @@ class VisionTransformer(nn.Module):
                     yield
                 x = block(x, cos, sin, segments)
             else:
-                yield from _block_in_ranges(block, x, cos, sin, segments, pace, *buffers)
+                yield from _block_in_ranges(cast(VisionBlock, block), x, cos, sin, segments, pace, *buffers)
 
         merger, merge = self.merger, cfg.spatial_merge_size**2
         hidden = x.new_empty(n // merge, md)

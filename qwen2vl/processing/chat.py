@@ -1,4 +1,4 @@
-"""Chat messages -> prompt text, with the checkpoint's own Jinja template (spec 5.1).
+"""Chat messages -> prompt text, with the checkpoint's own Jinja template (`chat_template.json`).
 
 Rendering matches transformers' `apply_chat_template` (4.57 `utils/chat_template_utils.py`): a sandboxed Jinja
 environment with trim_blocks and lstrip_blocks, the loop-controls extension, `raise_exception`, `tojson` and

@@ -65,8 +65,13 @@ def fetch(source, policy: MediaPolicy, what: str):
 
 
 def describe(source) -> str:
+    """A short name for a media source in messages: a long path or URL keeps its start and its end."""
+    if isinstance(source, Fetched):
+        source = source.source
     if isinstance(source, str):
-        return source if len(source) < 80 else source[:60] + "..."
+        return source if len(source) <= 60 else source[:40] + "..." + source[-12:]
+    if isinstance(source, list):
+        return f"{len(source)} frames"
     return type(source).__name__
 
 

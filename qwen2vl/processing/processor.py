@@ -20,8 +20,8 @@ from PIL import Image
 from .chat import normalize_messages, render
 from .errors import InputError
 from .image import image_tensor, image_to_patches, normalize_rows_, patchify, resize_image, resize_tensor, to_rgb
-from .media import Fetched, MediaPolicy, fetch, load_image, open_image, read_bytes
-from .sizing import VIDEO_MIN_PIXELS, ProcessorBounds, image_sizes, processor_size, tokens
+from .media import Fetched, MediaPolicy, describe, fetch, load_image, open_image, read_bytes
+from .sizing import MERGE_SIZE, VIDEO_MIN_PIXELS, ProcessorBounds, image_sizes, processor_size, tokens
 from .tokenizer import Tokenizer
 from .video import VideoPlan, load_video, plan_video, replan_video
 
@@ -85,7 +85,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
-                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> "Processor":
+                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> Processor:
         """Read tokenizer.json, the chat template, preprocessor_config.json (and video_preprocessor_config.json)
         from a checkpoint directory or hub id.
 
@@ -171,7 +171,7 @@ class Processor:
             counts = {"image": 0, "video": 0}
             for item in self.vision_items(messages):
                 kind = item["type"]
-                what = f"conversation {c}, {kind} {counts[kind]} ({_describe(item[kind])})"
+                what = f"conversation {c}, {kind} {counts[kind]} ({describe(item[kind])})"
                 rows, grid = self.image(item, what) if kind == "image" else self.video(item, what, progress)
                 pixels[kind].append(rows)
                 grids[kind].append(grid)
@@ -204,8 +204,9 @@ class Processor:
                 at, pad = min(cut)
                 grid = next(queues[pad], None)
                 if grid is None:
-                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items", f"conversation {c}")
-                pieces.append(rest[:at] + pad * (grid[0] * grid[1] * grid[2] // 4))
+                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items",
+                                     f"conversation {c}")
+                pieces.append(rest[:at] + pad * (grid[0] * grid[1] * grid[2] // MERGE_SIZE**2))
                 rest = rest[at + len(pad):]
             ids = self.tokenizer.encode("".join(pieces))
             if len(ids) > self.max_context:
@@ -236,7 +237,8 @@ class Processor:
                 parts = []
                 for p in m["content"]:
                     if p["type"] in ("image", "video"):
-                        p = {**p, p["type"]: fetch(p[p["type"]], self.policy, f"{p['type']} ({_describe(p[p['type']])})")}
+                        source = p[p["type"]]
+                        p = {**p, p["type"]: fetch(source, self.policy, f"{p['type']} ({describe(source)})")}
                     parts.append(p)
                 m = {**m, "content": parts}
             out.append(m)
@@ -265,12 +267,12 @@ class Processor:
         header said, so that `_fit` can try other sampling fields without reading it again."""
         items, extra = [], 0
         for i, item in enumerate(self.vision_items(messages)):
-            kind, what = item["type"], f"{item['type']} {i} ({_describe(item[item['type']])})"
+            kind, what = item["type"], f"{item['type']} {i} ({describe(item[item['type']])})"
             if facts is not None and i in facts:  # already probed: arithmetic only
                 vp = replan_video({**self.video_defaults, **item}, facts[i], what)
                 count = self._video_tokens(vp)
                 h, w = processor_size(*vp.resized, self.bounds.video)
-                items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), count,
+                items.append(ItemPlan("video", describe(item["video"]), (vp.width, vp.height), (w, h), count,
                                       vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels,
                                       {k: item[k] for k in FIT_FIELDS if k in item}))
                 extra += count - 1
@@ -279,7 +281,7 @@ class Processor:
                 image = _lazy_image(item["image"], self.policy, what)
                 _, (h, w) = image_sizes(item, image.height, image.width, self.bounds.image)
                 count = tokens(1, h, w)
-                items.append(ItemPlan("image", _describe(item["image"]), image.size, (w, h), count,
+                items.append(ItemPlan("image", describe(item["image"]), image.size, (w, h), count,
                                       source_pixels=image.width * image.height))
             else:
                 vp = plan_video({**self.video_defaults, **item}, self.policy, what)
@@ -287,7 +289,7 @@ class Processor:
                     facts[i] = vp
                 h, w = processor_size(*vp.resized, self.bounds.video)
                 count = self._video_tokens(vp)
-                items.append(ItemPlan("video", _describe(item["video"]), (vp.width, vp.height), (w, h), count,
+                items.append(ItemPlan("video", describe(item["video"]), (vp.width, vp.height), (w, h), count,
                                       vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels))
             extra += count - 1
         total = len(self.tokenizer.encode(text)) + extra
@@ -367,7 +369,7 @@ class Processor:
             fitted.append(m)
         return fitted, self._plan(fitted, text, facts)
 
-    def with_policy(self, policy: MediaPolicy) -> "Processor":
+    def with_policy(self, policy: MediaPolicy) -> Processor:
         clone = Processor.__new__(Processor)
         clone.__dict__.update(self.__dict__)
         clone.policy = policy
@@ -383,16 +385,6 @@ def _lazy_image(source, policy: MediaPolicy, what: str) -> Image.Image:
     if isinstance(source, (str, Path, Fetched)):
         return open_image(read_bytes(source, policy, what), policy, what)
     return load_image(source, policy, what)
-
-
-def _describe(source) -> str:
-    if isinstance(source, Fetched):
-        source = source.source
-    if isinstance(source, str):
-        return source if len(source) <= 60 else source[:40] + "..." + source[-12:]
-    if isinstance(source, list):
-        return f"{len(source)} frames"
-    return type(source).__name__
 
 
 def _read_json(path: Path, required: bool = True) -> dict:

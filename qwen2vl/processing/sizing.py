@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from .errors import InputError
 from .image import smart_resize
 
-FACTOR = 28  # patch 14 x merge 2
+PATCH_SIZE, MERGE_SIZE = 14, 2  # preprocessor_config.json patch_size, merge_size (every Qwen2-VL checkpoint)
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: sides are multiples of one merged token
 FRAME_FACTOR = 2  # temporal patch
 # qwen-vl-utils fetch_image defaults: IMAGE_MIN_TOKEN_NUM, IMAGE_MAX_TOKEN_NUM tokens of 28x28
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
@@ -46,7 +47,7 @@ class ProcessorBounds:
     @classmethod
     def from_configs(cls, image_config: dict, video_config: dict | None = None, min_pixels: int | None = None,
                      max_pixels: int | None = None, size: dict | None = None,
-                     overrides_reach_videos: bool = False) -> "ProcessorBounds":
+                     overrides_reach_videos: bool = False) -> ProcessorBounds:
         """As `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=..., size=...)` leaves them.
 
         `image_config` is preprocessor_config.json; `video_config` is video_preprocessor_config.json when the

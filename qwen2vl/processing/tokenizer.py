@@ -16,7 +16,6 @@ from tokenizers import Tokenizer as _Tokenizer
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         self._tok = _Tokenizer.from_file(str(path))
-        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)

@@ -5,8 +5,9 @@ checkpoint's own template by rewriting the messages first (`render_tools`):
 - the system turn (the checkpoint's default "You are a helpful assistant." when the conversation has none) gains
   "\\n\\n# Tools\\n\\nYou may call one or more functions ...<tools>" + one JSON line per tool + "</tools>" and the
   instruction to answer with `<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>`;
-- an assistant turn with `tool_calls` becomes its content (if any) then, per call, "\\n<tool_call>\\n{"name": ..., "arguments":
-  ...}\\n</tool_call>" (the first newline dropped when there is no content);
+- an assistant turn with `tool_calls` becomes its content (if any) then, per call,
+  "\\n<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>" (the first newline dropped when there is no
+  content);
 - consecutive `tool` messages become one user turn of "<tool_response>\\n...\\n</tool_response>" blocks, joined by
   newlines.
 `ToolCallParser` reads `<tool_call>` blocks back out of the generated text, incrementally (for streaming) or all at

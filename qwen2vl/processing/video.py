@@ -66,8 +66,8 @@ def smart_nframes(ele: dict, total_frames: int, video_fps: float, what: str = "v
         n = min(min(max(n, lo), hi), total_frames)
         n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= n <= total_frames:
-        raise InputError(f"{n} frames requested from a video of {total_frames} decodable frames; need 2..{total_frames}",
-                         what)
+        raise InputError(f"{n} frames requested from a video of {total_frames} decodable frames; "
+                         f"need 2..{total_frames}", what)
     return int(n)
 
 
@@ -136,8 +136,8 @@ def _rgb_graph(frame, size: tuple[int, int]):
         options += [f"in_color_matrix={_MATRICES.get(frame.colorspace, 'bt601')}",
                     f"in_range={'full' if full else 'limited'}"]
         # sws_getContext's default siting (-513) is the centre: (128 << log2 subsampling) - 128 in 1/256 luma pixels
-        probe = av.VideoFormat(fmt.name, 1024, 1024).components[1]
-        for axis, chroma in (("h", probe.width), ("v", probe.height)):
+        plane = av.VideoFormat(fmt.name, 1024, 1024).components[1]  # a chroma plane of a 1024x1024 picture
+        for axis, chroma in (("h", plane.width), ("v", plane.height)):
             if chroma < 1024:
                 options.append(f"in_{axis}_chr_pos={(128 * 1024 // chroma) - 128}")
     graph = av.filter.Graph()
@@ -263,8 +263,8 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video",
     """Resized uint8 frames (T, 3, h, w), T even, and the plan that produced them."""
     source = ele["video"]
     if isinstance(source, (list, tuple)):
-        frames = [torch.from_numpy(np.asarray(to_rgb(load_image(f, policy, f"{what} frame {i}"))).copy()).permute(2, 0, 1)
-                  for i, f in enumerate(source)]
+        pictures = (to_rgb(load_image(f, policy, f"{what} frame {i}")) for i, f in enumerate(source))
+        frames = [torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1) for picture in pictures]
         return _from_frames(ele, frames, fps=float(ele.get("sample_fps", FPS)), what=what)
     if isinstance(source, np.ndarray):
         if source.ndim != 4 or source.shape[3] != 3 or source.dtype != np.uint8:
@@ -293,7 +293,8 @@ def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan
         width, height = sizes[0]
         n = len(source) + len(source) % 2
         return VideoPlan(len(source), float(ele.get("sample_fps", FPS)), height, width,
-                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2), frame_size(ele, n, height, width),
+                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2),
+                         frame_size(ele, n, height, width),
                          tuple(w * h for w, h in sizes))
     with _open(source if isinstance(source, Fetched) else str(source), policy, what) as container:
         total, fps, height, width = probe(container, what)

@@ -31,7 +31,8 @@ def quantize_rtn(weight: torch.Tensor, group: int = GROUP) -> LayerStorage:
     s = scales.float()
     zeros = torch.round(-lo / s).clamp_(0, 15)
     q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8).view(n, -1)[:, :k]
-    return LayerStorage(qweight=pack_nibbles(q), scales=scales.contiguous(), zeros=zeros.to(torch.int16).contiguous(), perm=None)
+    return LayerStorage(qweight=pack_nibbles(q), scales=scales.contiguous(),
+                        zeros=zeros.to(torch.int16).contiguous(), perm=None)
 
 
 def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:

@@ -4,9 +4,9 @@ A body is read as JSON with `NaN`/`Infinity` refused, then validated by pydantic
 schema (the subset vLLM's server also takes): strict types (`"stream": "false"` is not a boolean), ranges, finite
 numbers. Output constraints (response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and
 structured_outputs, tool_choice) become one `Constraint`. Fields that change what is generated and that this server
-does not implement (functions, min_p, best_of, ...) are refused by name unless they carry their no-op value; other unknown top-level
-fields are accepted and ignored, as OpenAI-compatible servers do. Per-item extension fields (min_pixels,
-max_pixels, resized_height, resized_width, fps, nframes, ...) may sit on the content part or inside its
+does not implement (functions, min_p, best_of, ...) are refused by name unless they carry their no-op value; other
+unknown top-level fields are accepted and ignored, as OpenAI-compatible servers do. Per-item extension fields
+(min_pixels, max_pixels, resized_height, resized_width, fps, nframes, ...) may sit on the content part or inside its
 image_url / video_url object; a video may also be a list of frame URLs. Any failure is an `ApiError` carrying the
 HTTP status and the OpenAI error object (`{"error": {"message", "type", "param", "code"}}`).
 """
@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (
     BaseModel,
@@ -34,6 +34,7 @@ from pydantic import (
 
 from ..generate.sampling import SamplingParams
 from ..generate.structured import Constraint, GrammarError
+from ..processing.chat import normalize_part
 from ..processing.errors import InputError
 from ..processing.tools import tool_constraint
 
@@ -390,18 +391,12 @@ def _constraint(r: ChatCompletionRequest | CompletionRequest) -> tuple[Constrain
 
 
 def _item(part: TextPart | ImagePart | VideoPart) -> dict:
-    if isinstance(part, TextPart):
-        return {"type": "text", "text": part.text}
-    kind = "image" if isinstance(part, ImagePart) else "video"
-    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
-    url = inner.url if isinstance(inner, ItemFields) else inner
-    fields = part.fields()
-    if isinstance(inner, ItemFields):
-        fields.update(inner.fields())
-    return {"type": kind, kind: url, **fields}
+    """A validated OpenAI part in qwen-vl-utils form, by the one normalisation the processor also applies (the
+    fields of image_url / video_url override the part's own)."""
+    return normalize_part(part.model_dump(exclude_none=True), "messages")
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -420,7 +415,8 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
     loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), (str(first["loc"][0]) if first["loc"] else None)
+    field = str(first["loc"][0]) if first["loc"] else None
+    return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), field
 
 
 def parse_request(body: Any, generation_config: dict) -> ChatRequest:

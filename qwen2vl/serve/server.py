@@ -1,12 +1,13 @@
 """`qwen2vl serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
 Endpoints: POST /v1/chat/completions and POST /v1/completions (JSON or server-sent events), GET /v1/models,
-GET /health, GET /metrics (Prometheus text, with latency histograms); CORS for --allowed-origins. The engine steps in one background thread; requests are prepared (limits applied, media
-planned from headers, then fetched and decoded under the server's media policy, tokenised) in a worker pool,
-submitted to the engine, and fed their tokens through an asyncio queue. Streaming and non-streaming responses come
-from one generator of per-choice deltas. Every error, 404/405 and the unforeseen included, is the OpenAI error
-object; a bad request never reaches the engine's batch; a client that goes away, streaming or not, is aborted
-within one engine step and frees its slot; slow clients are cut off by header and body read deadlines.
+GET /health, GET /metrics (Prometheus text, with latency histograms); CORS for --allowed-origins. The engine steps
+in one background thread; requests are prepared (limits applied, media planned from headers, then fetched and
+decoded under the server's media policy, tokenised) in a worker pool, submitted to the engine, and fed their tokens
+through an asyncio queue. Streaming and non-streaming responses come from one generator of per-choice deltas. Every
+error, 404/405 and the unforeseen included, is the OpenAI error object; a bad request never reaches the engine's
+batch; a client that goes away, streaming or not, is aborted within one engine step and frees its slot; slow
+clients are cut off by header and body read deadlines.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
@@ -34,28 +37,96 @@ from ..engine.engine import Engine, Output, QueueFull, Request
 from ..generate.decode import Prompt
 from ..generate.sampling import chooser
 from ..generate.stopping import StopMatcher
-from ..generate.structured import GrammarError, GrammarProcessor, grammars_for
+from ..generate.structured import GrammarError, GrammarProcessor, Grammars, grammars_for
 from ..pipeline import Pipeline
 from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
 from ..processing.processor import Budget, OverBudget
-from ..processing.tools import ToolCallParser, render_tools
+from ..processing.tools import ToolCall, ToolCallParser, render_tools
+from .config import ServerConfig
 from .limits import LimitExceeded, Limits
 from .metrics import Latency
 from .protocol import ApiError, ChatRequest, completion_id, now, parse_completion_request, parse_request, read_json
 from .web import add_web_routes
 
+if TYPE_CHECKING:
+    import uvicorn
+
 log = logging.getLogger("qwen2vl.serve")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request made ready for the engine (in a worker thread): its tensors and its token accounting."""
+
+    batch: dict[str, torch.Tensor]  # the processor's output: input_ids, attention_mask, pixels and grids
+    prompt_tokens: int
+    max_new: int  # max_tokens, capped by the room the context leaves
+    image_tokens: int
+    video_tokens: int
+    grammar: object | None = None  # the compiled constraint (generate.structured), when the request has one
+    started: float = 0.0  # arrival, on the monotonic clock (latency histograms)
+
+
+@dataclass
+class ChoiceState:
+    """How one of a request's n choices turns engine tokens into text (event loop only)."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+    tools: ToolCallParser | None = None  # with tools: <tool_call> blocks leave the text as parsed calls
+
+
+@dataclass
+class Submission:
+    """A request's choices queued in the engine: their outputs arrive on `queue`."""
+
+    queue: asyncio.Queue
+    states: dict[str, ChoiceState]  # engine request id -> its choice
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.states)
+
+
 class EngineLoop:
-    """Runs engine.step() in a thread and routes each Output to the asyncio queue of its request."""
+    """Runs engine.step() in a thread and routes each Output to the asyncio queue of its request.
+
+    The routes and the token-rate window are shared by the engine thread (which delivers and records) and the
+    event loop (which adds and drops routes, and reads the rate); one lock guards both."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._window: list[tuple[float, int]] = []  # (time, tokens produced by one step)
+        self._lock = threading.Lock()
         self.stopped = False
-        self.tokens_window: list[tuple[float, int]] = []
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
+
+    def route(self, request_id: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Deliver `request_id`'s outputs to `queue`, on `loop`."""
+        with self._lock:
+            self._routes[request_id] = (loop, queue)
+
+    def unroute(self, request_id: str) -> None:
+        with self._lock:
+            self._routes.pop(request_id, None)
+
+    def routed(self) -> int:
+        """Requests with a route (for tests and metrics)."""
+        with self._lock:
+            return len(self._routes)
+
+    def deliver(self, outputs: list[Output]) -> None:
+        """Record the tokens of one step and hand each output to its request's queue (engine thread)."""
+        produced = sum(o.token is not None for o in outputs)
+        with self._lock:
+            if produced:
+                self._window.append((time.monotonic(), produced))
+            targets = [(self._routes.get(out.request_id), out) for out in outputs]
+        for route, out in targets:
+            if route is not None:
+                route[0].call_soon_threadsafe(route[1].put_nowait, out)
 
     def start(self) -> None:
         self.thread.start()
@@ -70,18 +141,13 @@ class EngineLoop:
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all("internal error in the engine")
-            produced = sum(o.token is not None for o in outputs)
-            if produced:
-                self.tokens_window.append((time.monotonic(), produced))
-            for out in outputs:
-                route = self.routes.get(out.request_id)
-                if route is not None:
-                    route[0].call_soon_threadsafe(route[1].put_nowait, out)
+            self.deliver(outputs)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         cutoff = time.monotonic() - window
-        self.tokens_window = [(t, n) for t, n in self.tokens_window if t >= cutoff]
-        return sum(n for _, n in self.tokens_window) / window
+        with self._lock:
+            self._window = [(t, n) for t, n in self._window if t >= cutoff]
+            return sum(n for _, n in self._window) / window
 
 
 class Server:
@@ -92,9 +158,10 @@ class Server:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
-        self.max_request_bytes, self.body_timeout_s, self.stall_after_s = max_request_bytes, body_timeout_s, stall_after_s
+        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        self.stall_after_s = stall_after_s
         self.limits = limits or Limits()
-        self.allowed_origins = tuple(allowed_origins or ())
+        self.allowed_origins = tuple(allowed_origins)
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
@@ -107,7 +174,7 @@ class Server:
         from contextlib import asynccontextmanager
 
         @asynccontextmanager
-        async def lifespan(_app):
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             self.loop.start()
             yield
             self.loop.stopped = True
@@ -119,31 +186,33 @@ class Server:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
         @app.exception_handler(ApiError)
-        async def _api_error(_, e: ApiError):
+        async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
             return error(e)
 
         @app.exception_handler(StarletteHTTPException)
-        async def _http_error(request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+        async def _http_error(request: HttpRequest, e: StarletteHTTPException) -> JSONResponse:
+            # unknown routes (404), wrong methods (405)
             what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
             kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
             return error(ApiError(e.status_code, what.get(e.status_code, str(e.detail)), kind,
                                   headers=dict(e.headers or {})))
 
         @app.exception_handler(RequestValidationError)
-        async def _validation(_, e):
+        async def _validation(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
             return error(ApiError(400, f"invalid request: {e.errors()[:1]}"))
 
         @app.exception_handler(ClientDisconnect)
-        async def _gone(_, e):  # the client left while sending its body: nobody reads the answer
+        async def _gone(_: HttpRequest, e: ClientDisconnect) -> Response:
+            # the client left while sending its body: nobody reads the answer
             return Response(status_code=499)
 
         @app.exception_handler(Exception)
-        async def _unexpected(_, e: Exception):
+        async def _unexpected(_: HttpRequest, e: Exception) -> JSONResponse:
             log.error("unexpected error", exc_info=e)  # the traceback stays in the log, once
             return error(ApiError(500, "internal server error", "server_error"))
 
         @app.get("/health")
-        async def health():
+        async def health() -> JSONResponse:
             if not self.loop.thread.is_alive():
                 return JSONResponse({"status": "engine stopped"}, status_code=503)
             stalled = self.engine.stats()["step_running_s"]
@@ -152,21 +221,21 @@ class Server:
             return JSONResponse({"status": "ok"})
 
         @app.get("/v1/models")
-        async def models(request: HttpRequest):
+        async def models(request: HttpRequest) -> dict:
             self._auth(request)
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
                                                 "owned_by": "qwen2vl", "max_model_len": self.engine.max_model_len}]}
 
         @app.get("/metrics")
-        async def metrics():
+        async def metrics() -> PlainTextResponse:
             return PlainTextResponse(self._metrics(), media_type="text/plain; version=0.0.4")
 
         @app.post("/v1/chat/completions")
-        async def chat(request: HttpRequest):
+        async def chat(request: HttpRequest) -> Response:
             return await self._serve(request, parse_request)
 
         @app.post("/v1/completions")
-        async def completions(request: HttpRequest):
+        async def completions(request: HttpRequest) -> Response:
             return await self._serve(request, parse_completion_request)
 
         if self.allowed_origins:  # CORS: browsers on these origins may call the API (preflight answered here)
@@ -176,7 +245,7 @@ class Server:
         add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
 
-    async def _serve(self, request: HttpRequest, parse) -> Response:
+    async def _serve(self, request: HttpRequest, parse: Callable[[object, dict], ChatRequest]) -> Response:
         """One chat or text completion: parse, prepare in the pool, submit, then stream or answer whole."""
         self._auth(request)
         started = time.monotonic()
@@ -191,20 +260,20 @@ class Server:
             prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
         finally:
             self.preparing -= 1
-        prepared["started"] = started
+        prepared = replace(prepared, started=started)
         submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
         if req.stream:  # Starlette cancels the stream when the client goes away
             return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
         return await self._complete(request, req, prepared, submission)
 
-    def _auth(self, request) -> None:
+    def _auth(self, request: HttpRequest) -> None:
         if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
         if header != f"Bearer {self.api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
-    async def _read_body(self, request) -> bytes:
+    async def _read_body(self, request: HttpRequest) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}")
@@ -224,7 +293,8 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def _parse(self, request, parse=parse_request) -> ChatRequest:
+    async def _parse(self, request: HttpRequest,
+                     parse: Callable[[object, dict], ChatRequest] = parse_request) -> ChatRequest:
         body = read_json(await self._read_body(request))
         req = parse(body, self.pipe.generation_config)
         if req.model != self.model_name:
@@ -232,7 +302,7 @@ class Server:
                            param="model", code="model_not_found")
         return req
 
-    def _prepare(self, req: ChatRequest) -> dict:
+    def _prepare(self, req: ChatRequest) -> Prepared:
         """Limits, plan, then fetch, decode, render and tokenise (in a worker thread). Input problems become 400s,
         and a request over a limit is refused from its plan, before any picture is decoded."""
         context = self.engine.max_model_len
@@ -274,12 +344,11 @@ class Server:
             raise ApiError(400, f"this model's maximum context length is {context} tokens; the messages take "
                                 f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
         room = context - prompt_tokens
-        usage_media = {kind: int(batch[f"{kind}_grid_thw"].prod(-1).sum()) // 4 if f"{kind}_grid_thw" in batch else 0
-                       for kind in ("image", "video")}
-        return {"batch": batch, "prompt_tokens": prompt_tokens, "max_new": min(req.params.max_new_tokens, room),
-                "media": usage_media, "grammar": compiled}
+        merge = self.pipe.model.config.vision.spatial_merge_size ** 2
+        return Prepared(batch, prompt_tokens, min(req.params.max_new_tokens, room),
+                        _placeholders(batch, "image", merge), _placeholders(batch, "video", merge), compiled)
 
-    def _text_batch(self, text: str, room: int) -> dict:
+    def _text_batch(self, text: str, room: int) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         least = tokenizer.min_tokens(text)
         if least > room:  # far over the context: refused without tokenising
@@ -292,56 +361,57 @@ class Server:
         input_ids = torch.tensor([ids])
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
-    def _grammars(self):
+    def _grammars(self) -> Grammars:
         return grammars_for(self.processor.tokenizer, self.pipe.model.config.text.vocab_size,
                             tuple(self.pipe.params().stop_token_ids))
 
     # -- one request, n choices ----------------------------------------------------------------------------------
-    def _submit(self, req: ChatRequest, prepared: dict) -> tuple:
-        """Queue the request's n choices in the engine; returns (queue, request ids, per-id decoding state)."""
+    def _submit(self, req: ChatRequest, prepared: Prepared) -> Submission:
+        """Queue the request's n choices in the engine."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         base = completion_id()
         ids = [f"{base}-{i}" for i in range(req.n)]
-        states = {}
-        prompt = Prompt.from_batch(prepared["batch"])
+        submission = Submission(asyncio.Queue(), {})
+        prompt = Prompt.from_batch(prepared.batch)
         for i, rid in enumerate(ids):
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
-            self.loop.routes[rid] = (loop, queue)
-            states[rid] = (i, IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens),
-                           StopMatcher(params.stop), ToolCallParser() if req.tools else None)
-            processors = () if prepared["grammar"] is None else \
-                (GrammarProcessor(self._grammars(), prepared["grammar"]),)  # each choice has its own matcher
+            self.loop.route(rid, loop, submission.queue)
+            detokenizer = IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens)
+            submission.states[rid] = ChoiceState(i, detokenizer, StopMatcher(params.stop),
+                                                 ToolCallParser() if req.tools else None)
+            processors = () if prepared.grammar is None else \
+                (GrammarProcessor(self._grammars(), prepared.grammar),)  # each choice has its own matcher
             try:
-                self.engine.add(Request(rid, prompt, chooser(params), prepared["max_new"], params.stop_token_ids,
+                self.engine.add(Request(rid, prompt, chooser(params), prepared.max_new, params.stop_token_ids,
                                         req.top_logprobs if req.logprobs else None, processors))
             except QueueFull as e:
                 for r in ids:
                     self.engine.abort(r)
-                    self.loop.routes.pop(r, None)
+                    self.loop.unroute(r)
                 raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                                headers={"Retry-After": "1"}) from None
-        return queue, ids, states
+        return submission
 
-    async def _choices(self, req: ChatRequest, submission: tuple, started: float | None = None
-                       ) -> AsyncIterator[tuple[int, dict]]:
+    async def _choices(self, req: ChatRequest, submission: Submission,
+                       started: float | None = None) -> AsyncIterator[tuple[int, dict]]:
         """Yields (choice index, event) with event = {"text", "tool_calls", "logprobs", "finish_reason", "tokens",
         "cached"}. With tools, `<tool_call>` blocks leave the text and arrive as parsed calls; a choice that called
         a tool finishes with "tool_calls". Cancelling the consumer (the client went away) aborts every open choice
         in the engine. Latencies (first token, per output token, end to end) go to the histograms."""
-        queue, ids, states = submission
+        ids = submission.ids
         open_ids = set(ids)
         started = time.monotonic() if started is None else started
         first: dict[str, float] = {}
         counts = dict.fromkeys(ids, 0)
         try:
             while open_ids:
-                out: Output = await queue.get()
+                out: Output = await submission.queue.get()
                 if out.request_id not in open_ids:
                     continue
-                index, detok, stop, tools = states[out.request_id]
-                event = {"text": "", "tool_calls": [], "logprobs": None, "finish_reason": out.finish_reason,
-                         "tokens": 0, "cached": out.cached_tokens}
+                state = submission.states[out.request_id]
+                index, detok, stop = state.index, state.detokenizer, state.stop
+                event: dict = {"text": "", "tool_calls": [], "logprobs": None, "finish_reason": out.finish_reason,
+                               "tokens": 0, "cached": out.cached_tokens}
                 if out.token is not None:
                     event["tokens"] = 1
                     counts[out.request_id] += 1
@@ -360,18 +430,18 @@ class Server:
                         raise ApiError(500, out.error or "generation failed", "server_error")
                     open_ids.discard(out.request_id)
                     self.latency.observe(started, first.get(out.request_id), counts[out.request_id])
-                if tools is not None:
-                    event["text"], event["tool_calls"] = tools.feed(event["text"])
+                if state.tools is not None:
+                    event["text"], event["tool_calls"] = state.tools.feed(event["text"])
                     if event["finish_reason"] is not None:
-                        event["text"] += tools.flush()
-                        if tools.calls and event["finish_reason"] == "stop":
+                        event["text"] += state.tools.flush()
+                        if state.tools.calls and event["finish_reason"] == "stop":
                             event["finish_reason"] = "tool_calls"
                 yield index, event
         finally:
             for rid in ids:
                 if rid in open_ids:
                     self.engine.abort(rid)  # client gone or error: free the slot now
-                self.loop.routes.pop(rid, None)
+                self.loop.unroute(rid)
 
     def _logprob_entry(self, out: Output) -> dict:
         tok = self.processor.tokenizer
@@ -383,14 +453,15 @@ class Server:
         return {**entry(out.token, out.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
 
-    def _usage(self, prepared: dict, completion: int, cached: int = 0) -> dict:
+    def _usage(self, prepared: Prepared, completion: int, cached: int = 0) -> dict:
         """`cached_tokens`: prompt tokens whose keys/values came from the prefix cache (the most of any choice)."""
-        return {"prompt_tokens": prepared["prompt_tokens"], "completion_tokens": completion,
-                "total_tokens": prepared["prompt_tokens"] + completion,
-                "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": prepared["media"]["image"],
-                                          "video_tokens": prepared["media"]["video"]}}
+        return {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prepared.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": prepared.image_tokens,
+                                          "video_tokens": prepared.video_tokens}}
 
-    async def _complete(self, http, req: ChatRequest, prepared: dict, submission: tuple) -> Response:
+    async def _complete(self, http: HttpRequest, req: ChatRequest, prepared: Prepared,
+                        submission: Submission) -> Response:
         """The whole answer, or nothing if the client goes away first: a task waits for the disconnect message
         while the choices are collected, and whichever ends first cancels the other."""
         answer = asyncio.ensure_future(self._answer(req, prepared, submission))
@@ -406,13 +477,13 @@ class Server:
             return Response(status_code=499)
         return JSONResponse(answer.result())
 
-    async def _answer(self, req: ChatRequest, prepared: dict, submission: tuple) -> dict:
+    async def _answer(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> dict:
         texts = [""] * req.n
-        calls: list[list] = [[] for _ in range(req.n)]
+        calls: list[list[ToolCall]] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
         completion = cached = 0
-        async for index, ev in self._choices(req, submission, prepared.get("started")):
+        async for index, ev in self._choices(req, submission, prepared.started):
             texts[index] += ev["text"]
             calls[index] += ev["tool_calls"]
             completion += ev["tokens"]
@@ -423,24 +494,23 @@ class Server:
                 reasons[index] = ev["finish_reason"]
         self.requests_total["ok"] += 1
         if req.prompt is not None:
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
-                       for i in range(req.n)]
+            texts_only = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
+                          for i in range(req.n)]
             return {"id": "cmpl-" + completion_id()[9:], "object": "text_completion", "created": now(),
-                    "model": self.model_name, "choices": choices, "usage": self._usage(prepared, completion, cached)}
+                    "model": self.model_name, "choices": texts_only, "usage": self._usage(prepared, completion, cached)}
         choices = [{"index": i, "message": _message(texts[i], calls[i]),
                     "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
         return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
                 "choices": choices, "usage": self._usage(prepared, completion, cached)}
 
-    async def _sse(self, req: ChatRequest, prepared: dict, submission: tuple) -> AsyncIterator[str]:
+    async def _sse(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
-
         text_completion = req.prompt is not None
         if text_completion:
             cid = "cmpl-" + cid[9:]
 
-        def chunk(choices, usage=None) -> str:
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body = {"id": cid, "object": "text_completion" if text_completion else "chat.completion.chunk",
                     "created": created, "model": self.model_name, "choices": choices}
             if usage is not None:
@@ -453,7 +523,7 @@ class Server:
         completion = cached = 0
         called = [0] * req.n  # tool calls streamed so far, per choice (each call's delta index)
         try:
-            async for index, ev in self._choices(req, submission, prepared.get("started")):
+            async for index, ev in self._choices(req, submission, prepared.started):
                 completion += ev["tokens"]
                 cached = max(cached, ev["cached"])
                 delta: dict = {"content": ev["text"]} if ev["text"] else {}
@@ -506,14 +576,20 @@ class Server:
         return "\n".join(out) + "\n" + self.latency.text()
 
 
-def _message(text: str, calls: list) -> dict:
+def _placeholders(batch: dict[str, torch.Tensor], kind: str, merge: int) -> int:
+    """The prompt's image or video tokens: t*h*w patches / `merge` (the spatial merge's square) per item."""
+    grid = batch.get(f"{kind}_grid_thw")
+    return 0 if grid is None else int(grid.prod(-1).sum()) // merge
+
+
+def _message(text: str, calls: list[ToolCall]) -> dict:
     """The assistant message of a choice: content, and tool_calls when it called any (content None if only calls)."""
     if not calls:
         return {"role": "assistant", "content": text}
     return {"role": "assistant", "content": text.strip() or None, "tool_calls": [c.openai() for c in calls]}
 
 
-async def _disconnected(http) -> None:
+async def _disconnected(http: HttpRequest) -> None:
     """Returns when the client closes its connection (the ASGI http.disconnect message)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
@@ -541,7 +617,7 @@ def _free_memory(device: torch.device) -> int:
     return 8 * 2**30
 
 
-def http_protocol(header_timeout_s: float):
+def http_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out idle keep-alive
     connections but not a client that sends its headers a byte at a time (slowloris)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -563,7 +639,7 @@ def http_protocol(header_timeout_s: float):
             if not self.transport.is_closing():
                 self.send_400_response(f"request headers not received within {header_timeout_s:g} s")
 
-        def connection_lost(self, exc) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self.header_deadline is not None:
                 self.header_deadline.cancel()
                 self.header_deadline = None
@@ -572,14 +648,16 @@ def http_protocol(header_timeout_s: float):
     return Protocol
 
 
-def uvicorn_config(app, host: str, port: int, header_timeout_s: float = 10.0, drain_s: float = 30.0):
+def uvicorn_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 10.0,
+                   drain_s: float = 30.0) -> uvicorn.Config:
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", http=http_protocol(header_timeout_s),
                           timeout_graceful_shutdown=int(drain_s), h11_max_incomplete_event_size=64 * 1024)
 
 
-def serve_in_thread(server: Server, host: str = "127.0.0.1", header_timeout_s: float = 10.0):
+def serve_in_thread(server: Server, host: str = "127.0.0.1",
+                    header_timeout_s: float = 10.0) -> tuple[uvicorn.Server, str]:
     """Start uvicorn on a free port in a daemon thread (tests, benchmarks); returns (uvicorn server, base URL).
     Stop it with `uv.should_exit = True`."""
     import socket
@@ -600,32 +678,30 @@ def serve_in_thread(server: Server, host: str = "127.0.0.1", header_timeout_s: f
     return uv, f"http://{host}:{port}"
 
 
-def build_server(a) -> Server:
+def build_server(config: ServerConfig) -> Server:
     from ..pipeline import load
 
-    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
-    pipe = load(a.model, dtype=dtype, device=a.device, quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    pipe = load(config.model, dtype=dtype, device=config.device, quantize=config.quantize,
+                cpu_matmul=config.cpu_matmul)
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
-    kv = parse_bytes(str(a.kv_cache_memory), _free_memory(pipe.model.device))
-    engine = Engine(pipe.model, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, kv_cache_bytes=kv,
-                    prefill_chunk=a.prefill_chunk, max_waiting=a.max_waiting)
-    policy = MediaPolicy(allow_private_addresses=False,
-                         allowed_domains=tuple(a.allowed_media_domains) if a.allowed_media_domains else None,
-                         allow_local=a.allowed_local_media_path is not None,
-                         local_root=Path(a.allowed_local_media_path) if a.allowed_local_media_path else None)
-    limits = Limits(max_media_items=a.max_media_items, max_pixels=a.max_pixels, max_video_pixels=a.max_video_pixels,
-                    max_video_frames=a.max_video_frames, max_source_pixels=a.max_source_pixels)
-    return Server(pipe, engine, a.served_model_name or a.model, a.api_key, policy, a.max_request_bytes,
-                  limits=limits, body_timeout_s=a.body_timeout, allowed_origins=tuple(a.allowed_origins or ()))
+    kv = parse_bytes(str(config.kv_cache_memory), _free_memory(pipe.model.device))
+    engine = Engine(pipe.model, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                    kv_cache_bytes=kv, prefill_chunk=config.prefill_chunk, max_waiting=config.max_waiting)
+    local = config.allowed_local_media_path
+    policy = MediaPolicy(allow_private_addresses=False, allowed_domains=config.allowed_media_domains or None,
+                         allow_local=local is not None, local_root=Path(local) if local else None)
+    return Server(pipe, engine, config.model_name, config.api_key, policy, config.max_request_bytes,
+                  limits=config.limits, body_timeout_s=config.body_timeout, allowed_origins=config.allowed_origins)
 
 
-def main(a) -> int:
+def main(config: ServerConfig) -> int:
     import uvicorn
 
-    server = build_server(a)
+    server = build_server(config)
     s = server.engine.stats()
-    print(f"qwen2vl serving {server.model_name} on http://{a.host}:{a.port} ({s['kv_slots']} KV slots of "
-          f"{server.engine.max_model_len} tokens)", flush=True)
-    uvicorn.Server(uvicorn_config(server.app, a.host, a.port, a.header_timeout)).run()
+    print(f"qwen2vl serving {server.model_name} on http://{config.host}:{config.port} ({s['kv_slots']} KV slots "
+          f"of {server.engine.max_model_len} tokens)", flush=True)
+    uvicorn.Server(uvicorn_config(server.app, config.host, config.port, config.header_timeout)).run()
     return 0

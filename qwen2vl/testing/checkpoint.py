@@ -4,8 +4,8 @@ Writes what a hub repository holds: config.json (flat text fields, sparse-lookin
 of type mrope), safetensors weights under the original key names (`visual.*`, `model.*`, `lm_head.*`; or the
 transformers >= 4.52 names), optionally sharded with model.safetensors.index.json, tokenizer.json /
 tokenizer_config.json on the real Qwen2 vocabulary, preprocessor_config.json and generation_config.json.
-Tensor names and shapes come from spec 2.1, independently of the model code, so a transposed weight or a
-wrong head order in the model cannot hide. Seeded.
+Tensor names and shapes are those of the hub's model.safetensors.index.json, written here independently of the
+model code, so a transposed weight or a wrong head order in the model cannot hide. Seeded.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from ..config import DTYPES
 
 # Odd sizes on purpose: widths that are not powers of two, 3 query heads per kv head, an uneven mrope_section,
 # a vision head count of 3 and an MLP ratio that is not an integer.
@@ -31,13 +33,14 @@ TINY_TEXT: dict[str, Any] = {
 }
 TINY_VISION: dict[str, Any] = {"depth": 2, "embed_dim": 60, "num_heads": 3, "mlp_ratio": 2.5, "hidden_size": 72}
 
-# The real 2B-Instruct shapes (spec 1.1-1.2), for benchmarks and the loader's memory measurement.
+# The real 2B-Instruct shapes (its hub config.json), for benchmarks and the loader's memory measurement.
 SHAPES_2B_TEXT: dict[str, Any] = {
     "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
     "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True,
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
 }
-SHAPES_2B_VISION: dict[str, Any] = {"hidden_size": 1536, "in_chans": 3, "model_type": "qwen2_vl", "spatial_patch_size": 14}
+SHAPES_2B_VISION: dict[str, Any] = {"hidden_size": 1536, "in_chans": 3, "model_type": "qwen2_vl",
+                                    "spatial_patch_size": 14}
 
 GENERATION_CONFIG = {
     "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
@@ -64,13 +67,14 @@ def make_config(text: dict | None = None, vision: dict | None = None, **root: An
 
 
 def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape, in the original key layout (spec 2.1)."""
+    """Checkpoint key -> shape, in the original key layout (hub checkpoints; transformers 4.45-4.51 names)."""
     v = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "in_channels": 3, "patch_size": 14,
          "temporal_patch_size": 2, "spatial_merge_size": 2, "hidden_size": 3584}
     v.update({k: cfg["vision_config"][k] for k in v if k in cfg["vision_config"]})
     e, mlp, merged = v["embed_dim"], int(v["embed_dim"] * v["mlp_ratio"]), v["embed_dim"] * v["spatial_merge_size"] ** 2
     shapes: dict[str, tuple[int, ...]] = {
-        "visual.patch_embed.proj.weight": (e, v["in_channels"], v["temporal_patch_size"], v["patch_size"], v["patch_size"]),
+        "visual.patch_embed.proj.weight": (e, v["in_channels"], v["temporal_patch_size"], v["patch_size"],
+                                           v["patch_size"]),
     }
     for i in range(v["depth"]):
         p = f"visual.blocks.{i}."
@@ -140,8 +144,7 @@ def write_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = make_config() if config is None else config
-    config = {**config, "torch_dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16",
-                                        torch.float16: "float16"}[dtype]}
+    config = {**config, "torch_dtype": {v: k for k, v in DTYPES.items()}[dtype]}
     gen = torch.Generator().manual_seed(seed)
     tensors = {name: random_tensor(name, shape, gen, dtype) for name, shape in tensor_shapes(config).items()}
     if key_layout == "transformers":

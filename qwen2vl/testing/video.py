@@ -78,8 +78,8 @@ def sharp_frames(size: tuple[int, int], count: int, seed: int = 0) -> list[np.nd
     frames = []
     for n in range(count):
         a, b = rng.integers(0, 256, (2, 3))
-        pattern = [(x // (1 + n % 3)) % 2, (y // (1 + n % 2)) % 2, (x // 3 + y // 3 + n) % 2,
-                   np.kron(rng.integers(0, 2, (height // 4 + 1, width // 4 + 1)), np.ones((4, 4), int))[:height, :width]]
+        blocks = np.kron(rng.integers(0, 2, (height // 4 + 1, width // 4 + 1)), np.ones((4, 4), int))
+        pattern = [(x // (1 + n % 3)) % 2, (y // (1 + n % 2)) % 2, (x // 3 + y // 3 + n) % 2, blocks[:height, :width]]
         mask = pattern[n % 4].astype(bool)[..., None]
         img = np.where(mask, a, b).astype(np.uint8)
         img[rng.integers(0, height), :] = rng.integers(0, 256, 3)  # a one-pixel line of a third colour

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# CI: build the wheel, install it (not editable) into a fresh virtualenv, and run a bf16 tiny model on CPU through
+# the compiled kernels from the installed package (.ci/wheel_smoke.py). Catches a wheel that lacks the kernel
+# sources or anything else only an editable install provides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+python -m pip wheel -q --no-deps -w "$work/dist" .
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install -q --upgrade pip
+"$work/venv/bin/python" -m pip install -q torch==2.14.1
+"$work/venv/bin/python" -m pip install -q "$work"/dist/qwen2vl-*.whl
+# run outside the source tree, with an empty kernel cache: the kernels must compile from the wheel's sources
+(cd "$work" && XDG_CACHE_HOME="$work/cache" "$work/venv/bin/python" "$OLDPWD/.ci/wheel_smoke.py")
