@@ -46,7 +46,7 @@ def main() -> None:
         grammars_for,
     )
     from qwen2vl.processing.tokenizer import Tokenizer
-    from qwen2vl.processing.tools import tool_constraint
+    from qwen2vl.processing.tools import tool_call_grammar
     from qwen2vl.testing.tokenizer_files import write_tokenizer_files
 
     d = tempfile.mkdtemp()
@@ -64,7 +64,7 @@ def main() -> None:
         "json_schema (6 fields, nested)": Constraint.json_schema(SCHEMA),
         "json_object (any JSON)": Constraint.json_schema(None),
         "regex [A-Z]{3}-\\d{4}( [a-z]+){0,8}": Constraint("regex", r"[A-Z]{3}-\d{4}( [a-z]+){0,8}"),
-        "tool_choice required (1 tool)": tool_constraint([weather], "required", True),
+        "tool_choice required (1 tool)": Constraint("structural_tag", tool_call_grammar([weather], "required")),
     }
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -28,7 +28,7 @@ from qwen2vl.processing.tools import (
     ToolCallParser,
     parse_tool_calls,
     render_tools,
-    tool_constraint,
+    tool_call_grammar,
 )
 
 STOPS = (151645, 151643)
@@ -311,7 +311,7 @@ def test_tool_call_parser_gives_the_same_result_however_the_text_is_split(seed):
 @pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
                                              ({"type": "function", "function": {"name": "get_weather"}}, True)])
 def test_required_and_named_tool_choice_always_call(pipe, choice, parallel):
-    c = tool_constraint([WEATHER, CLOCK], choice, parallel)
+    c = Constraint("structural_tag", tool_call_grammar([WEATHER, CLOCK], choice, parallel))
     messages = render_tools([{"role": "user", "content": "What's the weather?"}], [WEATHER, CLOCK])
     for seed in range(3):
         text = pipe.chat(messages, max_new_tokens=300, response_format=c, temperature=1.0, top_k=0, top_p=1.0,

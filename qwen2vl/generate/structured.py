@@ -22,11 +22,17 @@ from typing import Any, Protocol
 
 import torch
 
-from ..processing.tokenizer import Tokenizer
-
 
 class GrammarError(ValueError):
     """A constraint the grammar engine cannot compile (the message says why)."""
+
+
+class VocabSource(Protocol):
+    """What the grammar engine reads of a tokenizer (`processing.Tokenizer` is one)."""
+
+    special_ids: set[int]
+
+    def vocab(self) -> dict[str, int]: ...  # byte-level token strings (tokenizer.json's form) -> ids
 
 
 class LogitsProcessor(Protocol):
@@ -85,7 +91,7 @@ def _ebnf_literal(text: str) -> str:
 class Grammars:
     """Compiles constraints for one tokenizer; compiled grammars are cached (xgrammar's own cache)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, tokenizer: VocabSource, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
         try:
             import xgrammar as xgr
         except ImportError:
@@ -93,7 +99,7 @@ class Grammars:
                                "'qwen2vl[structured]'") from None
 
         self.xgr = xgr
-        vocab = tokenizer._tok.get_vocab(with_added_tokens=True)
+        vocab = tokenizer.vocab()
         encoded = [""] * (max(vocab.values()) + 1)
         for token, i in vocab.items():
             # special tokens as empty strings: xgrammar then never allows them inside the output (the detokenizer
@@ -135,7 +141,7 @@ def _first_line(e: Exception) -> str:
 
 
 @lru_cache(maxsize=4)
-def grammars_for(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Grammars:
+def grammars_for(tokenizer: VocabSource, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Grammars:
     """One Grammars per tokenizer (building the vocabulary table takes a quarter of a second)."""
     return Grammars(tokenizer, vocab_size, stop_token_ids)
 

@@ -17,6 +17,10 @@ class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         self._tok = _Tokenizer.from_file(str(path))
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string in tokenizer.json's byte-level form (added tokens included) -> its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:

@@ -11,7 +11,7 @@ checkpoint's own template by rewriting the messages first (`render_tools`):
 - consecutive `tool` messages become one user turn of "<tool_response>\\n...\\n</tool_response>" blocks, joined by
   newlines.
 `ToolCallParser` reads `<tool_call>` blocks back out of the generated text, incrementally (for streaming) or all at
-once; `tool_constraint` builds the grammar (an xgrammar structural tag) that makes every call parse and, with
+once; `tool_call_grammar` writes the grammar (an xgrammar structural tag) that makes every call parse and, with
 `tool_choice` "required" or a named function, makes the model call.
 """
 
@@ -21,7 +21,6 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from ..generate.structured import Constraint
 from .errors import InputError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the Qwen2-VL template's system turn when a conversation has none
@@ -172,8 +171,9 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content or None) if parser.calls else content, calls
 
 
-def tool_constraint(tools: list[dict], choice, parallel: bool = True) -> Constraint | None:
-    """The grammar for `tool_choice`: "auto" lets the model write text, and any `<tool_call>` it opens must be a
+def tool_call_grammar(tools: list[dict], choice: str | dict, parallel: bool = True) -> str | None:
+    """The grammar for `tool_choice`, as xgrammar structural-tag JSON (`generate.structured.Constraint`'s
+    "structural_tag" kind): "auto" lets the model write text, and any `<tool_call>` it opens must be a
     well-formed call of one of the tools; "required" allows only calls (at least one); {"type": "function",
     "function": {"name": N}} only calls of N; "none" is no constraint. `parallel` False allows one call."""
     if choice == "none" or not tools:
@@ -193,4 +193,4 @@ def tool_constraint(tools: list[dict], choice, parallel: bool = True) -> Constra
     else:
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
                "stop_after_first": not parallel}
-    return Constraint("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
+    return json.dumps({"type": "structural_tag", "format": fmt})

@@ -36,7 +36,7 @@ from ..generate.sampling import SamplingParams
 from ..generate.structured import Constraint, GrammarError
 from ..processing.chat import normalize_part
 from ..processing.errors import InputError
-from ..processing.tools import tool_constraint
+from ..processing.tools import tool_call_grammar
 
 # per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
 ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
@@ -444,7 +444,8 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
             raise ApiError(400, f"{field} cannot be combined with tools unless tool_choice is \"none\"",
                            param=field)
         try:
-            constraint = tool_constraint(tools, choice, r.parallel_tool_calls is not False)
+            grammar = tool_call_grammar(tools, choice, r.parallel_tool_calls is not False)
+            constraint = None if grammar is None else Constraint("structural_tag", grammar)
         except InputError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
         field = "tools"
