@@ -155,7 +155,9 @@ class VisionTransformer(nn.Module):
         x = torch.cat((yield from pace.rows(n, 2 * cfg.patch_dim * e, lambda r: self.patch_embed(pixel_values[r]))))
         cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
         if block_flops > piece_flops:  # q, k, v, attention output, MLP hidden: reused block after block
-            inner = self.blocks[0].inner_dtype or x.dtype
+            first = self.blocks[0]
+            assert isinstance(first, VisionBlock)
+            inner = first.inner_dtype or x.dtype
             buffers = [x.new_empty(n, cfg.num_heads, cfg.head_dim, dtype=inner) for _ in range(4)]
             buffers.append(x.new_empty(n, cfg.mlp_dim, dtype=inner))
         for block in self.blocks:
