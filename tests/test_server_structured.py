@@ -17,6 +17,7 @@ import qwen2vl
 from qwen2vl.cli import build_parser
 from qwen2vl.processing.chat import normalize_messages, render
 from qwen2vl.processing.tools import render_tools
+from qwen2vl.serve.config import ServerConfig
 from qwen2vl.serve.server import build_server, serve_in_thread
 from test_structured import CLOCK, WEATHER, random_schema
 
@@ -26,10 +27,10 @@ ORIGIN = "http://app.example"
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    srv = build_server(build_parser().parse_args([
+    srv = build_server(ServerConfig.from_args(build_parser().parse_args([
         "serve", "--model", str(tiny_ckpt), "--dtype", "float32", "--api-key", KEY, "--served-model-name", "tiny",
         "--max-model-len", "1024", "--max-num-seqs", "8", "--kv-cache-memory", "1GiB", "--prefill-chunk", "32",
-        "--allowed-origins", ORIGIN]))
+        "--allowed-origins", ORIGIN])))
     uv, srv.base = serve_in_thread(srv)
     yield srv
     uv.should_exit = True

@@ -359,13 +359,25 @@ def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars)
             expected[k] = pipe.chat(convs[k], max_new_tokens=200, response_format=Constraint.json_schema(schemas[k]))
         elif kind == "free":
             expected[k] = pipe.chat(convs[k], max_new_tokens=10)
+    class Counted:  # a processor that counts its calls, to see that an aborted request's matcher is left alone
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __call__(self, logits):
+            self.calls += 1
+            return self.inner(logits)
+
+        def accept(self, token):
+            self.calls += 1
+            self.inner.accept(token)
+
     engine = Engine(pipe.model, max_num_seqs=4, max_model_len=1024, prefill_chunk=512)
-    requests = {}
+    counted = Counted(grammars.processor(Constraint.json_schema(schemas[3])))
     for k, kind in enumerate(kinds):
         processors = () if kind == "free" else (grammars.processor(Constraint.json_schema(schemas[k])),)
-        requests[k] = Request(str(k), Prompt.from_batch(pipe.prepare([convs[k]], params)), chooser(params),
-                              10 if kind == "free" else 200, params.stop_token_ids, processors=processors)
-        engine.add(requests[k])
+        engine.add(Request(str(k), Prompt.from_batch(pipe.prepare([convs[k]], params)), chooser(params),
+                           10 if kind == "free" else 200, params.stop_token_ids,
+                           processors=(counted,) if kind == "abort" else processors))
     tokens: dict[int, list[int]] = {k: [] for k in range(6)}
     reasons, aborted = {}, False
     while engine.has_work():
@@ -376,9 +388,9 @@ def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars)
                 reasons[int(out.request_id)] = out.finish_reason
         if len(tokens[3]) >= 2 and not aborted:  # mid-output, its matcher part-way through the grammar
             engine.abort("3")
-            aborted = True
+            aborted, calls_at_abort = True, counted.calls
     assert reasons[3] == "abort" and len(engine.free_slots) == engine.pool.slots
-    assert 2 <= len(tokens[3]) < 10 and requests[3].processors == ()  # it had started; its matcher is dropped
+    assert 2 <= len(tokens[3]) < 10 and counted.calls == calls_at_abort == 2 * len(tokens[3])
     for k, text in expected.items():
         got = pipe.processor.tokenizer.decode([t for t in tokens[k] if t not in params.stop_token_ids])
         assert got == text, k

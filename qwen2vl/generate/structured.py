@@ -30,7 +30,8 @@ class GrammarError(ValueError):
 class VocabSource(Protocol):
     """What the grammar engine reads of a tokenizer (`processing.Tokenizer` is one)."""
 
-    special_ids: set[int]
+    @property
+    def special_ids(self) -> frozenset[int]: ...
 
     def vocab(self) -> dict[str, int]: ...  # byte-level token strings (tokenizer.json's form) -> ids
 

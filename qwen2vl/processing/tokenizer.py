@@ -21,6 +21,11 @@ class Tokenizer:
         """Every token's string in tokenizer.json's byte-level form (added tokens included) -> its id."""
         return self._tok.get_vocab(with_added_tokens=True)
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special added tokens (<|im_start|>, <|vision_start|>, ...)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
