@@ -10,7 +10,7 @@ trap 'rm -rf "$work"' EXIT
 python -m pip wheel -q --no-deps -w "$work/dist" .
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
-"$work/venv/bin/python" -m pip install -q torch==2.14.1
+"$work/venv/bin/python" -m pip install -q torch==2.13.0  # the CPU wheel on local disk: small, no CUDA
 "$work/venv/bin/python" -m pip install -q "$work"/dist/qwen2vl-*.whl
 # run outside the source tree, with an empty kernel cache: the kernels must compile from the wheel's sources
 (cd "$work" && XDG_CACHE_HOME="$work/cache" "$work/venv/bin/python" "$OLDPWD/.ci/wheel_smoke.py")

@@ -1,9 +1,11 @@
 """Peak resident memory while loading a random checkpoint with the real Qwen2-VL-2B shapes: us and transformers.
 
     python benchmarks/load_memory.py [--dir /tmp/qwen2vl-2b-random] [--dtype bfloat16]
+    python benchmarks/load_memory.py --quantized gptq4 [--dtype float32]   # AWQ / GPTQ formats, ours only
 
 Each load runs in a fresh subprocess; the figure is (peak RSS - RSS before loading) / size of the weights in the
-target dtype. Writes the checkpoint (bf16, 4.4 GB, tied embeddings, original key names) on first use.
+target dtype. Writes the checkpoint (bf16, 4.4 GB, tied embeddings, original key names) on first use; with
+--quantized, a checkpoint of random packed bits in that format (decoder linears quantized, the rest float16).
 """
 
 from __future__ import annotations
@@ -44,9 +46,22 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--quantized", choices=["awq", "gptq4", "gptq8"],
+                    help="measure a quantized checkpoint of this format (ours only: transformers needs GPU kernels)")
     args = ap.parse_args()
     path = Path(args.dir)
-    if not (path / "config.json").exists():
+    if args.quantized:
+        from qwen2vl.testing.checkpoint import SHAPES_2B_TEXT, SHAPES_2B_VISION, make_config
+        from qwen2vl.testing.quantized import awq_config, gptq_config, write_random_packed
+
+        args.skip_reference = True
+        path = Path(f"{args.dir}-{args.quantized}")
+        if not (path / "config.json").exists():
+            qcfg = awq_config() if args.quantized == "awq" else gptq_config(bits=int(args.quantized[-1]))
+            t0 = time.perf_counter()
+            write_random_packed(path, make_config(SHAPES_2B_TEXT, SHAPES_2B_VISION), qcfg)
+            print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    elif not (path / "config.json").exists():
         import torch
 
         from qwen2vl.testing.checkpoint import SHAPES_2B_TEXT, SHAPES_2B_VISION, make_config, write_checkpoint

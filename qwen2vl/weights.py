@@ -103,7 +103,12 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
     """
     headers = [(path, *read_header(path)) for path in checkpoint_files(directory)]
     quantized: dict[str, torch.nn.Linear] = {}
-    if scheme is not None:
+    if scheme is None:
+        packed = next((k for _, header, _ in headers for k in header if k.endswith(".qweight")), None)
+        if packed is not None:
+            raise CheckpointError(f"{directory}: {packed} is a quantized tensor, but config.json has no "
+                                  "quantization_config saying which format it is in")
+    else:
         from . import quant
 
         quantized = quant.quantized_layers(model, [our_name(k) for _, header, _ in headers for k in header])

@@ -4,6 +4,7 @@ with the same results: no sources (a wheel without package data), no compiler, a
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,16 @@ from qwen2vl.testing.checkpoint import make_config, write_checkpoint
 
 
 def _no_sources(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_HERE", tmp_path / "missing")
+    # a wheel without its package data: reading any kernel source fails
+    kernel_dir = Path(kernels.__file__).parent
+    read_bytes = Path.read_bytes
+
+    def missing(path: Path) -> bytes:
+        if path.suffix == ".c" and path.parent == kernel_dir:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", missing)
 
 
 def _no_compiler(monkeypatch, tmp_path):
@@ -24,25 +34,41 @@ def _no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
 
 
+def _fake_compiler(monkeypatch, tmp_path, script: str) -> None:
+    cc = tmp_path / "fake-cc"
+    cc.write_text("#!/bin/sh\n" + script)
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+
+
+def _build_fails(monkeypatch, tmp_path):
+    _fake_compiler(monkeypatch, tmp_path, 'echo "error: something the compiler did not like" >&2\nexit 1\n')
+
+
 def _library_does_not_load(monkeypatch, tmp_path):
-    # a cached library that is not a shared object (a truncated copy, another architecture's build)
-    for spec in kernels.VARIANTS:
-        target = kernels._built_path(spec)  # under the test's empty XDG_CACHE_HOME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(b"not an ELF file")
+    # the "compiler" writes a file that is not a shared object (a truncated copy, another architecture's build)
+    _fake_compiler(monkeypatch, tmp_path, 'while [ "$#" -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                                          'echo "not an ELF file" > "$out"\n')
 
 
-CAUSES = {"no sources": _no_sources, "no compiler": _no_compiler, "library does not load": _library_does_not_load}
+CAUSES = {"no sources": _no_sources, "no compiler": _no_compiler, "build fails": _build_fails,
+          "library does not load": _library_does_not_load}
+
+
+def _forget_built_kernels() -> None:
+    for value in vars(kernels).values():  # every cached build/load decision
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()
 
 
 @pytest.fixture
 def kernels_broken(request, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no library cached from earlier runs
     CAUSES[request.param](monkeypatch, tmp_path)
-    kernels._build.cache_clear()
+    _forget_built_kernels()
     yield
     monkeypatch.undo()
-    kernels._build.cache_clear()  # later tests see the real kernels again
+    _forget_built_kernels()  # later tests see the real kernels again
 
 
 @pytest.fixture(scope="module")

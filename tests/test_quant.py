@@ -342,6 +342,29 @@ def test_quantized_vision_layer_is_refused(tmp_path):
         qwen2vl.load_model(q, progress=False)
 
 
+def test_quantized_tensors_without_quantization_config(tmp_path):
+    q = write_quantized(tmp_path / "q", "awq", group_size=8)
+    cfg = json.loads((q / "config.json").read_text())
+    del cfg["quantization_config"]
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(qwen2vl.CheckpointError, match=r"\.qweight is a quantized tensor, but config\.json has no"):
+        qwen2vl.load_model(q, progress=False)
+
+
+def test_transformers_key_layout(tmp_path):
+    """model.language_model.* / model.visual.* names (transformers >= 4.52 saves) load the same layers."""
+    q = write_quantized(tmp_path / "q", "gptq", group_size=32, desc_act=True)
+    before = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
+    tensors = load_file(q / "model.safetensors")
+    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): t for k, t in tensors.items()}
+    assert any(k.startswith("model.language_model.layers.0.self_attn.q_proj.qweight") for k in renamed)
+    save_file(renamed, q / "model.safetensors")
+    after = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_unequal_act_order_groups_are_refused():
     gen = torch.Generator().manual_seed(0)
     k, n = 32, 8
@@ -374,29 +397,13 @@ def test_load_peak_is_weights_plus_a_bounded_working_set(tmp_path):
     import subprocess
     import sys
 
-    from qwen2vl.quant import layer_tensors
-    from qwen2vl.testing.checkpoint import random_tensor, tensor_shapes
+    from qwen2vl.testing.quantized import write_random_packed
 
     text = {"vocab_size": 1024, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16,
             "num_attention_heads": 8, "num_key_value_heads": 2,
             "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
     cfg = make_config(text, {**TINY_VISION, "hidden_size": 1024})
-    gen = torch.Generator().manual_seed(0)
-    scheme = QuantScheme("gptq", 4, 128)
-    tensors, packed_bytes = {}, 0
-    for name, shape in tensor_shapes(cfg).items():
-        if not QUANTIZED.fullmatch(name):
-            tensors[name] = random_tensor(name, shape, gen, torch.float32).half()
-            continue
-        prefix = name[: -len(".weight")]
-        for suffix, (shape_q, dtype) in layer_tensors(prefix, scheme, shape[1], shape[0]).items():
-            t = random_bits(shape_q, gen) if dtype == torch.int32 else torch.rand(shape_q, generator=gen).half()
-            tensors[f"{prefix}.{suffix}"] = (torch.arange(shape[1]) // 128).int() if suffix == "g_idx" else t
-            packed_bytes += t.numel() * t.element_size()
-    q = tmp_path / "big"
-    q.mkdir()
-    save_file(tensors, q / "model.safetensors")
-    (q / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float16", "quantization_config": gptq_config()}))
+    q, packed_bytes = write_random_packed(tmp_path / "big", cfg, gptq_config())
     small = write_quantized(tmp_path / "small", "gptq", group_size=32)
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(q), str(small), str(Path(__file__).parent)],
                          capture_output=True, text=True, check=True)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from processing_fixtures import noise_image
 from qwen2vl.grounding import parse_boxes
+from qwen2vl.serve.config import ServerConfig
 from qwen2vl.serve.protocol import ApiError, parse_request
 from qwen2vl.serve.server import build_server, serve_in_thread
-from test_server import data_uri, serve_args
+from test_server import data_uri
 
 KEY = "sk-web"
 REPLY = ("The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(480,900)<|box_end|> sits by "
@@ -26,8 +27,8 @@ REPLY = ("The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(4
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    srv = build_server(serve_args("--model", str(tiny_ckpt), "--api-key", KEY, "--served-model-name", "tiny",
-                                  "--max-model-len", "1024", "--kv-cache-memory", "256MiB"))
+    srv = build_server(ServerConfig(model=str(tiny_ckpt), api_key=KEY, served_model_name="tiny", max_model_len=1024,
+                                    kv_cache_memory="256MiB"))
     uv, srv.base = serve_in_thread(srv)
     yield srv
     uv.should_exit = True

@@ -9,6 +9,7 @@ one layout `QuantLinear` documents; the packed int32 tensors are dropped as soon
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ _GPTQ_INERT = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpo
                "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "quantizer",
                "damp_auto_increment",
                "lm_head", "mse"}
+
+
+if sys.byteorder != "little":  # the readers take int32 fields byte by byte (see _fields)
+    raise ImportError("qwen2vl.quant reads AWQ/GPTQ tensors on little-endian machines only")
 
 
 class QuantizationError(ConfigError):
@@ -115,19 +120,18 @@ def unpack_nibbles(p: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack((p & 15, p >> 4), dim=-1).view(p.shape[0], -1)[:, :k]
 
 
-def _unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Split each int32 into 32/bits fields (field j = bits j*b .. j*b+b-1), placed consecutively along `dim`, as
-    uint8. One field at a time, so the working set stays near the packed tensor's size."""
-    pf, mask = 32 // bits, (1 << bits) - 1
-    r, c = packed.shape
-    out = torch.empty((r, pf, c) if dim == 0 else (r, c, pf), dtype=torch.uint8)
-    for j in range(pf):
-        field = ((packed >> (bits * j)) & mask).to(torch.uint8)
-        if dim == 0:  # (R, C) -> (R * pf, C)
-            out[:, j, :] = field
-        else:  # (R, C) -> (R, C * pf)
-            out[:, :, j] = field
-    return out.view(r * pf, c) if dim == 0 else out.view(r, c * pf)
+def _fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 (R, C) -> uint8 (R, C * 32/bits): each int32's fields in order (field j = bits j*b .. j*b+b-1).
+    On a little-endian machine byte j of an int32 holds bits 8j..8j+7, so the bytes are the 8-bit fields and
+    their nibbles, low first, the 4-bit fields."""
+    b = packed.contiguous().view(torch.uint8)
+    return b if bits == 8 else unpack_nibbles(b, 2 * b.shape[1])
+
+
+def _gptq_qweight(qw: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ qweight int32 (K/pf, N), packed along K -> our qweight (N, K/2 or K): row r's bytes, low nibble first,
+    are inputs pf*r, pf*r+1, ..., which is our byte order already; only rows and columns swap."""
+    return qw.t().contiguous().view(torch.uint8)  # (N, K/pf) int32 -> its bytes (N, 4K/pf)
 
 
 def _expect(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -162,14 +166,38 @@ def read_awq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: in
     float16 [K/G, N]; zeros as stored (`dequantize_gemm`)."""
     layout = layer_tensors(prefix, scheme, k, n)
     qw, qz, s = (_expect(f"{prefix}.{name}", t.get(name), *layout[name]) for name in ("qweight", "qzeros", "scales"))
-    reverse = torch.tensor(AWQ_REVERSE)
 
     def logical(packed: torch.Tensor) -> torch.Tensor:  # (R, N/8) int32 -> (R, N) in logical column order
-        fields = _unpack_int32(packed, 4, dim=1).view(packed.shape[0], -1, 8)
-        return fields[:, :, reverse].reshape(packed.shape[0], -1)
+        b = _awq_sequential_bytes(packed)
+        return unpack_nibbles(b, 2 * b.shape[1])
 
-    q = logical(qw).t()  # (N, K)
-    return LayerStorage(pack_nibbles(q), s.t().contiguous(), logical(qz).t().to(torch.int16).contiguous(), None)
+    q = _pairs_along_k(_awq_sequential_bytes(qw)) if k % 2 == 0 else pack_nibbles(logical(qw).t())
+    return LayerStorage(q, s.t().contiguous(), logical(qz).t().to(torch.int16).contiguous(), None)
+
+
+def _awq_sequential_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ int32 (R, C) -> uint8 (R, 4C) whose byte i holds columns 2i (low nibble) and 2i+1 (high).
+
+    Nibble p of a word holds column AWQ_ORDER[p]; with the word's bytes b0..b3 (low nibble first) that puts
+    columns 0, 2 in b0, 4, 6 in b1, 1, 3 in b2 and 5, 7 in b3."""
+    b = packed.contiguous().view(torch.uint8).view(*packed.shape, 4)
+    b0, b1, b2, b3 = b.unbind(-1)
+    out = torch.empty_like(b)
+    out[..., 0] = (b0 & 15) | (b2 << 4)  # columns 0, 1
+    out[..., 1] = (b0 >> 4) | (b2 & 0xF0)  # 2, 3
+    out[..., 2] = (b1 & 15) | (b3 << 4)  # 4, 5
+    out[..., 3] = (b1 >> 4) | (b3 & 0xF0)  # 6, 7
+    return out.view(packed.shape[0], -1)
+
+
+def _pairs_along_k(b: torch.Tensor) -> torch.Tensor:
+    """uint8 (K, N/2) with nibbles along N (byte i = columns 2i low, 2i+1 high), K even -> our qweight (N, K/2),
+    nibbles along K: from rows 2m (E) and 2m+1 (O), column 2i's byte is E_i's low nibble | O_i's low nibble << 4,
+    column 2i+1's is E_i's high nibble | O_i's high nibble."""
+    even, odd = b[0::2], b[1::2]
+    low = (even & 15) | (odd << 4)  # (K/2, N/2)
+    high = (even >> 4) | (odd & 0xF0)
+    return torch.stack((low.t(), high.t()), dim=1).reshape(b.shape[1] * 2, b.shape[0] // 2)
 
 
 def read_gptq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: int, n: int) -> LayerStorage:
@@ -187,8 +215,8 @@ def read_gptq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: i
         g_idx = _expect(f"{prefix}.g_idx", g_idx, (k,), torch.int32).long()
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
             raise QuantizationError(f"{prefix}.g_idx holds groups outside 0..{ng - 1}")
-    q = _unpack_int32(qw, bits, dim=0).t()  # (N, K), input order
-    zeros = (_unpack_int32(qz, bits, dim=1).to(torch.int16) + 1).t().contiguous()  # v1: stored minus one
+    q = _gptq_qweight(qw, bits)  # our layout, input order
+    zeros = (_fields(qz, bits).to(torch.int16) + 1).t().contiguous()  # v1: stored minus one
     perm = None
     if not torch.equal(g_idx, trivial):
         # act-order: put each group's inputs side by side (stable, so a group keeps its inputs' order)
@@ -196,8 +224,7 @@ def read_gptq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: i
         if not torch.equal(g_idx[perm], trivial):
             raise QuantizationError(f"{prefix}.g_idx gives groups of unequal sizes; only g_idx that assign "
                                     f"group_size ({g}) inputs to each group are supported")
-        q = q[:, perm]
-    q = pack_nibbles(q) if bits == 4 else q.to(torch.uint8).contiguous()
+        q = pack_nibbles(unpack_nibbles(q, k)[:, perm]) if bits == 4 else q[:, perm].contiguous()
     return LayerStorage(q, s.t().contiguous(), zeros, perm)
 
 

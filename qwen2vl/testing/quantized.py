@@ -163,6 +163,32 @@ def write_quantized(
     return directory
 
 
+def write_random_packed(directory: str | Path, config: dict[str, Any], quantization_config: dict[str, Any],
+                        seed: int = 0) -> tuple[Path, int]:
+    """A quantized checkpoint of random packed bits (fast at any size: nothing is quantized), for memory and load-time
+    measurements where the numbers do not matter; returns (directory, bytes of packed tensors)."""
+    from ..quant import layer_tensors, parse_quantization_config
+
+    scheme = parse_quantization_config(quantization_config)
+    gen = torch.Generator().manual_seed(seed)
+    tensors, packed_bytes = {}, 0
+    for name, shape in tensor_shapes(config).items():
+        if not QUANTIZED.fullmatch(name):
+            tensors[name] = random_tensor(name, shape, gen, torch.float16)
+            continue
+        prefix = name[: -len(".weight")]
+        for suffix, (packed_shape, dtype) in layer_tensors(prefix, scheme, shape[1], shape[0]).items():
+            if suffix == "g_idx":
+                t = (torch.arange(shape[1]) // scheme.groups(shape[1])[0]).to(torch.int32)
+            elif dtype == torch.int32:
+                t = torch.randint(-2**31, 2**31, packed_shape, generator=gen, dtype=torch.int64).to(torch.int32)
+            else:
+                t = (torch.rand(packed_shape, generator=gen) * 0.01).half()
+            tensors[f"{prefix}.{suffix}"] = t
+            packed_bytes += t.numel() * t.element_size()
+    return _write(Path(directory), tensors, {**config, "quantization_config": quantization_config}, False), packed_bytes
+
+
 def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], tokenizer: bool) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
