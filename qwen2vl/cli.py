@@ -132,6 +132,11 @@ def _answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, help=f"1 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--seed", type=int, help="seed of the sampling draws (default: none, torch's global generator)")
     p.add_argument("--system", help="system prompt (default: the chat template's 'You are a helpful assistant.')")
+    p.add_argument("--response-format", choices=("text", "json_object"), default="text",
+                   help="json_object: the answer is one JSON value, enforced while decoding (default: text)")
+    p.add_argument("--json-schema", metavar="FILE", help=(
+        "a JSON schema file: the answer is JSON that validates against it, enforced while decoding (default: "
+        "none)"))
     p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True, help=(
         "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
         "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"))
@@ -145,6 +150,17 @@ def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
 def _sampling(args: argparse.Namespace) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """--json-schema FILE or --response-format json_object as an OpenAI response_format; None for free text."""
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--json-schema {args.json_schema}: {e}") from None
+        return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    return {"type": "json_object"} if args.response_format == "json_object" else None
 
 
 def _item(args: argparse.Namespace, kind: str, source: str) -> dict:
@@ -247,6 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--draw-boxes needs an --image to draw on")
         if not Path(args.draw_boxes).resolve().parent.is_dir():
             raise UsageError(f"--draw-boxes {args.draw_boxes}: its directory does not exist")
+    response_format = _response_format(args)  # a missing or broken schema file is named before the model loads
     pipe = _load(args)
     _note_greedy(pipe, args)
     conversation = _system(args) + [{"role": "user", "content": _content(args, args.prompt)}]
@@ -260,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for b in boxes:
             print(json.dumps({"label": b.label, "pixels": [list(p) for p in b.pixels]}), file=sys.stderr)
     else:
-        for piece in pipe.stream(conversation, fit=args.fit, **_sampling(args)):
+        for piece in pipe.stream(conversation, fit=args.fit, response_format=response_format, **_sampling(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -279,6 +296,7 @@ PROMPT = "> "
 def cmd_chat(args: argparse.Namespace) -> int:
     from .pipeline import ChatSession
 
+    response_format = _response_format(args)
     pipe = _load(args)
     _note_greedy(pipe, args)
     session = ChatSession(pipe, system=args.system)
@@ -315,7 +333,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         content, pending = pending + [{"type": "text", "text": line}], []
         try:
             _note_fit(pipe, session.messages + [{"role": "user", "content": content}], args)
-            reply = session.send(content, fit=args.fit, **_sampling(args))
+            reply = session.send(content, fit=args.fit, response_format=response_format, **_sampling(args))
         except ValueError as e:  # bad input: say so and keep the session (send has withdrawn the turn)
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -399,6 +417,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
     p.add_argument("--max-request-bytes", type=int, default=D.max_request_bytes,
                    help="largest request body (413 beyond)")
+    p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", help=(
+        "browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or * for any (default: none)"))
     limits = Limits()
     p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
                    help="images + videos in one request (400 beyond)")

@@ -10,7 +10,12 @@ plus stop); defaults come from the checkpoint's generation_config.json, as in `g
 only its own value. The official files keep top_k=1 and top_p=0.001, so `temperature=0.7` alone still decodes
 greedily, as in transformers; to sample, also lift them (`top_k=0` turns top-k off, `top_p=1.0` top-p):
 `pipe.stream(conversation, temperature=0.7, top_p=0.9, top_k=0, seed=1)`. `Pipeline.greedy_reasons` says which
-of the checkpoint's values keep a request greedy.
+of the checkpoint's values keep a request greedy. OpenAI's presence_penalty, frequency_penalty and logit_bias
+({token id: bias}) are sampling keywords too.
+
+`chat` and `stream` take `response_format` as the OpenAI API does ({"type": "json_object"}, {"type": "json_schema",
+"json_schema": {"schema": ...}}) or a `Constraint` (`generate.structured`: a JSON schema, regex, choice, grammar):
+the output then matches it, enforced token by token while decoding.
 
 On CPU with `progress` on, each image or video says before its encode what it costs (tokens, and a time estimated
 from this machine's measured rate, `qwen2vl.cost`), and a long encode shows a bar over the vision blocks.
@@ -33,6 +38,7 @@ from .cost import item_cost
 from .generate.decode import Prompt, generate_steps
 from .generate.sampling import SamplingParams, chooser
 from .generate.stopping import StopMatcher
+from .generate.structured import Constraint, grammars_for, with_processors
 from .generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_path
@@ -112,8 +118,21 @@ class Pipeline:
         return self.processor(conversations, budget=self.budget(params) if fit else None, fit=fit,
                               progress=self.progress)
 
+    def constraint_processors(self, response_format) -> tuple:
+        """The logits processors that hold one output to `response_format` (a Constraint or an OpenAI
+        response_format object); () for None. An uncompilable one raises GrammarError."""
+        if response_format is None:
+            return ()
+        c = response_format if isinstance(response_format, Constraint) else \
+            Constraint.from_response_format(response_format)
+        if c is None:
+            return ()
+        stops = tuple(self.params().stop_token_ids)
+        grammars = grammars_for(self.processor.tokenizer, self.model.config.text.vocab_size, stops)
+        return (grammars.processor(c),)
+
     def _timed_steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None,
-                     fit: bool = False):
+                     fit: bool = False, processors: tuple = ()):
         """`generate_steps` over the prepared conversations (or `batch`), recording `last_timings` as it goes."""
         t0 = time.perf_counter()
         batch = batch if batch is not None else self.prepare(conversations, params, fit)
@@ -128,7 +147,8 @@ class Pipeline:
         timings.vision_s = time.perf_counter() - t0
         timings.reused_tokens = reuse
         self.last_timings = timings
-        steps = generate_steps(self.model, prompt, chooser(params, self.model.device), params.max_new_tokens,
+        choose = with_processors(chooser(params, self.model.device), processors)
+        steps = generate_steps(self.model, prompt, choose, params.max_new_tokens,
                                params.stop_token_ids, self.processor.pad_id, cache=cache, reuse=reuse)
         t0 = time.perf_counter()
         for i, step in enumerate(steps):
@@ -181,12 +201,13 @@ class Pipeline:
                 hook.remove()
             bar.close()
 
-    def stream(self, conversation, skip_special_tokens: bool = True, fit: bool = False,
+    def stream(self, conversation, skip_special_tokens: bool = True, fit: bool = False, response_format=None,
                **sampling) -> Iterator[str]:
         """Text pieces of the answer as they are decoded (never half a character; stop strings cut). `fit`: see
-        `prepare`."""
+        `prepare`; `response_format`: see the module's docstring."""
         params = self.params(**sampling)
-        steps = self._timed_steps([conversation], params, fit=fit)
+        processors = self.constraint_processors(response_format)  # a bad schema fails before any model work
+        steps = self._timed_steps([conversation], params, fit=fit, processors=processors)
         yield from self._stream_steps(steps, params, skip_special_tokens)
 
     def _stream_steps(self, steps, params: SamplingParams, skip_special_tokens: bool) -> Iterator[str]:
@@ -279,12 +300,13 @@ class ChatSession:
         self.cached_ids: list = []  # prefix_key of what the cache holds (history incl. answers)
         self._reply: Reply | None = None
 
-    def send(self, content, fit: bool = False, **sampling) -> Reply:
+    def send(self, content, fit: bool = False, response_format=None, **sampling) -> Reply:
         if self._reply is not None:
             _ = self._reply.text  # finish the previous answer, so the history alternates user, assistant
         self.messages.append({"role": "user", "content": content})
         try:
             params = self.pipe.params(**sampling)
+            processors = self.pipe.constraint_processors(response_format)
             batch = self.pipe.prepare(self.messages, params, fit)
         except BaseException:
             self.messages.pop()
@@ -297,14 +319,16 @@ class ChatSession:
                                  self.pipe.model.dtype, self.pipe.model.device)
             self.cached_ids = []
         reuse = common_prefix(self.cached_ids, ids[:-1])
-        self._reply = Reply(self._answer(batch, ids, params, reuse))
+        self._reply = Reply(self._answer(batch, ids, params, reuse, processors))
         return self._reply
 
-    def _answer(self, batch: dict, ids: list, params: SamplingParams, reuse: int) -> Iterator[str]:
+    def _answer(self, batch: dict, ids: list, params: SamplingParams, reuse: int,
+                processors: tuple = ()) -> Iterator[str]:
         messages, answer_ids = self.messages, []
 
         def steps():
-            for step in self.pipe._timed_steps(None, params, cache=self.cache, reuse=reuse, batch=batch):
+            for step in self.pipe._timed_steps(None, params, cache=self.cache, reuse=reuse, batch=batch,
+                                               processors=processors):
                 answer_ids.append(int(step.tokens[0]))
                 yield step
 

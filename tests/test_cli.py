@@ -92,6 +92,9 @@ MISTAKES = {
     "chat, no image file": (["chat", "--image", "{media}/missing.png"], "image {media}/missing.png: no such file"),
     "serve, unknown device": (["serve", "--device", "tpu9"], "unknown device 'tpu9'"),
     "plan, no video file": (["plan", "--video", "{media}/missing.mp4"], "video {media}/missing.mp4: no such file"),
+    "no schema file": (["run", "--json-schema", "{media}/missing.json", "--prompt", "x"],
+                       "--json-schema {media}/missing.json"),
+    "chat, schema not JSON": (["chat", "--json-schema", "{media}/a.png"], "--json-schema {media}/a.png"),
 }
 
 
@@ -269,6 +272,31 @@ def test_run_and_chat_take_a_system_prompt(tiny, pipe):
     assert out.stdout == expected + "\n" and expected != pipe.chat(user, max_new_tokens=6)
     out = cli("chat", "--model", tiny, "--system", "You are a pirate.", "--max-new-tokens", "6", stdin="Hi\n")
     assert out.returncode == 0 and out.stdout == expected + "\n"
+
+
+def test_run_and_chat_answer_in_json_that_validates(tiny, tmp_path):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["colour", "count"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out = cli("run", "--model", tiny, "--prompt", "Describe it as JSON", "--json-schema", tmp_path / "s.json",
+              "--max-new-tokens", "60")
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), schema)
+    out = cli("chat", "--model", tiny, "--json-schema", tmp_path / "s.json", "--max-new-tokens", "60",
+              stdin="One\nTwo\n")
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.splitlines()
+    assert len(answers) == 2
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), schema)
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "objectx"}))
+    out = cli("run", "--model", tiny, "--prompt", "x", "--json-schema", tmp_path / "bad.json")
+    assert out.returncode == 2 and "objectx" in out.stderr and "Traceback" not in out.stderr
 
 
 # -- 6. order and prompts ----------------------------------------------------------------------------------------

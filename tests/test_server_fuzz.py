@@ -76,7 +76,9 @@ ITEM_KEYS = ["min_pixels", "max_pixels", "total_pixels", "resized_height", "resi
              "min_frames", "max_frames", "video_start", "video_end", "detail"]
 TOP_KEYS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
             "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs",
-            "tools", "tool_choice", "response_format", "presence_penalty", "logit_bias", "user", "zzz_unknown"]
+            "tools", "tool_choice", "response_format", "presence_penalty", "logit_bias", "user", "zzz_unknown",
+            "frequency_penalty", "guided_json", "guided_regex", "guided_choice", "structured_outputs",
+            "parallel_tool_calls"]
 
 
 @st.composite

@@ -20,7 +20,8 @@ Shaped like nano-vllm's `LLMEngine.step` (schedule -> run -> postprocess) and vL
 Every request's tokens are what it would get alone: its prefill and vision run by themselves (an encode in pieces
 is bit-identical to the one-shot encode), decode rows use per-row attention (`SlotAttend`) and linear layers whose
 per-row result does not depend on the batch (`qwen2vl.kernels`). The token choice is a per-request callable, as in
-`generate.decode`.
+`generate.decode`; a request's `processors` (constrained decoding: `generate.structured`) change its logits before
+that choice and are told the chosen token after it, so each request carries its own grammar state.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
+    processors: tuple = ()  # LogitsProcessor objects (generate.structured), with this request's own state
 
 
 @dataclass(eq=False)
@@ -65,6 +67,8 @@ class SequenceState:
     """The engine's running state for one request, from its admission to its end (engine thread only)."""
 
     request: Request
+    processors: tuple = ()  # the request's processors while it runs; dropped when it ends
+    reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose keys/values are in the slot
     generated: list[int] = field(default_factory=list)
@@ -93,6 +97,7 @@ class Output:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
+    cached_tokens: int = 0  # with a request's first token: prompt tokens served from the prefix cache
 
 
 class Engine:
@@ -288,6 +293,8 @@ class Engine:
             seq.prefix_key = prefix_key(seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending],
                                         self.model.config)
             seq.slot, seq.prefilled = self._pick_slot(seq.prefix_key)
+            seq.reused = seq.prefilled
+            seq.processors = seq.request.processors
             self.prefix_tokens_reused += seq.prefilled
             self.prefilling.append(seq)
 
@@ -306,6 +313,7 @@ class Engine:
 
     def _release(self, seq: SequenceState, keep: bool = True) -> None:
         seq.encoding = None  # drops a half-done vision encode and its intermediate tensors
+        seq.processors = ()  # and the grammar state: a finished or aborted request's matcher goes with it
         if keep:
             self.slot_tokens[seq.slot] = seq.prefix_key[: seq.prefilled]
         self.free_slots.append(seq.slot)
@@ -378,7 +386,12 @@ class Engine:
     def _emit(self, seq: SequenceState, logits: torch.Tensor) -> Output:
         seen = torch.cat([seq.request.prompt.input_ids.to(logits.device),
                           torch.tensor([seq.generated], dtype=torch.long, device=logits.device)], dim=1)
-        token = int(seq.request.choose(logits, seen)[0])
+        scores = logits
+        for processor in seq.processors:
+            scores = processor(scores)
+        token = int(seq.request.choose(scores, seen)[0])
+        for processor in seq.processors:
+            processor.accept(token)
         seq.generated.append(token)
         self.generated_tokens += 1
         logprob, top = None, cast(tuple[tuple[int, float], ...], ())
@@ -394,7 +407,8 @@ class Engine:
         elif (len(seq.generated) >= seq.request.max_new_tokens
               or seq.prefilled + len(seq.generated) >= self.max_model_len):
             reason = "length"
-        return Output(seq.request_id, token, logprob, top, reason)
+        return Output(seq.request_id, token, logprob, top, reason,
+                      cached_tokens=seq.reused if len(seq.generated) == 1 else 0)
 
 
 def _cat(parts: list | None) -> torch.Tensor | None:

@@ -7,6 +7,9 @@ min_tokens_to_keep=1, ascending-sort cumulative rule), then argmax (greedy) or o
 the softmax. The warpers run only when sampling. The official generation_config.json files sample with top_k=1: the draw
 always lands on a maximal processed score, i.e. greedy, but the processors are kept so ties behave as in HF.
 Ours, not HF's: temperature 0 means greedy (HF raises), and `seed` gives a private `torch.Generator`.
+OpenAI's `logit_bias`, `presence_penalty` and `frequency_penalty` run first, in that order (off by default), as
+the OpenAI API reference defines them: bias[j] is added to logit j; then with c[j] the number of times token j was
+generated so far (the prompt does not count), logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class SamplingParams:
     seed: int | None = None  # None: draw from torch's global generator, as transformers does
     stop: tuple[str, ...] = ()  # stop strings (generate/stopping.py)
     stop_token_ids: tuple[int, ...] = DEFAULT_STOP_TOKEN_IDS
+    presence_penalty: float = 0.0  # OpenAI's; 0: off
+    frequency_penalty: float = 0.0  # OpenAI's; 0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's (token id, bias added to its logit) pairs
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -57,6 +63,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k!r}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}")
+        bias = tuple(sorted(dict(self.logit_bias).items())) if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = tuple((int(i), float(b)) for i, b in bias)
+        if any(i < 0 for i, _ in bias):
+            raise ValueError(f"logit_bias token ids must be >= 0, got {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
@@ -93,12 +104,30 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) float32 logits and the (B, S) ids so far -> the scores transformers' processor list gives."""
+def openai_penalties(logits: torch.Tensor, generated: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logit_bias, then presence and frequency penalties over the (B, G) generated ids (OpenAI's definitions)."""
+    scores = logits
+    if p.logit_bias:
+        ids = torch.tensor([i for i, _ in p.logit_bias], device=scores.device)
+        bias = torch.tensor([b for _, b in p.logit_bias], dtype=scores.dtype, device=scores.device)
+        scores = scores.index_add(1, ids, bias.expand(scores.shape[0], -1))
+    if (p.presence_penalty or p.frequency_penalty) and generated.shape[1]:
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        scores = scores - counts * p.frequency_penalty - (counts > 0).to(scores.dtype) * p.presence_penalty
+    return scores
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, prompt_len: int | None = None
+                   ) -> torch.Tensor:
+    """(B, V) float32 logits and the (B, S) ids so far -> the scores transformers' processor list gives.
+    `prompt_len`: where the generated ids start in `seen` (only OpenAI's penalties need it; None: nothing was
+    generated)."""
     if logits.dim() != 2 or seen.dim() != 2 or seen.shape[0] != logits.shape[0]:
         raise ValueError(f"expected logits (B, V) and seen ids (B, S), "
                          f"got {tuple(logits.shape)} and {tuple(seen.shape)}")
     scores = logits
+    if p.logit_bias or p.presence_penalty or p.frequency_penalty:
+        scores = openai_penalties(scores, seen[:, seen.shape[1] if prompt_len is None else prompt_len:], p)
     if p.repetition_penalty != 1.0:
         # duplicates in `seen` scatter the same value twice, so each id is penalised once
         picked = scores.gather(1, seen)
@@ -139,11 +168,15 @@ Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Chooser:
-    """The callable the decode loop takes: choose(logits (B, V), seen (B, S)) -> (B,), with its own generator."""
+    """The callable the decode loop takes: choose(logits (B, V), seen (B, S)) -> (B,), with its own generator.
+    It serves one generation: `seen` at its first call is the prompt (OpenAI's penalties count what follows)."""
     generator = new_generator(p, device)
+    prompt_len: list[int] = []
 
     def choose(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        return sample(process_logits(logits, seen, p), p, generator)
+        if not prompt_len:
+            prompt_len.append(seen.shape[1])
+        return sample(process_logits(logits, seen, p, prompt_len[0]), p, generator)
 
     return choose
 

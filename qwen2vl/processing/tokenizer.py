@@ -17,6 +17,15 @@ class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         self._tok = _Tokenizer.from_file(str(path))
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string in tokenizer.json's byte-level form (added tokens included) -> its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special added tokens (<|im_start|>, <|vision_start|>, ...)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:

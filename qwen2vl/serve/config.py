@@ -32,6 +32,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)  # per-request media limits (qwen2vl.serve.limits)
     header_timeout: float = 10.0  # seconds a client may take to send its headers
     body_timeout: float = 30.0  # seconds a client may take to send its body
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS); "*" for any
     verbose: bool = False
 
     @property
@@ -46,4 +47,5 @@ class ServerConfig:
         values = {f.name: given[f.name] for f in fields(cls) if f.name in given and f.name != "limits"}
         if values.get("allowed_media_domains") is not None:
             values["allowed_media_domains"] = tuple(values["allowed_media_domains"])
+        values["allowed_origins"] = tuple(values.get("allowed_origins") or ())
         return cls(**values, limits=limits)

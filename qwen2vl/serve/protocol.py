@@ -2,10 +2,11 @@
 
 A body is read as JSON with `NaN`/`Infinity` refused, then validated by pydantic models that mirror the OpenAI
 schema (the subset vLLM's server also takes): strict types (`"stream": "false"` is not a boolean), ranges, finite
-numbers. Fields that change what is generated and that this server does not implement (tools, response_format,
-penalties, logit_bias, ...) are refused by name unless they carry their no-op value; other unknown top-level
-fields are accepted and ignored, as OpenAI-compatible servers do. Per-item extension fields (min_pixels,
-max_pixels, resized_height, resized_width, fps, nframes, ...) may sit on the content part or inside its
+numbers. Output constraints (response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and
+structured_outputs, tool_choice) become one `Constraint`. Fields that change what is generated and that this server
+does not implement (functions, min_p, best_of, ...) are refused by name unless they carry their no-op value; other
+unknown top-level fields are accepted and ignored, as OpenAI-compatible servers do. Per-item extension fields
+(min_pixels, max_pixels, resized_height, resized_width, fps, nframes, ...) may sit on the content part or inside its
 image_url / video_url object; a video may also be a list of frame URLs. Any failure is an `ApiError` carrying the
 HTTP status and the OpenAI error object (`{"error": {"message", "type", "param", "code"}}`).
 """
@@ -32,7 +33,10 @@ from pydantic import (
 )
 
 from ..generate.sampling import SamplingParams
+from ..generate.structured import Constraint, GrammarError
 from ..processing.chat import normalize_part
+from ..processing.errors import InputError
+from ..processing.tools import tool_call_grammar
 
 # per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
 ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
@@ -128,23 +132,79 @@ def _part(value: Any) -> Any:
 Part = Annotated[TextPart | ImagePart | VideoPart, BeforeValidator(_part)]
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+    arguments: StrictStr | dict  # JSON text (OpenAI), or the object itself
+
+
+class ToolCallItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[Part] | None = None
     name: StrictStr | None = None  # accepted; Qwen2-VL's template has no place for it
+    tool_calls: Annotated[list[ToolCallItem], Field(max_length=128)] | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # tool turns
 
     @model_validator(mode="before")
     @classmethod
-    def _refuse_tools(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            if value.get("role") == "tool":
-                raise ValueError("'tool' messages are not supported: this server does not implement tool calling")
-            for key in ("tool_calls", "function_call"):
-                if value.get(key):
-                    raise ValueError(f"'{key}' in a message is not supported: this server does not implement tool "
-                                     f"calling")
+    def _refuse_function_call(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("function_call"):
+            raise ValueError("'function_call' in a message is not supported (the deprecated functions API): use "
+                             "tool_calls")
         return value
+
+    @model_validator(mode="after")
+    def _roles(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"'tool_calls' belong to assistant messages, not {self.role!r} ones")
+        if self.role == "tool" and isinstance(self.content, list) and any(
+                not isinstance(p, TextPart) for p in self.content):
+            raise ValueError("a 'tool' message's content must be text")
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+    description: StrictStr | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` object (one of json, regex, choice, grammar)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: Annotated[dict | StrictStr | None, Field(alias="json")] = None
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1, max_length=4096)] | None = None
+    grammar: StrictStr | None = None
 
 
 class StreamOptions(BaseModel):
@@ -154,14 +214,13 @@ class StreamOptions(BaseModel):
 
 # fields that change what is generated, that this server does not implement, and their no-op values
 UNSUPPORTED = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "functions": (None, []), "function_call": (None, "none"),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,), "reasoning_effort": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
     "min_p": (None, 0), "min_tokens": (None, 0), "ignore_eos": (None, False), "echo": (None, False),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,), "prompt_logprobs": (None,), "length_penalty": (None, 1),
+    "prompt_logprobs": (None,), "length_penalty": (None, 1),
 }
+Penalty = Annotated[Number, Field(ge=-2, le=2)]  # OpenAI's range for presence_penalty and frequency_penalty
 
 
 class ChatCompletionRequest(BaseModel):
@@ -181,7 +240,19 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
-    parallel_tool_calls: StrictBool | None = None  # meaningless without tools; accepted
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None \
+        = None
+    response_format: dict | None = None
+    guided_json: dict | StrictStr | None = None  # vLLM's extra fields for constrained output
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=4096)] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
     fit: StrictBool = False  # ours: sample videos smaller, then sparser, until the prompt fits (Processor._fit)
     skip_special_tokens: StrictBool = True  # vLLM's extra field; false keeps <|box_start|>... in the text
 
@@ -193,6 +264,49 @@ class ChatCompletionRequest(BaseModel):
                 if key in value and value[key] not in no_ops:
                     raise ApiError(400, f"'{key}' is not supported by this server", param=key,
                                    code="unsupported_parameter")
+        return value
+
+
+class CompletionRequest(BaseModel):
+    """The legacy /v1/completions body: a text prompt, continued without the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[Count, Field(ge=1, le=2**31)] = 16  # OpenAI's default for completions
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[Count, Field(ge=-1, le=2**31)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None \
+        = None
+    seed: Annotated[Count, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    n: Annotated[Count, Field(ge=1, le=8)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=4096)] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
+    response_format: dict | None = None
+    skip_special_tokens: StrictBool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unsupported = {**UNSUPPORTED, "logprobs": (None,), "suffix": (None, ""), "echo": (None, False)}
+            for key, no_ops in unsupported.items():
+                if key in value and value[key] not in no_ops:
+                    raise ApiError(400, f"'{key}' is not supported by this server's /v1/completions", param=key,
+                                   code="unsupported_parameter")
+            if isinstance(value.get("prompt"), list) and len(value["prompt"]) > 1:
+                raise ApiError(400, "'prompt' as a list of several prompts is not supported: send one prompt per "
+                                    "request", param="prompt", code="unsupported_parameter")
         return value
 
 
@@ -209,6 +323,11 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     skip_special_tokens: bool = True
+    constraint: Constraint | None = None  # what the output must match (response_format, guided_*, tool_choice)
+    tools: list[dict] | None = None  # rendered into the prompt; None when tool_choice is "none"
+    tool_choice: str | dict = "none"
+    constraint_param: str | None = None  # the request field the constraint came from (for a 400 naming it)
+    prompt: str | None = None  # /v1/completions: the text to continue (messages is then empty)
 
 
 def _conversation(messages: list[Message]) -> list[dict]:
@@ -218,8 +337,57 @@ def _conversation(messages: list[Message]) -> list[dict]:
         if isinstance(content, list):
             content = [_item(p) for p in content]
         # 'developer' is OpenAI's newer name for the system role
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                     for c in m.tool_calls]
+        out.append(message)
     return out
+
+
+def _constraint(r: ChatCompletionRequest | CompletionRequest) -> tuple[Constraint | None, str | None]:
+    """The output constraint a request asks for, and the field that asked; more than one is a 400."""
+    asked = []
+    if r.response_format is not None:
+        try:
+            c = Constraint.from_response_format(r.response_format)
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+        if c is not None:
+            asked.append(("response_format", c))
+    if r.guided_json is not None:
+        schema = r.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ApiError(400, f"guided_json is not valid JSON ({e})", param="guided_json") from None
+        asked.append(("guided_json", Constraint.json_schema(schema)))
+    if r.guided_regex is not None:
+        asked.append(("guided_regex", Constraint("regex", r.guided_regex)))
+    if r.guided_choice is not None:
+        asked.append(("guided_choice", Constraint.choice(r.guided_choice)))
+    if r.guided_grammar is not None:
+        asked.append(("guided_grammar", Constraint("grammar", r.guided_grammar)))
+    so = r.structured_outputs
+    if so is not None:
+        given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                      ("grammar", so.grammar)) if v is not None]
+        if len(given) != 1:
+            raise ApiError(400, "structured_outputs needs exactly one of json, regex, choice, grammar",
+                           param="structured_outputs")
+        kind, value = given[0]
+        if kind == "json":
+            asked.append(("structured_outputs", Constraint.json_schema(
+                json.loads(value) if isinstance(value, str) else value)))
+        elif kind == "choice":
+            asked.append(("structured_outputs", Constraint.choice(value)))
+        else:
+            asked.append(("structured_outputs", Constraint(kind, value)))
+    if len(asked) > 1:
+        raise ApiError(400, f"{' and '.join(k for k, _ in asked)} each constrain the output; give one",
+                       param=asked[1][0])
+    return (asked[0][1], asked[0][0]) if asked else (None, None)
 
 
 def _item(part: TextPart | ImagePart | VideoPart) -> dict:
@@ -259,18 +427,70 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
     except ValidationError as e:
         message, param = _describe(e)
         raise ApiError(400, message, param=param) from None
-    max_tokens = r.max_completion_tokens or r.max_tokens
-    temperature = 0.0 if r.temperature is not None and r.temperature < GREEDY_BELOW else r.temperature
     try:
-        params = SamplingParams.from_generation_config(
-            generation_config, max_new_tokens=max_tokens or 512, temperature=temperature, top_p=r.top_p,
-            top_k=0 if r.top_k == -1 else r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
-            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()))
-    except (ValueError, TypeError) as e:
+        constraint, field = _constraint(r)
+    except (GrammarError, json.JSONDecodeError) as e:
         raise ApiError(400, str(e)) from None
+    tools = [t.model_dump(exclude_none=True) for t in r.tools] if r.tools else None
+    choice = r.tool_choice if r.tool_choice is not None else ("auto" if tools else "none")
+    if not isinstance(choice, str):
+        choice = choice.model_dump()
+    if choice != "none" and not tools:
+        raise ApiError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
+    if choice == "none":
+        tools = None  # not rendered: the model answers in text
+    else:
+        if constraint is not None:
+            raise ApiError(400, f"{field} cannot be combined with tools unless tool_choice is \"none\"",
+                           param=field)
+        try:
+            grammar = tool_call_grammar(tools, choice, r.parallel_tool_calls is not False)
+            constraint = None if grammar is None else Constraint("structural_tag", grammar)
+        except InputError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
+        field = "tools"
+    max_tokens = r.max_completion_tokens or r.max_tokens
+    params = _sampling(r, generation_config, max_tokens or 512)
     return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
                        bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
-                       r.skip_special_tokens)
+                       r.skip_special_tokens, constraint, tools, choice, field)
+
+
+def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
+    bias = None
+    if r.logit_bias:
+        try:
+            bias = tuple((int(k), v) for k, v in r.logit_bias.items())
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+    temperature = 0.0 if r.temperature is not None and r.temperature < GREEDY_BELOW else r.temperature
+    try:
+        return SamplingParams.from_generation_config(
+            generation_config, max_new_tokens=max_tokens, temperature=temperature, top_p=r.top_p,
+            top_k=0 if r.top_k == -1 else r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
+            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()), presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty, logit_bias=bias)
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def parse_completion_request(body: Any, generation_config: dict) -> ChatRequest:
+    """/v1/completions: the same request shape as a chat's, with `prompt` set and no messages."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        r = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise ApiError(400, message, param=param) from None
+    try:
+        constraint, field = _constraint(r)
+    except (GrammarError, json.JSONDecodeError) as e:
+        raise ApiError(400, str(e)) from None
+    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
+    return ChatRequest(r.model, [], _sampling(r, generation_config, r.max_tokens), True, False, r.n, r.stream,
+                       bool(r.stream_options and r.stream_options.include_usage), False, 0, r.skip_special_tokens,
+                       constraint, None, "none", field, prompt)
 
 
 def completion_id() -> str:

@@ -1,12 +1,13 @@
 """`qwen2vl serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-Endpoints: POST /v1/chat/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics
-(Prometheus text). The engine steps in one background thread; requests are prepared (limits applied, media
-planned from headers, then fetched and decoded under the server's media policy, tokenised) in a worker pool,
-submitted to the engine, and fed their tokens through an asyncio queue. Streaming and non-streaming responses come
-from one generator of per-choice deltas. Every error, 404/405 and the unforeseen included, is the OpenAI error
-object; a bad request never reaches the engine's batch; a client that goes away, streaming or not, is aborted
-within one engine step and frees its slot; slow clients are cut off by header and body read deadlines.
+Endpoints: POST /v1/chat/completions and POST /v1/completions (JSON or server-sent events), GET /v1/models,
+GET /health, GET /metrics (Prometheus text, with latency histograms); CORS for --allowed-origins. The engine steps
+in one background thread; requests are prepared (limits applied, media planned from headers, then fetched and
+decoded under the server's media policy, tokenised) in a worker pool, submitted to the engine, and fed their tokens
+through an asyncio queue. Streaming and non-streaming responses come from one generator of per-choice deltas. Every
+error, 404/405 and the unforeseen included, is the OpenAI error object; a bad request never reaches the engine's
+batch; a client that goes away, streaming or not, is aborted within one engine step and frees its slot; slow
+clients are cut off by header and body read deadlines.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -35,12 +37,15 @@ from ..engine.engine import Engine, Output, QueueFull, Request
 from ..generate.decode import Prompt
 from ..generate.sampling import chooser
 from ..generate.stopping import StopMatcher
+from ..generate.structured import GrammarError, GrammarProcessor, Grammars, grammars_for
 from ..pipeline import Pipeline
 from ..processing import IncrementalDetokenizer, InputError, MediaPolicy
 from ..processing.processor import Budget, OverBudget
+from ..processing.tools import ToolCall, ToolCallParser, render_tools
 from .config import ServerConfig
 from .limits import LimitExceeded, Limits
-from .protocol import ApiError, ChatRequest, completion_id, now, parse_request, read_json
+from .metrics import Latency
+from .protocol import ApiError, ChatRequest, completion_id, now, parse_completion_request, parse_request, read_json
 from .web import add_web_routes
 
 if TYPE_CHECKING:
@@ -58,6 +63,8 @@ class Prepared:
     max_new: int  # max_tokens, capped by the room the context leaves
     image_tokens: int
     video_tokens: int
+    grammar: object | None = None  # the compiled constraint (generate.structured), when the request has one
+    started: float = 0.0  # arrival, on the monotonic clock (latency histograms)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ChoiceState:
     index: int
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
+    tools: ToolCallParser | None = None  # with tools: <tool_call> blocks leave the text as parsed calls
 
 
 @dataclass
@@ -145,17 +153,20 @@ class EngineLoop:
 class Server:
     def __init__(self, pipe: Pipeline, engine: Engine, model_name: str, api_key: str | None = None,
                  policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4,
-                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0) -> None:
+                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
         self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
                                                                           allow_local=False))
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
         self.stall_after_s = stall_after_s
         self.limits = limits or Limits()
+        self.allowed_origins = tuple(allowed_origins)
         self.loop = EngineLoop(engine)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen2vl-prepare")
         self.requests_total = {"ok": 0, "error": 0}
         self.preparing = 0  # requests between arrival and the engine (touched on the event loop only)
+        self.latency = Latency()
         self.app = self._build_app()
 
     # -- app -------------------------------------------------------------------------------------------------
@@ -221,25 +232,39 @@ class Server:
 
         @app.post("/v1/chat/completions")
         async def chat(request: HttpRequest) -> Response:
-            self._auth(request)
-            # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
-            # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
-            if self.preparing >= self.engine.max_waiting:
-                raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
-                                    f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
-            self.preparing += 1
-            try:
-                req = await self._parse(request)
-                prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
-            finally:
-                self.preparing -= 1
-            submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
-            if req.stream:  # Starlette cancels the stream when the client goes away
-                return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
-            return await self._complete(request, req, prepared, submission)
+            return await self._serve(request, parse_request)
+
+        @app.post("/v1/completions")
+        async def completions(request: HttpRequest) -> Response:
+            return await self._serve(request, parse_completion_request)
+
+        if self.allowed_origins:  # CORS: browsers on these origins may call the API (preflight answered here)
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.allowed_origins), allow_credentials=False,
+                               allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)
 
         add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
+
+    async def _serve(self, request: HttpRequest, parse: Callable[[object, dict], ChatRequest]) -> Response:
+        """One chat or text completion: parse, prepare in the pool, submit, then stream or answer whole."""
+        self._auth(request)
+        started = time.monotonic()
+        # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
+        # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
+        if self.preparing >= self.engine.max_waiting:
+            raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
+                                f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
+        self.preparing += 1
+        try:
+            req = await self._parse(request, parse)
+            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, req)
+        finally:
+            self.preparing -= 1
+        prepared = replace(prepared, started=started)
+        submission = self._submit(req, prepared)  # a full queue is a 429 before any byte is sent
+        if req.stream:  # Starlette cancels the stream when the client goes away
+            return StreamingResponse(self._sse(req, prepared, submission), media_type="text/event-stream")
+        return await self._complete(request, req, prepared, submission)
 
     def _auth(self, request: HttpRequest) -> None:
         if self.api_key is None:
@@ -268,9 +293,10 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def _parse(self, request: HttpRequest) -> ChatRequest:
+    async def _parse(self, request: HttpRequest,
+                     parse: Callable[[object, dict], ChatRequest] = parse_request) -> ChatRequest:
         body = read_json(await self._read_body(request))
-        req = parse_request(body, self.pipe.generation_config)
+        req = parse(body, self.pipe.generation_config)
         if req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
@@ -280,14 +306,28 @@ class Server:
         """Limits, plan, then fetch, decode, render and tokenise (in a worker thread). Input problems become 400s,
         and a request over a limit is refused from its plan, before any picture is decoded."""
         context = self.engine.max_model_len
+        vocab = self.pipe.model.config.text.vocab_size
+        bad = [i for i, _ in req.params.logit_bias if i >= vocab]
+        if bad:
+            raise ApiError(400, f"logit_bias names token {bad[0]}, outside this model's vocabulary of {vocab}",
+                           param="logit_bias")
+        compiled = None
+        if req.constraint is not None:  # before any media work: a schema the engine cannot compile is a 400
+            try:
+                compiled = self._grammars().compile(req.constraint)
+            except GrammarError as e:
+                raise ApiError(400, str(e), param=req.constraint_param) from None
         completion = req.params.max_new_tokens if req.max_tokens_given else 1
         if completion >= context:
             raise ApiError(400, f"max_tokens is {completion}, but this model's maximum context length is {context} "
                                 f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
         try:
-            messages = self.limits.apply(req.messages)
-            batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
-                                   fit=req.fit)
+            if req.prompt is not None:  # /v1/completions: the text as it is, no chat template
+                batch = self._text_batch(req.prompt, context - completion)
+            else:
+                messages = self.limits.apply(render_tools(req.messages, req.tools))
+                batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
+                                       fit=req.fit)
         except LimitExceeded as e:
             raise ApiError(400, str(e), param="messages", code=e.code) from None
         except OverBudget as e:
@@ -306,7 +346,24 @@ class Server:
         room = context - prompt_tokens
         merge = self.pipe.model.config.vision.spatial_merge_size ** 2
         return Prepared(batch, prompt_tokens, min(req.params.max_new_tokens, room),
-                        _placeholders(batch, "image", merge), _placeholders(batch, "video", merge))
+                        _placeholders(batch, "image", merge), _placeholders(batch, "video", merge), compiled)
+
+    def _text_batch(self, text: str, room: int) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        least = tokenizer.min_tokens(text)
+        if least > room:  # far over the context: refused without tokenising
+            raise OverBudget("the prompt is over the context", tokens=least, limit=room, at_least=True)
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(ids) > room:
+            raise OverBudget("the prompt is over the context", tokens=len(ids), limit=room)
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    def _grammars(self) -> Grammars:
+        return grammars_for(self.processor.tokenizer, self.pipe.model.config.text.vocab_size,
+                            tuple(self.pipe.params().stop_token_ids))
 
     # -- one request, n choices ----------------------------------------------------------------------------------
     def _submit(self, req: ChatRequest, prepared: Prepared) -> Submission:
@@ -320,10 +377,13 @@ class Server:
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
             self.loop.route(rid, loop, submission.queue)
             detokenizer = IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens)
-            submission.states[rid] = ChoiceState(i, detokenizer, StopMatcher(params.stop))
+            submission.states[rid] = ChoiceState(i, detokenizer, StopMatcher(params.stop),
+                                                 ToolCallParser() if req.tools else None)
+            processors = () if prepared.grammar is None else \
+                (GrammarProcessor(self._grammars(), prepared.grammar),)  # each choice has its own matcher
             try:
                 self.engine.add(Request(rid, prompt, chooser(params), prepared.max_new, params.stop_token_ids,
-                                        req.top_logprobs if req.logprobs else None))
+                                        req.top_logprobs if req.logprobs else None, processors))
             except QueueFull as e:
                 for r in ids:
                     self.engine.abort(r)
@@ -332,11 +392,17 @@ class Server:
                                headers={"Retry-After": "1"}) from None
         return submission
 
-    async def _choices(self, req: ChatRequest, submission: Submission) -> AsyncIterator[tuple[int, dict]]:
-        """Yields (choice index, event) with event = {"text", "logprobs", "finish_reason", "tokens"}. Cancelling
-        the consumer (the client went away) aborts every open choice in the engine."""
+    async def _choices(self, req: ChatRequest, submission: Submission,
+                       started: float | None = None) -> AsyncIterator[tuple[int, dict]]:
+        """Yields (choice index, event) with event = {"text", "tool_calls", "logprobs", "finish_reason", "tokens",
+        "cached"}. With tools, `<tool_call>` blocks leave the text and arrive as parsed calls; a choice that called
+        a tool finishes with "tool_calls". Cancelling the consumer (the client went away) aborts every open choice
+        in the engine. Latencies (first token, per output token, end to end) go to the histograms."""
         ids = submission.ids
         open_ids = set(ids)
+        started = time.monotonic() if started is None else started
+        first: dict[str, float] = {}
+        counts = dict.fromkeys(ids, 0)
         try:
             while open_ids:
                 out: Output = await submission.queue.get()
@@ -344,23 +410,32 @@ class Server:
                     continue
                 state = submission.states[out.request_id]
                 index, detok, stop = state.index, state.detokenizer, state.stop
-                event = {"text": "", "logprobs": None, "finish_reason": out.finish_reason, "tokens": 0}
-                if out.token is not None and out.token not in req.params.stop_token_ids:
+                event: dict = {"text": "", "tool_calls": [], "logprobs": None, "finish_reason": out.finish_reason,
+                               "tokens": 0, "cached": out.cached_tokens}
+                if out.token is not None:
                     event["tokens"] = 1
+                    counts[out.request_id] += 1
+                    first.setdefault(out.request_id, time.monotonic())
+                if out.token is not None and out.token not in req.params.stop_token_ids:
                     event["text"] = stop.feed(detok.push(out.token))
                     if req.logprobs:
                         event["logprobs"] = self._logprob_entry(out)
                     if stop.stopped:
                         event["finish_reason"] = "stop"
                         self.engine.abort(out.request_id)
-                elif out.token is not None:
-                    event["tokens"] = 1
                 if event["finish_reason"] is not None:
                     if event["finish_reason"] != "stop" or not stop.stopped:
                         event["text"] += stop.feed(detok.flush()) + stop.flush()
                     if out.finish_reason == "error":
                         raise ApiError(500, out.error or "generation failed", "server_error")
                     open_ids.discard(out.request_id)
+                    self.latency.observe(started, first.get(out.request_id), counts[out.request_id])
+                if state.tools is not None:
+                    event["text"], event["tool_calls"] = state.tools.feed(event["text"])
+                    if event["finish_reason"] is not None:
+                        event["text"] += state.tools.flush()
+                        if state.tools.calls and event["finish_reason"] == "stop":
+                            event["finish_reason"] = "tool_calls"
                 yield index, event
         finally:
             for rid in ids:
@@ -378,10 +453,11 @@ class Server:
         return {**entry(out.token, out.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
 
-    def _usage(self, prepared: Prepared, completion: int) -> dict:
+    def _usage(self, prepared: Prepared, completion: int, cached: int = 0) -> dict:
+        """`cached_tokens`: prompt tokens whose keys/values came from the prefix cache (the most of any choice)."""
         return {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prepared.prompt_tokens + completion,
-                "prompt_tokens_details": {"image_tokens": prepared.image_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": prepared.image_tokens,
                                           "video_tokens": prepared.video_tokens}}
 
     async def _complete(self, http: HttpRequest, req: ChatRequest, prepared: Prepared,
@@ -403,47 +479,68 @@ class Server:
 
     async def _answer(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> dict:
         texts = [""] * req.n
+        calls: list[list[ToolCall]] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
-        completion = 0
-        async for index, ev in self._choices(req, submission):
+        completion = cached = 0
+        async for index, ev in self._choices(req, submission, prepared.started):
             texts[index] += ev["text"]
+            calls[index] += ev["tool_calls"]
             completion += ev["tokens"]
+            cached = max(cached, ev["cached"])
             if ev["logprobs"]:
                 logprobs[index].append(ev["logprobs"])
             if ev["finish_reason"]:
                 reasons[index] = ev["finish_reason"]
         self.requests_total["ok"] += 1
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        if req.prompt is not None:
+            texts_only = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
+                          for i in range(req.n)]
+            return {"id": "cmpl-" + completion_id()[9:], "object": "text_completion", "created": now(),
+                    "model": self.model_name, "choices": texts_only, "usage": self._usage(prepared, completion, cached)}
+        choices = [{"index": i, "message": _message(texts[i], calls[i]),
                     "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
         return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
-                "choices": choices, "usage": self._usage(prepared, completion)}
+                "choices": choices, "usage": self._usage(prepared, completion, cached)}
 
     async def _sse(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
+        text_completion = req.prompt is not None
+        if text_completion:
+            cid = "cmpl-" + cid[9:]
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices}
+            body = {"id": cid, "object": "text_completion" if text_completion else "chat.completion.chunk",
+                    "created": created, "model": self.model_name, "choices": choices}
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(req.n)])
-        completion = 0
+        if not text_completion:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
+        completion = cached = 0
+        called = [0] * req.n  # tool calls streamed so far, per choice (each call's delta index)
         try:
-            async for index, ev in self._choices(req, submission):
+            async for index, ev in self._choices(req, submission, prepared.started):
                 completion += ev["tokens"]
-                if ev["text"] or ev["finish_reason"] or ev["logprobs"]:
-                    yield chunk([{"index": index, "delta": {"content": ev["text"]} if ev["text"] else {},
+                cached = max(cached, ev["cached"])
+                delta: dict = {"content": ev["text"]} if ev["text"] else {}
+                if ev["tool_calls"]:  # each call whole, in one delta: id, name and all its arguments
+                    delta["tool_calls"] = [c.openai(called[index] + k) for k, c in enumerate(ev["tool_calls"])]
+                    called[index] += len(ev["tool_calls"])
+                if text_completion and (ev["text"] or ev["finish_reason"]):
+                    yield chunk([{"index": index, "text": ev["text"], "logprobs": None,
+                                  "finish_reason": ev["finish_reason"]}])
+                elif not text_completion and (delta or ev["finish_reason"] or ev["logprobs"]):
+                    yield chunk([{"index": index, "delta": delta,
                                   "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
                                   "finish_reason": ev["finish_reason"]}])
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         if req.include_usage:
-            yield chunk([], self._usage(prepared, completion))
+            yield chunk([], self._usage(prepared, completion, cached))
         self.requests_total["ok"] += 1
         yield "data: [DONE]\n\n"
 
@@ -476,13 +573,20 @@ class Server:
         out = []
         for name, kind, doc, value in lines:
             out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" + self.latency.text()
 
 
 def _placeholders(batch: dict[str, torch.Tensor], kind: str, merge: int) -> int:
     """The prompt's image or video tokens: t*h*w patches / `merge` (the spatial merge's square) per item."""
     grid = batch.get(f"{kind}_grid_thw")
     return 0 if grid is None else int(grid.prod(-1).sum()) // merge
+
+
+def _message(text: str, calls: list[ToolCall]) -> dict:
+    """The assistant message of a choice: content, and tool_calls when it called any (content None if only calls)."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text.strip() or None, "tool_calls": [c.openai() for c in calls]}
 
 
 async def _disconnected(http: HttpRequest) -> None:
@@ -589,7 +693,7 @@ def build_server(config: ServerConfig) -> Server:
     policy = MediaPolicy(allow_private_addresses=False, allowed_domains=config.allowed_media_domains or None,
                          allow_local=local is not None, local_root=Path(local) if local else None)
     return Server(pipe, engine, config.model_name, config.api_key, policy, config.max_request_bytes,
-                  limits=config.limits, body_timeout_s=config.body_timeout)
+                  limits=config.limits, body_timeout_s=config.body_timeout, allowed_origins=config.allowed_origins)
 
 
 def main(config: ServerConfig) -> int:

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from ..grounding import parse_boxes
 from ..processing import InputError
 from ..processing.processor import Budget, OverBudget
+from ..processing.tools import render_tools
 from .limits import LimitExceeded
 from .protocol import ApiError, ChatRequest, read_json
 
@@ -70,7 +71,8 @@ def plan_request(server, req: ChatRequest) -> dict:
     completion = req.params.max_new_tokens if req.max_tokens_given else 1
     budget = Budget(max(1, context - completion), server.limits.max_source_pixels)
     try:
-        p = server.processor.plan(server.limits.apply(req.messages), budget=budget, fit=req.fit)
+        messages = server.limits.apply(render_tools(req.messages, req.tools))
+        p = server.processor.plan(messages, budget=budget, fit=req.fit)
     except LimitExceeded as e:
         raise ApiError(400, str(e), param="messages", code=e.code) from None
     except (OverBudget, InputError) as e:
