@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from importlib import import_module
@@ -186,7 +187,8 @@ def _load(a):
     from .pipeline import load
 
     pipe = load(a.model, dtype=None if a.dtype == "auto" else getattr(torch, a.dtype), device=a.device,
-                quantize=a.quantize, cpu_matmul=a.cpu_matmul)
+                quantize=a.quantize, cpu_matmul=a.cpu_matmul,
+                tensor_parallel_size=getattr(a, "tensor_parallel_size", 1))
     if getattr(a, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
     return pipe
@@ -227,6 +229,8 @@ def _note_fit(pipe, conversation, a) -> None:
 
 
 def cmd_run(a) -> int:
+    if a.tensor_parallel_size > 1 and not a.in_rank:
+        return _on_ranks(a)
     images = [source for kind, source in a.media if kind == "image"]
     if a.draw_boxes:
         if not images:
@@ -259,6 +263,35 @@ def cmd_run(a) -> int:
         t.load_s = pipe.load_s
         print(t.report(), file=sys.stderr)
     return 0
+
+
+def _on_ranks(a) -> int:
+    """The command on --tensor-parallel-size processes (one per rank, rank 0 prints), after the checks that need
+    no model."""
+    for kind, source in a.media:
+        _check_media(kind, source)
+    _check_device(a)
+    if a.quantize:
+        raise UsageError("--quantize does not combine with --tensor-parallel-size: drop one")
+    from .config import Qwen2VLConfig
+    from .hub import resolve_model_path
+    from .parallel import TensorParallelError, check_world_size, run_ranks
+
+    directory = resolve_model_path(a.model)
+    check_world_size(Qwen2VLConfig.from_file(directory).text, a.tensor_parallel_size)
+    try:
+        run_ranks(_rank_main, a.tensor_parallel_size, (argparse.Namespace(**{**vars(a), "model": str(directory)}),),
+                  device=a.device)
+    except TensorParallelError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rank_main(rank: int, world: int, device: str, a) -> None:
+    if rank:  # rank 0 speaks for all; the others' errors reach the parent through torch.multiprocessing
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    a.func(argparse.Namespace(**{**vars(a), "device": device, "in_rank": True}))
 
 
 CHAT_HELP = ("type a message and press Enter; /image PATH and /video PATH attach media to your next message, "
@@ -415,8 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--draw-boxes", metavar="OUT.png",
                    help="parse grounding boxes, draw them on the last image into OUT.png (default: off)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=(
+        "split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r)"))
     _verbose_arg(p, "timings to stderr, and ")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, in_rank=False)
 
     p = sub.add_parser("chat", help="multi-turn terminal chat (/image, /video, /reset, /quit)", formatter_class=_Help)
     _model_args(p), _media_args(p, cpu_default=True), _answer_args(p)

@@ -1,10 +1,10 @@
 """Tensor parallelism (qwen2vl.parallel) on CPU with Gloo: 2 and 3 ranks against the single-process model.
 
 Each multi-process test spawns the ranks once and runs every case inside them: the logits of a whole prompt
-(float32) within 1e-5 of the single-process model's, relative to the largest logit, bit-identical on every rank (so every rank chooses the same
-tokens), greedy tokens identical, the KV cache holding only the rank's heads, and only the rank's share of the
-decoder's weights in memory. Checkpoints: odd widths, GQA with the KV heads split (2 ranks) and replicated (3 ranks
-over 1 KV head), tied and untied output, sharded files in both key layouts.
+(float32) within 1e-5 of the single-process model's (relative to the largest logit), bit-identical on every rank
+(so every rank chooses the same tokens), greedy tokens identical, the KV cache holding only the rank's heads, and
+only the rank's share of the decoder's weights in memory. Checkpoints: odd widths, GQA with the KV heads split
+(2 ranks) and replicated (3 ranks over 1 KV head), tied and untied output, sharded files in both key layouts.
 """
 
 from __future__ import annotations
@@ -159,3 +159,39 @@ def test_quantized_loads_are_refused_under_tensor_parallelism(tmp_path):
     ckpt = write_checkpoint(tmp_path / "c", make_config(), tokenizer=False)
     with pytest.raises(ValueError, match="quantize='int8' is not supported with more than one rank"):
         load_model(ckpt, quantize="int8", shard=lambda m: {})
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    """`qwen2vl make-tiny`'s checkpoint: bf16, so the CPU kernels run on each rank's shards too."""
+    from qwen2vl.cli import main
+
+    directory = tmp_path_factory.mktemp("tp-cli") / "tiny"
+    assert main(["make-tiny", str(directory)]) == 0
+    return directory
+
+
+def test_cli_run_on_two_ranks_prints_what_one_process_prints(tiny_bf16, capfd):
+    from qwen2vl.cli import main
+
+    argv = ["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out
+    assert main(argv + ["--tensor-parallel-size", "2"]) == 0
+    two = capfd.readouterr().out
+    assert two == one and len(one.strip()) > 0  # printed once (rank 0 only), the same greedy answer
+
+
+def test_cli_refuses_a_world_size_that_does_not_split_before_loading(tiny_bf16, capfd):
+    from qwen2vl.cli import main
+
+    assert main(["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--tensor-parallel-size", "4"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sizes that work: [1, 2]" in err[0]
+
+
+def test_load_with_tensor_parallel_size_needs_a_process_group(tiny_bf16):
+    import qwen2vl
+
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        qwen2vl.load(str(tiny_bf16), tensor_parallel_size=2, progress=False)

@@ -84,6 +84,15 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, time
         dist.destroy_process_group()
 
 
+def require_group(world: int) -> None:
+    """Refuse a tensor-parallel load outside a process group of `world` ranks."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"tensor_parallel_size={world} needs an initialised torch.distributed process group (run "
+                         "every rank under torchrun, or use `qwen2vl run --tensor-parallel-size N`)")
+    if dist.get_world_size() != world:
+        raise ValueError(f"tensor_parallel_size={world}, but the process group has {dist.get_world_size()} ranks")
+
+
 def load_rank_model(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False,
                     cpu_kernels: bool | None = None, cpu_matmul: str = "auto", group: dist.ProcessGroup | None = None):
     """This rank's share of the model (weights.load_model with shard_decoder), inside an initialised process group:
