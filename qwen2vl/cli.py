@@ -230,7 +230,7 @@ def _note_fit(pipe, conversation, a) -> None:
 
 def cmd_run(a) -> int:
     if a.tensor_parallel_size > 1 and not a.in_rank:
-        return _on_ranks(a)
+        return _on_ranks(a) if "LOCAL_RANK" not in os.environ else _as_launched_rank(a)
     images = [source for kind, source in a.media if kind == "image"]
     if a.draw_boxes:
         if not images:
@@ -288,10 +288,25 @@ def _on_ranks(a) -> int:
     return 0
 
 
-def _rank_main(rank: int, world: int, device: str, a) -> None:
+def _rank_main(rank: int, world: int, device: str, a) -> int:
     if rank:  # rank 0 speaks for all; the others' errors reach the parent through torch.multiprocessing
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
-    a.func(argparse.Namespace(**{**vars(a), "device": device, "in_rank": True}))
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+        if "LOCAL_RANK" not in os.environ:  # (under torchrun, each rank's errors are its own to say)
+            sys.stderr = sys.stdout
+    return a.func(argparse.Namespace(**{**vars(a), "device": device, "in_rank": True}))
+
+
+def _as_launched_rank(a) -> int:
+    """One rank of `torchrun ... -m qwen2vl run --tensor-parallel-size N` (which may span hosts)."""
+    import torch.distributed as dist
+
+    from .parallel import join_launcher_group
+
+    rank, device = join_launcher_group(a.tensor_parallel_size, a.device)
+    try:
+        return _rank_main(rank, a.tensor_parallel_size, device, a)
+    finally:
+        dist.destroy_process_group()
 
 
 CHAT_HELP = ("type a message and press Enter; /image PATH and /video PATH attach media to your next message, "

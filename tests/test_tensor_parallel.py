@@ -195,3 +195,21 @@ def test_load_with_tensor_parallel_size_needs_a_process_group(tiny_bf16):
 
     with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
         qwen2vl.load(str(tiny_bf16), tensor_parallel_size=2, progress=False)
+
+
+def test_torchrun_ranks_run_the_same_command(tiny_bf16, capfd):
+    """`torchrun --nproc-per-node 2 -m qwen2vl run --tensor-parallel-size 2`: each process is one rank (the way
+    across hosts); rank 0 prints what one process prints."""
+    import subprocess
+    import sys
+
+    from qwen2vl.cli import main
+
+    argv = ["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "qwen2vl", *argv, "--tensor-parallel-size", "2"], capture_output=True, text=True,
+                         timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == one

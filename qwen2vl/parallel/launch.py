@@ -84,6 +84,19 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, time
         dist.destroy_process_group()
 
 
+def join_launcher_group(world: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, str]:
+    """Under torchrun (one host or several): this process is one rank; initialise the default process group from
+    torchrun's environment (env://). Returns (rank, this rank's device: cuda:LOCAL_RANK on CUDA)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise ValueError(f"--tensor-parallel-size {world}, but torchrun started {launched} processes")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), device
+
+
 def require_group(world: int) -> None:
     """Refuse a tensor-parallel load outside a process group of `world` ranks."""
     if not dist.is_available() or not dist.is_initialized():
