@@ -360,9 +360,8 @@ def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu",
         from .parallel import load_rank_model, require_group
 
         require_group(tensor_parallel_size)
-        if quantize:
-            raise ValueError(f"quantize={quantize!r} is not supported with tensor_parallel_size > 1")
-        model = load_rank_model(directory, dtype=dtype, device=device, progress=progress, cpu_matmul=cpu_matmul)
+        model = load_rank_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
+                                cpu_matmul=cpu_matmul)
     else:
         model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
                            cpu_matmul=cpu_matmul)

@@ -104,8 +104,11 @@ def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice |
     dtype = _ST_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CheckpointError(f"{path}: tensor dtype {info['dtype']} is not supported")
-    begin = info["data_offsets"][0]
+    begin, end = info["data_offsets"]
     shape = list(info["shape"])
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: the header gives {end - begin} bytes to a {info['dtype']} tensor of shape "
+                              f"{tuple(shape)}")
     outer, inner = 1, 0  # the whole tensor: one run
     if part is not None:
         if part.dim >= len(shape) or shape[part.dim] != part.full:

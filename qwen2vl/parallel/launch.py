@@ -107,9 +107,10 @@ def require_group(world: int) -> None:
 
 
 def load_rank_model(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False,
-                    cpu_kernels: bool | None = None, cpu_matmul: str = "auto", group: dist.ProcessGroup | None = None):
+                    cpu_kernels: bool | None = None, cpu_matmul: str = "auto", group: dist.ProcessGroup | None = None,
+                    quantize: str | None = None):
     """This rank's share of the model (weights.load_model with shard_decoder), inside an initialised process group:
-    only the rank's slices of the sharded tensors are read."""
+    only the rank's slices of the sharded tensors are read. (load_model refuses quantization with a shard.)"""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    return load_model(path, dtype=dtype, device=device, progress=progress, cpu_kernels=cpu_kernels,
+    return load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize, cpu_kernels=cpu_kernels,
                       cpu_matmul=cpu_matmul, shard=lambda model: shard_decoder(model, rank, world, group))

@@ -88,7 +88,7 @@ def shard_decoder(model: Qwen2VL, rank: int, world: int, group: dist.ProcessGrou
     """
     cfg = model.config.text
     s = share(cfg, rank, world)
-    hd, hidden = cfg.head_dim, cfg.hidden_size
+    hd = cfg.head_dim
     rows = {  # column-parallel: a range of output rows (weight dim 0, and the bias)
         "self_attn.q_proj": (s.q0 * hd, (s.q0 + s.q) * hd, cfg.num_attention_heads * hd),
         "self_attn.k_proj": (s.kv0 * hd, (s.kv0 + s.kv) * hd, cfg.num_key_value_heads * hd),
@@ -125,7 +125,6 @@ def shard_decoder(model: Qwen2VL, rank: int, world: int, group: dist.ProcessGrou
     rank_cfg = dataclasses.replace(rank_cfg, num_attention_heads=s.q, num_key_value_heads=s.kv)
     model.config = dataclasses.replace(model.config, text=rank_cfg)
     model.model.cfg = rank_cfg
-    assert hidden == model.config.text.hidden_size
     return slices
 
 
