@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 from ..weights import load_model
 from .shard import shard_decoder
 
-DEFAULT_TIMEOUT_S = 300.0
+# a collective that waits longer fails. Generous, because ranks load at different speeds before their first
+# all-reduce (a 72B shard from a slow disk); a rank that dies is noticed at once by the join, not by this.
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 class TensorParallelError(RuntimeError):
