@@ -148,6 +148,23 @@ def _raises_on_rank_one(rank: int, world: int, device: str) -> None:
     dist.barrier()
 
 
+def _hangs_on_rank_one(rank: int, world: int, device: str) -> None:
+    if rank == 1:
+        import time
+
+        time.sleep(120)
+    dist.barrier()
+
+
+def test_a_hung_rank_times_out_instead_of_hanging():
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(TensorParallelError, match=r"rank 0 of 2 failed: .*(timed out|Timed out|timeout)"):
+        run_ranks(_hangs_on_rank_one, 2, timeout_s=3)
+    assert time.perf_counter() - t < 60  # the collective timeout, the grace period, process start: not 120 s
+
+
 def test_a_rank_that_dies_or_fails_is_a_clear_error_not_a_hang():
     with pytest.raises(TensorParallelError, match=r"rank 1 of 2 died \(exit code 3"):
         run_ranks(_barrier_after_death, 2, timeout_s=20)
