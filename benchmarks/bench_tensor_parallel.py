@@ -68,7 +68,26 @@ def _rank(rank: int, world: int, device: str, ckpt: str, threads: int, out: str)
         for _ in range(200):
             dist.all_reduce(x)
         reduce_s = (time.perf_counter() - t) / 200
-    mine = {"rank": rank, "peak_over_base_MB": peak / 2**20, "weights_MB": weights / 2**20, "step_ms": 1e3 * step,
+    # the replicated output projection's share of a step, and what a vocab-parallel one would add instead: an
+    # all-gather of the logits (vocab / world floats per rank)
+    h = torch.randn(1, model.config.text.hidden_size)
+    with torch.inference_mode():
+        model.logits(h)
+        t = time.perf_counter()
+        for _ in range(5):
+            model.logits(h)
+        head_s = (time.perf_counter() - t) / 5
+    gather_s = 0.0
+    if world > 1:
+        part = torch.randn(model.config.text.vocab_size // world)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part)
+        t = time.perf_counter()
+        for _ in range(20):
+            dist.all_gather(parts, part)
+        gather_s = (time.perf_counter() - t) / 20
+    mine = {"rank": rank, "lm_head_ms": 1e3 * head_s, "logits_all_gather_ms": 1e3 * gather_s,
+            "peak_over_base_MB": peak / 2**20, "weights_MB": weights / 2**20, "step_ms": 1e3 * step,
             "all_reduce_us": 1e6 * reduce_s,
             "all_reduce_per_token_ms": 1e3 * reduce_s * 2 * model.config.text.num_hidden_layers}
     found = [mine]

@@ -6,9 +6,10 @@ A transform of a meta-device `Qwen2VL` (the model files know nothing of it), in 
     the KV heads, each KV head is replicated on the ranks whose query heads use it (vLLM's rule);
   - o_proj row-parallel, its partial outputs summed by an all-reduce (o_proj has no bias to add twice);
   - gate_proj, up_proj column-parallel, down_proj row-parallel, then an all-reduce.
-The embedding, the output projection and the vision tower stay whole on every rank: at Qwen2-VL's sizes a
-vocab-parallel output would trade a (vocab/N x hidden) saving for an all-gather of the logits every step, and the
-replicated parts give every rank the same hidden states, so every rank chooses the same tokens.
+The embedding, the output projection and the vision tower stay whole on every rank: for the 7B and 72B the first
+two are 7% and 2% of the weights (a vocab-parallel output would save that share for an all-gather of the logits
+every step; on small models on CPU it would be faster, see docs/serving.md), and the replicated parts give every
+rank the same hidden states, so every rank chooses the same tokens without sending any.
 The rank's config (model.config.text) counts the rank's heads, so a KV cache built from it holds only those.
 """
 
