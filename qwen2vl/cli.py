@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -216,7 +217,8 @@ def _load(args: argparse.Namespace) -> Pipeline:
     from .pipeline import load
 
     pipe = load(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
-                quantize=args.quantize, cpu_matmul=args.cpu_matmul, adapter=args.adapter)
+                quantize=args.quantize, cpu_matmul=args.cpu_matmul, adapter=args.adapter,
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
     if getattr(args, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
     return pipe
@@ -257,6 +259,8 @@ def _note_fit(pipe: Pipeline, conversation: list[dict], args: argparse.Namespace
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.tensor_parallel_size > 1 and not args.in_rank:
+        return _on_ranks(args) if "LOCAL_RANK" not in os.environ else _as_launched_rank(args)
     images = [source for kind, source in args.media if kind == "image"]
     if args.draw_boxes:
         if not images:
@@ -286,6 +290,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         t.load_s = pipe.load_s
         print(t.report(), file=sys.stderr)
     return 0
+
+
+def _on_ranks(args: argparse.Namespace) -> int:
+    """The command on --tensor-parallel-size processes (one per rank, rank 0 prints), after the checks that need
+    no model."""
+    for kind, source in args.media:
+        _check_media(kind, source)
+    _check_device(args)
+    if args.quantize:
+        raise UsageError("--quantize does not combine with --tensor-parallel-size: drop one")
+    from .config import Qwen2VLConfig
+    from .hub import resolve_model_path
+    from .parallel import TensorParallelError, check_world_size, run_ranks
+
+    directory = resolve_model_path(args.model)
+    check_world_size(Qwen2VLConfig.from_file(directory).text, args.tensor_parallel_size)
+    try:
+        rank_args = argparse.Namespace(**{**vars(args), "model": str(directory)})
+        run_ranks(_rank_main, args.tensor_parallel_size, (rank_args,), device=args.device)
+    except TensorParallelError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rank_main(rank: int, world: int, device: str, args: argparse.Namespace) -> int:
+    if rank:  # rank 0 speaks for all; the others' errors reach the parent through torch.multiprocessing
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+        if "LOCAL_RANK" not in os.environ:  # (under torchrun, each rank's errors are its own to say)
+            sys.stderr = sys.stdout
+    return args.func(argparse.Namespace(**{**vars(args), "device": device, "in_rank": True}))
+
+
+def _as_launched_rank(args: argparse.Namespace) -> int:
+    """One rank of `torchrun ... -m qwen2vl run --tensor-parallel-size N` (which may span hosts)."""
+    import torch.distributed as dist
+
+    from .parallel import join_launcher_group
+
+    rank, device = join_launcher_group(args.tensor_parallel_size, args.device)
+    try:
+        return _rank_main(rank, args.tensor_parallel_size, device, args)
+    finally:
+        dist.destroy_process_group()
 
 
 CHAT_HELP = ("type a message and press Enter; /image PATH and /video PATH attach media to your next message, "
@@ -536,8 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--draw-boxes", metavar="OUT.png",
                    help="parse grounding boxes, draw them on the last image into OUT.png (default: off)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=(
+        "split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r)"))
     _verbose_arg(p, "timings to stderr, and ")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, in_rank=False)
 
     p = sub.add_parser("chat", help="multi-turn terminal chat (/image, /video, /reset, /quit)", formatter_class=_Help)
     _model_args(p), _media_args(p, cpu_default=True), _answer_args(p)

@@ -140,7 +140,9 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
                 parent.rope = fast_rope
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
-    decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear)]
+    # the decode kernels take K % 8 == 0 (others fall back, see _bind): time only those (a tensor-parallel shard
+    # of a tiny model may have K = 100)
+    decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear) and m.weight.shape[1] % 8 == 0]
     model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul,
                                       sorted({tuple(m.weight.shape) for m in decoder}))
     for m in linears:

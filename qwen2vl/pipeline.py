@@ -371,15 +371,29 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str | None = None,
          progress: bool = True, cpu_matmul: str = "auto", adapter: str | None = None,
-         **processor_overrides) -> Pipeline:
+         tensor_parallel_size: int = 1, **processor_overrides) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
     the download and the weights, and on CPU each item's cost said before its vision encode. `adapter`: a LoRA
-    adapter directory (PEFT's format) applied on top of the weights."""
+    adapter directory (PEFT's format) applied on top of the weights.
+
+    `tensor_parallel_size` N > 1: this process is one rank of an initialised torch.distributed process group of N
+    (torchrun, or `qwen2vl run --tensor-parallel-size N`), and loads its share of the decoder (qwen2vl.parallel);
+    every rank then calls the same methods with the same arguments."""
     t0 = time.perf_counter()
     check_device(device)
     directory = resolve_model_path(path_or_id)
-    model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
-                       cpu_matmul=cpu_matmul, adapter=adapter)
+    if tensor_parallel_size > 1:
+        from .parallel import load_rank_model, require_group
+
+        if adapter is not None:
+            raise ValueError("an adapter under tensor parallelism is not supported yet: merge it first "
+                             "(qwen2vl merge) and load the merged checkpoint")
+        require_group(tensor_parallel_size)
+        model = load_rank_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
+                                cpu_matmul=cpu_matmul)
+    else:
+        model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
+                           cpu_matmul=cpu_matmul, adapter=adapter)
     processor = Processor.from_pretrained(directory, **processor_overrides)
     gen_path = Path(directory) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}

@@ -10,7 +10,10 @@ page cache is not charged to the process) and converted to the target dtype one 
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +44,17 @@ _ST_DTYPES = {
 
 class CheckpointError(ValueError):
     """The checkpoint's files or tensors do not fit the model its config.json describes."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSlice:
+    """The part of a checkpoint tensor one process reads: indices start..stop along `dim`, whose full size is
+    `full` (a tensor-parallel rank's rows or columns; see qwen2vl.parallel)."""
+
+    dim: int
+    start: int
+    stop: int
+    full: int
 
 
 def our_name(key: str) -> str:
@@ -80,23 +94,44 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_tensor(f, path: Path, info: dict, data_start: int) -> torch.Tensor:
+def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice | None = None) -> torch.Tensor:
+    """One tensor, or only `part` of it: one contiguous read per run of the kept indices (one in all when the
+    slice is along the first dimension), straight into the result, so the rest is never in memory."""
     dtype = _ST_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CheckpointError(f"{path}: tensor dtype {info['dtype']} is not supported")
     begin, end = info["data_offsets"]
-    t = torch.empty(info["shape"], dtype=dtype)
-    if end > begin:
-        f.seek(data_start + begin)
-        got = f.readinto(t.view(-1).view(torch.uint8).numpy())
-        if got != end - begin:
-            raise CheckpointError(f"{path}: truncated (wanted {end - begin} bytes at {begin}, got {got})")
+    shape = list(info["shape"])
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: the header gives {end - begin} bytes to a {info['dtype']} tensor of shape "
+                              f"{tuple(shape)}")
+    outer, inner = 1, 0  # the whole tensor: one run
+    if part is not None:
+        if part.dim >= len(shape) or shape[part.dim] != part.full:
+            raise CheckpointError(f"{path}: tensor of shape {tuple(shape)}, but a slice of dimension {part.dim} "
+                                  f"of size {part.full} was asked for")
+        outer = math.prod(shape[:part.dim])
+        inner = math.prod(shape[part.dim + 1:]) * dtype.itemsize  # bytes per index along dim
+        shape[part.dim] = part.stop - part.start
+    t = torch.empty(shape, dtype=dtype)
+    out = t.view(-1).view(torch.uint8).numpy()
+    run = out.size // max(outer, 1)
+    for i in range(outer if out.size else 0):
+        # run i: rows i of the leading dimensions, indices start..stop of `dim` (or everything without a part)
+        offset = begin + (i * part.full + part.start) * inner if part is not None else begin
+        f.seek(data_start + offset)
+        got = f.readinto(out[i * run:(i + 1) * run])
+        if got != run:
+            raise CheckpointError(f"{path}: truncated (wanted {run} bytes at {offset}, got {got})")
     return t
 
 
 def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
-                 scheme=None) -> None:
+                 scheme=None, slices: dict[str, TensorSlice] | None = None) -> None:
     """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise.
+
+    `slices`: parameters that hold only part of their checkpoint tensor (a tensor-parallel rank's share); only
+    that part is read.
 
     With a `scheme` (qwen2vl.quant.QuantScheme, from config.json's quantization_config), every layer stored as
     `<layer>.qweight` is read one layer at a time and replaced by a qwen2vl.quant.QuantLinear.
@@ -148,15 +183,15 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {directory.name}", disable=not progress)
     handles: dict[Path, object] = {}
 
-    def read(path: Path, info: dict, start: int) -> torch.Tensor:
+    def read(path: Path, info: dict, start: int, part: TensorSlice | None = None) -> torch.Tensor:
         f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-        t = _read_tensor(f, path, info, start)
+        t = _read_tensor(f, path, info, start, part)
         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
         return t
 
     try:
         for path, key, name, info, start in plan:
-            t = read(path, info, start)
+            t = read(path, info, start, (slices or {}).get(name))
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")
@@ -229,6 +264,7 @@ def load_model(
     cpu_kernels: bool | None = None,
     cpu_matmul: str = "auto",
     adapter: str | Path | None = None,
+    shard: Callable[[Qwen2VL], dict[str, TensorSlice]] | None = None,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
@@ -237,6 +273,8 @@ def load_model(
     (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the
     weights' own dtype, like the reference.
     `adapter`: a LoRA adapter directory in PEFT's format (`qwen2vl.lora`), applied on top of the weights.
+    `shard`: a transform of the meta-device model before any reading (qwen2vl.parallel: one tensor-parallel
+    rank's share), returning the slices its parameters read.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -261,9 +299,14 @@ def load_model(
         if dtype is None and device.type == "cpu":  # float16 arithmetic on CPU is slow: compute in float32
             dtype = torch.float32
     dtype = dtype or config.torch_dtype or torch.float32
+    if shard is not None and (quantize or scheme is not None):
+        what = f"quantize={quantize!r}" if quantize else f"a {scheme.method.upper()} checkpoint"
+        raise ValueError(f"tensor parallelism runs float32, bfloat16 or float16 weights; {what} is not supported "
+                         "with more than one rank")
     with torch.device("meta"):
         model = Qwen2VL(config)
-    load_weights(model, directory, dtype, device, progress, scheme)
+    slices = shard(model) if shard is not None else None
+    load_weights(model, directory, dtype, device, progress, scheme, slices)
     if adapter is not None:
         from .lora import load_adapter
 

@@ -1,0 +1,118 @@
+"""One process per tensor-parallel rank: start them, join them, and turn a failed rank into one clear error.
+
+torch.multiprocessing (spawn) starts the ranks; each initialises the default torch.distributed process group
+over TCP on this host (Gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
+others fail instead of waiting for ever, and a rank that dies stops the rest (torch's ProcessContext.join).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..weights import load_model
+from .shard import shard_decoder
+
+# a collective that waits longer fails. Generous, because ranks load at different speeds before their first
+# all-reduce (a 72B shard from a slow disk); a rank that dies is noticed at once by the join, not by this.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank failed, died or timed out."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn: Callable, world: int, args: tuple = (), device: str = "cpu",
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Run fn(rank, world, device, *args) in `world` processes, each inside the default process group; return when
+    all have. `fn` must be importable (a module-level function). On CUDA, rank r uses cuda:r and NCCL."""
+    port = free_port()
+    ctx = mp.start_processes(_rank_main, args=(fn, world, port, device, timeout_s, args), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join(grace_period=5.0):  # a failed rank: the others get 5 s to fail on their own
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        raise TensorParallelError(_failures(ctx, world)) from None
+
+
+# words of a rank's error that make it a consequence of another rank's failure (a broken collective)
+_CONSEQUENCE = ("gloo", "nccl", "connection", "timed out", "timeout")
+
+
+def _failures(ctx, world: int) -> str:
+    """One line: every rank that died or raised, causes first (a death, then errors other than broken
+    collectives), each with the last line of its error."""
+    found = []
+    for rank, (process, error_file) in enumerate(zip(ctx.processes, ctx.error_files)):
+        code = process.exitcode
+        if os.path.exists(error_file) and os.path.getsize(error_file):
+            with open(error_file, "rb") as f:
+                last = [line for line in pickle.load(f).splitlines() if line.strip()][-1]
+            found.append((1 + any(w in last.lower() for w in _CONSEQUENCE), f"rank {rank} of {world} failed: {last}"))
+        elif code not in (0, None, -signal.SIGTERM):  # SIGTERM: stopped by join after another rank's failure
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            found.append((0, f"rank {rank} of {world} died ({how})"))
+    if not found:
+        found = [(0, f"a rank of {world} was stopped by SIGTERM")]
+    return "tensor-parallel " + "; ".join(text for _, text in sorted(found, key=lambda f: f[0])) + \
+        "; the other ranks were stopped"
+
+
+def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, timeout_s: float, args: tuple) -> None:
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world, device, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def join_launcher_group(world: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, str]:
+    """Under torchrun (one host or several): this process is one rank; initialise the default process group from
+    torchrun's environment (env://). Returns (rank, this rank's device: cuda:LOCAL_RANK on CUDA)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise ValueError(f"--tensor-parallel-size {world}, but torchrun started {launched} processes")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), device
+
+
+def require_group(world: int) -> None:
+    """Refuse a tensor-parallel load outside a process group of `world` ranks."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"tensor_parallel_size={world} needs an initialised torch.distributed process group (run "
+                         "every rank under torchrun, or use `qwen2vl run --tensor-parallel-size N`)")
+    if dist.get_world_size() != world:
+        raise ValueError(f"tensor_parallel_size={world}, but the process group has {dist.get_world_size()} ranks")
+
+
+def load_rank_model(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False,
+                    cpu_kernels: bool | None = None, cpu_matmul: str = "auto", group: dist.ProcessGroup | None = None,
+                    quantize: str | None = None):
+    """This rank's share of the model (weights.load_model with shard_decoder), inside an initialised process group:
+    only the rank's slices of the sharded tensors are read. (load_model refuses quantization with a shard.)"""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    return load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize, cpu_kernels=cpu_kernels,
+                      cpu_matmul=cpu_matmul, shard=lambda model: shard_decoder(model, rank, world, group))

@@ -1,0 +1,237 @@
+"""Tensor parallelism (qwen2vl.parallel) on CPU with Gloo: 2 and 3 ranks against the single-process model.
+
+Each multi-process test spawns the ranks once and runs every case inside them: the logits of a whole prompt
+(float32) within 1e-5 of the single-process model's (relative to the largest logit), bit-identical on every rank
+(so every rank chooses the same tokens), greedy tokens identical, the KV cache holding only the rank's heads, and
+only the rank's share of the decoder's weights in memory. Checkpoints: odd widths, GQA with the KV heads split
+(2 ranks) and replicated (3 ranks over 1 KV head), tied and untied output, sharded files in both key layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model_inputs import CASES, build
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.generate.decode import Prompt, generate_steps, greedy
+from qwen2vl.model import KVCache
+from qwen2vl.parallel import TensorParallelError, check_world_size, load_rank_model, run_ranks, share
+from qwen2vl.testing.checkpoint import TINY_TEXT, TINY_VISION, make_config, write_checkpoint
+from qwen2vl.weights import TensorSlice, _read_tensor, load_model, read_header
+
+TP_CASES = ["one image", "video with T > spatial, then text", "image then video then image",
+            "left-padded batch: text / image / video"]
+NEW_TOKENS = 5
+
+
+def _rank_check(rank: int, world: int, device: str, ckpt: str, out: str) -> None:
+    """Runs in every rank; rank 0 also runs the single-process model. Writes what the rank found."""
+    torch.manual_seed(0)
+    ref = load_model(ckpt, dtype=torch.float32, progress=False) if rank == 0 else None
+    model = load_rank_model(ckpt, dtype=torch.float32)
+    cfg = model.config.text
+    found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2],
+                   "decoder_params": sum(p.numel() for p in model.model.layers.parameters()), "cases": {}}
+    if ref is not None:
+        found["decoder_params_full"] = sum(p.numel() for p in ref.model.layers.parameters())
+    with torch.inference_mode():
+        for name in TP_CASES:
+            batch = build(CASES[name], seed=len(name))
+            logits = model(**batch)
+            top, bottom = logits.clone(), logits.clone()  # the same on every rank: the max over ranks is the min
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            dist.all_reduce(bottom, op=dist.ReduceOp.MIN)
+            steps = generate_steps(model, Prompt.from_batch(batch), greedy, NEW_TOKENS)
+            c = found["cases"][name] = {"ranks_differ": (top - bottom).abs().max().item(),
+                                        "tokens": torch.stack([s.tokens for s in steps], 1).tolist()}
+            if ref is not None:
+                want = ref(**batch)
+                steps = generate_steps(ref, Prompt.from_batch(batch), greedy, NEW_TOKENS)
+                c.update(max_diff=(logits - want).abs().max().item(), scale=want.abs().max().item(),
+                         tokens_single=torch.stack([s.tokens for s in steps], 1).tolist())
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(found, f)
+
+
+def _run(tmp_path, cfg: dict, world: int, **write) -> list[dict]:
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, tokenizer=False, **write)
+    run_ranks(_rank_check, world, (str(ckpt), str(tmp_path)), timeout_s=120)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check(found: list[dict], world: int, kv_heads: int, parity_report, label: str) -> None:
+    single = found[0]
+    # each rank holds 1/world of the decoder's projections (norms and replicated KV heads besides)
+    assert all(f["decoder_params"] < single["decoder_params_full"] / world * 1.1 for f in found)
+    for name, c in single["cases"].items():
+        # 1e-5 of the logits' scale (float32's spacing is 4e-6 at the tied checkpoint's logits of ~40)
+        parity_report(f"tp {label}: {name} max |diff| / max |logit|", c["max_diff"] / c["scale"], 1e-5)
+        assert c["scale"] > 1.0  # logits that move: the comparison means something
+        assert c["tokens"] == c["tokens_single"], name
+        assert len(c["tokens"][0]) == NEW_TOKENS
+    for f in found:
+        assert f["kv_cache_heads"] == kv_heads
+        for name, c in f["cases"].items():
+            assert c["ranks_differ"] == 0.0, f"{name}: the ranks' logits differ"
+            assert c["tokens"] == single["cases"][name]["tokens_single"], name
+
+
+def test_two_ranks_split_kv_heads(tmp_path, parity_report):
+    # 6 query heads, 2 KV heads: one KV head (3 query heads) per rank; untied output, new key layout, 3 files
+    found = _run(tmp_path, make_config(), 2, key_layout="transformers", shards=3, seed=3)
+    _check(found, 2, 1, parity_report, "2 ranks")
+
+
+def test_three_ranks_replicate_kv_head(tmp_path, parity_report):
+    # 1 KV head for 6 query heads over 3 ranks: the KV head is replicated; odd MLP width 201; tied output
+    text = {**TINY_TEXT, "num_key_value_heads": 1, "intermediate_size": 201}
+    found = _run(tmp_path, make_config(text, tie_word_embeddings=True), 3, seed=4)
+    _check(found, 3, 1, parity_report, "3 ranks")
+
+
+def test_refused_world_size_names_sizes_that_work():
+    cfg = Qwen2VLConfig.from_hf_dict(make_config())  # 6 heads, 2 KV heads, MLP 200
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .* sizes that work: \[1, 2\]"):
+        check_world_size(cfg.text, 3)
+    with pytest.raises(ValueError, match=r"sizes that work: \[1, 2\]"):
+        check_world_size(cfg.text, 4)  # would replicate the 2 KV heads, but 6 query heads do not split in 4
+    check_world_size(cfg.text, 2)
+
+
+@pytest.mark.parametrize("heads,kv,world", [(6, 2, 2), (6, 1, 3), (12, 2, 4), (12, 4, 2), (12, 2, 6), (8, 8, 4)])
+def test_share_kv_head_serves_the_ranks_query_heads(heads, kv, world):
+    cfg = Qwen2VLConfig.from_hf_dict(
+        make_config({**TINY_TEXT, "hidden_size": heads * 12, "num_attention_heads": heads,
+                     "num_key_value_heads": kv, "intermediate_size": 24 * world},
+                    {**TINY_VISION, "hidden_size": heads * 12}))
+    groups = heads // kv
+    owned_q, owned_kv = [], []
+    for rank in range(world):
+        s = share(cfg.text, rank, world)
+        owned_q += range(s.q0, s.q0 + s.q)
+        owned_kv += range(s.kv0, s.kv0 + s.kv)
+        # every query head of the rank attends with a KV head the rank holds, at the same local group index
+        for local, head in enumerate(range(s.q0, s.q0 + s.q)):
+            assert head // groups == s.kv0 + local // (s.q // s.kv)
+    assert owned_q == list(range(heads))
+    assert sorted(set(owned_kv)) == list(range(kv))
+    assert len(owned_kv) == max(kv, world)
+
+
+@pytest.mark.parametrize("shape,dim", [((7, 5), 0), ((7, 5), 1), ((3, 6, 4), 1), ((3, 6, 4), 2), ((9,), 0)])
+def test_sliced_read_equals_slice_of_full_read(tmp_path, shape, dim):
+    from safetensors.torch import save_file
+
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.randn(shape).to(dtype)
+        path = tmp_path / "t.safetensors"
+        save_file({"x": t, "y": torch.ones(2)}, path)
+        header, start = read_header(path)
+        n = shape[dim]
+        for lo, hi in ((0, n), (1, n - 1), (n - 2, n)):
+            with open(path, "rb") as f:
+                got = _read_tensor(f, path, header["x"], start, TensorSlice(dim, lo, hi, n))
+            assert torch.equal(got, t.narrow(dim, lo, hi - lo))
+    with open(path, "rb") as f, pytest.raises(ValueError, match="slice of dimension"):
+        _read_tensor(f, path, header["x"], start, TensorSlice(dim, 0, 1, n + 1))
+
+
+def _barrier_after_death(rank: int, world: int, device: str) -> None:
+    if rank == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+def _raises_on_rank_one(rank: int, world: int, device: str) -> None:
+    if rank == 1:
+        raise ValueError("weights not found on this host")
+    dist.barrier()
+
+
+def _hangs_on_rank_one(rank: int, world: int, device: str) -> None:
+    if rank == 1:
+        import time
+
+        time.sleep(120)
+    dist.barrier()
+
+
+def test_a_hung_rank_times_out_instead_of_hanging():
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(TensorParallelError, match=r"rank 0 of 2 failed: .*(timed out|Timed out|timeout)"):
+        run_ranks(_hangs_on_rank_one, 2, timeout_s=3)
+    assert time.perf_counter() - t < 60  # the collective timeout, the grace period, process start: not 120 s
+
+
+def test_a_rank_that_dies_or_fails_is_a_clear_error_not_a_hang():
+    with pytest.raises(TensorParallelError, match=r"rank 1 of 2 died \(exit code 3"):
+        run_ranks(_barrier_after_death, 2, timeout_s=20)
+    with pytest.raises(TensorParallelError, match="rank 1 of 2 failed: ValueError: weights not found on this host"):
+        run_ranks(_raises_on_rank_one, 2, timeout_s=20)
+
+
+def test_quantized_loads_are_refused_under_tensor_parallelism(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "c", make_config(), tokenizer=False)
+    with pytest.raises(ValueError, match="quantize='int8' is not supported with more than one rank"):
+        load_model(ckpt, quantize="int8", shard=lambda m: {})
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    """`qwen2vl make-tiny`'s checkpoint: bf16, so the CPU kernels run on each rank's shards too."""
+    from qwen2vl.cli import main
+
+    directory = tmp_path_factory.mktemp("tp-cli") / "tiny"
+    assert main(["make-tiny", str(directory)]) == 0
+    return directory
+
+
+def test_cli_run_on_two_ranks_prints_what_one_process_prints(tiny_bf16, capfd):
+    from qwen2vl.cli import main
+
+    argv = ["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out
+    assert main(argv + ["--tensor-parallel-size", "2"]) == 0
+    two = capfd.readouterr().out
+    assert two == one and len(one.strip()) > 0  # printed once (rank 0 only), the same greedy answer
+
+
+def test_cli_refuses_a_world_size_that_does_not_split_before_loading(tiny_bf16, capfd):
+    from qwen2vl.cli import main
+
+    assert main(["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--tensor-parallel-size", "4"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sizes that work: [1, 2]" in err[0]
+
+
+def test_load_with_tensor_parallel_size_needs_a_process_group(tiny_bf16):
+    import qwen2vl
+
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        qwen2vl.load(str(tiny_bf16), tensor_parallel_size=2, progress=False)
+
+
+def test_torchrun_ranks_run_the_same_command(tiny_bf16, capfd):
+    """`torchrun --nproc-per-node 2 -m qwen2vl run --tensor-parallel-size 2`: each process is one rank (the way
+    across hosts); rank 0 prints what one process prints."""
+    import subprocess
+    import sys
+
+    from qwen2vl.cli import main
+
+    argv = ["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "qwen2vl", *argv, "--tensor-parallel-size", "2"], capture_output=True, text=True,
+                         timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == one
