@@ -201,15 +201,7 @@ class WeightOnlyMatmul:
         self._head = (self.ptr, None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m, k = x.shape
-        if k != self.k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
-            raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {self.k}), got {x.dtype} {tuple(x.shape)}")
-        x = x.contiguous()
-        y = torch.empty(m, self.n, dtype=torch.float32)
-        status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, _threads())
-        if status != 0:
-            raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
-        return y
+        return _call(self._fn, self._head, (), x, self.n, self.k)
 
 
 class Q4Product:
@@ -245,15 +237,19 @@ class Q4Product:
         return k % 32 == 0 and group % 32 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m, k = x.shape
-        if k != self.k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
-            raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {self.k}), got {x.dtype} {tuple(x.shape)}")
-        x = x.contiguous()
-        y = torch.empty(m, self.n, dtype=torch.float32)
-        status = self._fn(*self._head, x.data_ptr(), y.data_ptr(), self.n, k, m, self.group, _threads())
-        if status != 0:
-            raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
-        return y
+        return _call(self._fn, self._head, (self.group,), x, self.n, self.k)
+
+
+def _call(fn, head: tuple, extra: tuple, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """One product: fn(*head, x, y, n, k, m, *extra, threads) on x (M <= MAX_ROWS, K) float32 -> y (M, N)."""
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or not 0 < m <= MAX_ROWS or x.dtype != torch.float32:
+        raise ValueError(f"x must be float32 (1..{MAX_ROWS}, {k}), got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if fn(*head, x.data_ptr(), y.data_ptr(), n, k, m, *extra, _threads()) != 0:
+        raise MemoryError("qwen2vl kernels: could not allocate the input scratch buffer")
+    return y
 
 
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

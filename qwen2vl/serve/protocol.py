@@ -419,11 +419,13 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
     return (f"'{loc}': {message}{more}" if loc else f"{message}{more}"), field
 
 
-def parse_request(body: Any, generation_config: dict) -> ChatRequest:
+def _validated(body: Any, model: type[BaseModel]) -> tuple[Any, Any, str | None]:
+    """The body as `model` (a 400 naming the field otherwise) and its output constraint (a 400 saying why one
+    cannot compile) -> (request, constraint, the field that set it)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        r = ChatCompletionRequest.model_validate(body)
+        r = model.model_validate(body)
     except ValidationError as e:
         message, param = _describe(e)
         raise ApiError(400, message, param=param) from None
@@ -431,6 +433,11 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
         constraint, field = _constraint(r)
     except (GrammarError, json.JSONDecodeError) as e:
         raise ApiError(400, str(e)) from None
+    return r, constraint, field
+
+
+def parse_request(body: Any, generation_config: dict) -> ChatRequest:
+    r, constraint, field = _validated(body, ChatCompletionRequest)
     tools = [t.model_dump(exclude_none=True) for t in r.tools] if r.tools else None
     choice = r.tool_choice if r.tool_choice is not None else ("auto" if tools else "none")
     if not isinstance(choice, str):
@@ -476,17 +483,7 @@ def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
 
 def parse_completion_request(body: Any, generation_config: dict) -> ChatRequest:
     """/v1/completions: the same request shape as a chat's, with `prompt` set and no messages."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        r = CompletionRequest.model_validate(body)
-    except ValidationError as e:
-        message, param = _describe(e)
-        raise ApiError(400, message, param=param) from None
-    try:
-        constraint, field = _constraint(r)
-    except (GrammarError, json.JSONDecodeError) as e:
-        raise ApiError(400, str(e)) from None
+    r, constraint, field = _validated(body, CompletionRequest)
     prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
     return ChatRequest(r.model, [], _sampling(r, generation_config, r.max_tokens), True, False, r.n, r.stream,
                        bool(r.stream_options and r.stream_options.include_usage), False, 0, r.skip_special_tokens,
