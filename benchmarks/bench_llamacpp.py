@@ -201,6 +201,8 @@ def print_table(table: dict[str, dict], rounds: int) -> None:
               f"{fmt(row['bw'], '.1f'):>11}")
         for error in row["errors"]:
             print(f"  {name} failed: {error}")
+    print("ready: llama.cpp memory-maps the GGUF, so weights it does not convert at load are read during its "
+          "warm-up, after ready; we read every weight before ready")
     print("ratios, qwen2vl over llama.cpp at like storage (> 1: qwen2vl better; ready time and memory inverted)")
     for ours, theirs in PAIRS:
         a, b = table.get(ours), table.get(theirs)
