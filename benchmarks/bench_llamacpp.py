@@ -7,10 +7,10 @@ llama.cpp side: `llama-bench -p 512 -n 32 -t THREADS -r 1` on the BF16, Q8_0 and
 (converted from --checkpoint with llama.cpp's convert_hf_to_gguf.py and quantized with llama-quantize; file
 names must contain bf16, q8_0 and q4_k_m), giving pp512 (a 512-token prompt processed at once) and tg32 (32
 decode steps at batch 1 from an empty context), each after llama-bench's own warm-up run.
-Our side: `qwen2vl.load_model` on --checkpoint, bf16 storage (the default CPU path) and `quantize="int8"`, and
-with --ours-int4 a 4-bit AWQ/GPTQ checkpoint; pp512 is a 512-token random text prompt's prefill (to the first
-token), tg32 is 32 decode steps at batch 1 after a 1-token prompt, each after one untimed run of the same kind,
-on THREADS torch threads.
+Our side: `qwen2vl.load_model` on --checkpoint, bf16 storage (the default CPU path), `quantize="int8"` and
+`quantize="int4"` (4-bit round-to-nearest of the decoder), and with --ours-int4 a 4-bit AWQ/GPTQ checkpoint;
+pp512 is a 512-token random text prompt's prefill (to the first token), tg32 is 32 decode steps at batch 1 after a
+1-token prompt, each after one untimed run of the same kind, on THREADS torch threads.
 
 Every run is its own process; a round runs each variant once, in reverse order every other round, and the table
 shows medians over rounds. Per run: peak resident memory (the child's ru_maxrss, from wait4; llama.cpp memory-maps
@@ -18,7 +18,7 @@ the GGUF file, so its weights count once their pages are touched), the time from
 model loaded and the first warm-up about to start: llama-bench's `--progress` line, our worker's "ready" line;
 both include the program's own start-up), and the read bandwidth probed (as bench_model.py's Bandwidth) just
 before and after the run, which gives tg32's fraction of its decode bound (weight bytes read per decode step /
-that bandwidth). Ratios compare like storage: bf16 with BF16, int8 with Q8_0, int4 with Q4_K_M.
+that bandwidth). Ratios compare like storage: bf16 with BF16, int8 with Q8_0, both int4 with Q4_K_M.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 PROMPT_TOKENS, GEN_TOKENS = 512, 32  # llama-bench's pp512 and tg32
 LLAMA_FORMATS = ("bf16", "q8_0", "q4_k_m")
 PAIRS = (("qwen2vl bf16", "llama.cpp bf16"), ("qwen2vl int8", "llama.cpp q8_0"),
-         ("qwen2vl int4", "llama.cpp q4_k_m"))  # like storage against like
+         ("qwen2vl int4", "llama.cpp q4_k_m"), ("qwen2vl int4 ckpt", "llama.cpp q4_k_m"))  # like storage with like
 
 
 @dataclass
@@ -256,9 +256,10 @@ def main() -> None:
                 for f in LLAMA_FORMATS}
     variants["qwen2vl bf16"] = lambda: ours_run("qwen2vl bf16", {**spec, "quantize": None}, env)
     variants["qwen2vl int8"] = lambda: ours_run("qwen2vl int8", {**spec, "quantize": "int8"}, env)
+    variants["qwen2vl int4"] = lambda: ours_run("qwen2vl int4", {**spec, "quantize": "int4"}, env)
     if args.ours_int4:
-        variants["qwen2vl int4"] = lambda: ours_run("qwen2vl int4", {**spec, "checkpoint": str(args.ours_int4),
-                                                                     "quantize": None}, env)
+        variants["qwen2vl int4 ckpt"] = lambda: ours_run("qwen2vl int4 ckpt", {**spec, "quantize": None,
+                                                                               "checkpoint": str(args.ours_int4)}, env)
 
     print(f"CPU: {machine.cpu_facts().summary()}")
     print(f"torch {torch.__version__}, {args.threads} threads; llama-bench {bench}; GGUF: "
