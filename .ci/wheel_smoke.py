@@ -41,5 +41,8 @@ prompt = Prompt(ids, mask)
 got = torch.stack([s.tokens for s in generate_steps(fast, prompt, greedy, 8)], 1)
 want = torch.stack([s.tokens for s in generate_steps(plain, prompt, greedy, 8)], 1)
 assert torch.equal(got, want), f"greedy tokens differ: {got.tolist()} vs {want.tolist()}"
-print(f"wheel smoke ok: qwen2vl {qwen2vl.__version__} from {installed.parent}, kernels built, "
-      f"max |logit diff| {diff:.2g}, 8 greedy tokens equal", file=sys.stderr)
+print(
+    f"wheel smoke ok: qwen2vl {qwen2vl.__version__} from {installed.parent}, kernels built, "
+    f"max |logit diff| {diff:.2g}, 8 greedy tokens equal",
+    file=sys.stderr,
+)

@@ -50,12 +50,18 @@ def main() -> None:
     pipe.chat(history, max_new_tokens=args.new_tokens, temperature=0)
     fresh = time.perf_counter() - t0
     t3 = pipe.last_timings
-    print(f"turn 1 (image + question): {turn1:.2f} s; vision {t1.vision_s:.2f} s, prefill {t1.prefill_s:.2f} s "
-          f"of {t1.prompt_tokens} tokens")
-    print(f"turn 2 with the session:   {turn2:.2f} s; vision {t2.vision_s:.2f} s, prefill {t2.prefill_s:.2f} s, "
-          f"{t2.prompt_tokens - t2.reused_tokens} of {t2.prompt_tokens} prompt tokens run")
-    print(f"turn 2 run fresh:          {fresh:.2f} s; vision {t3.vision_s:.2f} s, prefill {t3.prefill_s:.2f} s of "
-          f"{t3.prompt_tokens} tokens  ->  the session is {fresh / turn2:.1f}x faster for this turn")
+    print(
+        f"turn 1 (image + question): {turn1:.2f} s; vision {t1.vision_s:.2f} s, prefill {t1.prefill_s:.2f} s "
+        f"of {t1.prompt_tokens} tokens"
+    )
+    print(
+        f"turn 2 with the session:   {turn2:.2f} s; vision {t2.vision_s:.2f} s, prefill {t2.prefill_s:.2f} s, "
+        f"{t2.prompt_tokens - t2.reused_tokens} of {t2.prompt_tokens} prompt tokens run"
+    )
+    print(
+        f"turn 2 run fresh:          {fresh:.2f} s; vision {t3.vision_s:.2f} s, prefill {t3.prefill_s:.2f} s of "
+        f"{t3.prompt_tokens} tokens  ->  the session is {fresh / turn2:.1f}x faster for this turn"
+    )
 
 
 if __name__ == "__main__":

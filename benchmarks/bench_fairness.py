@@ -32,12 +32,24 @@ VS, VE, IMG = 151652, 151653, 151655
 
 # `small`: the 2B's vision head size (80) and patch layout, a narrower tower of 2 blocks and a 4-layer decoder
 SMALL_TEXT = {
-    "vocab_size": 151936, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": True,
+    "vocab_size": 151936,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
     "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
 }
-SMALL_VISION = {"depth": 2, "embed_dim": 320, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 512, "in_chans": 3,
-                "spatial_patch_size": 14}
+SMALL_VISION = {
+    "depth": 2,
+    "embed_dim": 320,
+    "num_heads": 4,
+    "mlp_ratio": 4,
+    "hidden_size": 512,
+    "in_chans": 3,
+    "spatial_patch_size": 14,
+}
 
 
 def cpu_description() -> str:
@@ -47,8 +59,10 @@ def cpu_description() -> str:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         name = "unknown CPU"
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    return (f"{name}, {torch.get_num_threads()} torch threads, avx512_bf16 "
-            f"{'present' if 'avx512_bf16' in flags else 'absent'}")
+    return (
+        f"{name}, {torch.get_num_threads()} torch threads, avx512_bf16 "
+        f"{'present' if 'avx512_bf16' in flags else 'absent'}"
+    )
 
 
 def image_of(tokens: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
@@ -72,8 +86,14 @@ def image_prompt(pixels: torch.Tensor, grid: list[int]):
 
     ids = [151644, 872, 198, VS] + [IMG] * (grid[0] * grid[1] * grid[2] // 4) + [VE, 3555, 374, 419, 30]
     input_ids = torch.tensor([ids])
-    return Prompt.from_batch({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                              "pixel_values": pixels, "image_grid_thw": torch.tensor([grid])})
+    return Prompt.from_batch(
+        {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixels,
+            "image_grid_thw": torch.tensor([grid]),
+        }
+    )
 
 
 def text_prompt(length: int, seed: int):
@@ -87,8 +107,10 @@ def summary(gaps: list[float]) -> str:
     if not gaps:
         return "no tokens"
     p99 = sorted(gaps)[int(0.99 * (len(gaps) - 1))]
-    return (f"worst {max(gaps):7.3f} s   99th percentile {p99:6.3f} s   median {statistics.median(gaps):6.3f} s   "
-            f"({len(gaps)} gaps)")
+    return (
+        f"worst {max(gaps):7.3f} s   99th percentile {p99:6.3f} s   median {statistics.median(gaps):6.3f} s   "
+        f"({len(gaps)} gaps)"
+    )
 
 
 def main() -> None:
@@ -118,15 +140,23 @@ def main() -> None:
     pixels, grid = image_of(args.image_tokens)
     big = image_prompt(pixels, grid)
     max_len = big.input_ids.shape[1] + 4096  # room for the streams to keep decoding throughout
-    engine = Engine(model, max_num_seqs=args.streams + 1, max_model_len=max_len, prefill_chunk=args.prefill_chunk,
-                    prompt_budget_s=args.prompt_budget, vision_piece_flops=math.inf if args.one_piece else None)
+    engine = Engine(
+        model,
+        max_num_seqs=args.streams + 1,
+        max_model_len=max_len,
+        prefill_chunk=args.prefill_chunk,
+        prompt_budget_s=args.prompt_budget,
+        vision_piece_flops=math.inf if args.one_piece else None,
+    )
     vc = model.config.vision
     print(f"{cpu_description()}; torch {torch.__version__}")
-    print(f"checkpoint {path} ({'random ' + args.shapes + ' shapes' if not args.model else 'given'}): vision "
-          f"{vc.depth} blocks x {vc.embed_dim} wide, decoder {model.config.text.num_hidden_layers} layers x "
-          f"{model.config.text.hidden_size}; image {grid[2] * 14}x{grid[1] * 14} px -> grid {grid}, "
-          f"{args.image_tokens} tokens; prefill chunk {args.prefill_chunk}; vision pieces "
-          f"{'one per image' if args.one_piece else f'{engine.vision_piece_flops:.0e} flops'}")
+    print(
+        f"checkpoint {path} ({'random ' + args.shapes + ' shapes' if not args.model else 'given'}): vision "
+        f"{vc.depth} blocks x {vc.embed_dim} wide, decoder {model.config.text.num_hidden_layers} layers x "
+        f"{model.config.text.hidden_size}; image {grid[2] * 14}x{grid[1] * 14} px -> grid {grid}, "
+        f"{args.image_tokens} tokens; prefill chunk {args.prefill_chunk}; vision pieces "
+        f"{'one per image' if args.one_piece else f'{engine.vision_piece_flops:.0e} flops'}"
+    )
 
     last: dict[str, float] = {}
     gaps: dict[str, list[float]] = {"before the image": [], "vision encode": [], "prefill": []}
@@ -177,13 +207,17 @@ def main() -> None:
 
     for phase, values in gaps.items():
         print(f"gap between tokens of the running streams, {phase:<17} {summary(values)}")
-    print(f"image request: submitted -> its token {total:.1f} s; {stats['vision_pieces']} vision pieces; longest "
-          f"engine step in the last minute {stats['longest_step_s']:.3f} s")
+    print(
+        f"image request: submitted -> its token {total:.1f} s; {stats['vision_pieces']} vision pieces; longest "
+        f"engine step in the last minute {stats['longest_step_s']:.3f} s"
+    )
     for phase in ("vision encode", "prefill"):
         longest = sorted((s for s in steps if s[1] == phase), reverse=True)[:3]
         print(f"longest steps, {phase}: " + ", ".join(f"{d:.3f} s ({n} pieces)" for d, _, n in longest))
-    print(f"1-minute load average during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max "
-          f"{max(loads):.2f} ({os.cpu_count()} CPUs; above the torch threads, other processes took CPU time)")
+    print(
+        f"1-minute load average during the run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max "
+        f"{max(loads):.2f} ({os.cpu_count()} CPUs; above the torch threads, other processes took CPU time)"
+    )
     if args.check:
         key = next(iter(engine.vision_cache.items))
         with torch.inference_mode():
@@ -191,8 +225,9 @@ def main() -> None:
             whole = model.encode_vision(pixels, torch.tensor([grid]))
             alone = time.monotonic() - t
         same = torch.equal(engine.vision_cache.items[key], whole)
-        print(f"features in pieces torch.equal to a one-shot encode_vision: {same} (one-shot encode alone "
-              f"{alone:.1f} s)")
+        print(
+            f"features in pieces torch.equal to a one-shot encode_vision: {same} (one-shot encode alone {alone:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ from pathlib import Path
 
 PROMPT_TOKENS, GEN_TOKENS = 512, 32  # llama-bench's pp512 and tg32
 LLAMA_FORMATS = ("bf16", "q8_0", "q4_k_m")
-PAIRS = (("qwen2vl bf16", "llama.cpp bf16"), ("qwen2vl int8", "llama.cpp q8_0"),
-         ("qwen2vl int4", "llama.cpp q4_k_m"), ("qwen2vl int4 ckpt", "llama.cpp q4_k_m"))  # like storage with like
+PAIRS = (
+    ("qwen2vl bf16", "llama.cpp bf16"),
+    ("qwen2vl int8", "llama.cpp q8_0"),
+    ("qwen2vl int4", "llama.cpp q4_k_m"),
+    ("qwen2vl int4 ckpt", "llama.cpp q4_k_m"),
+)  # like storage with like
 
 
 @dataclass
@@ -91,8 +95,22 @@ def failure(code: int, err: str) -> str:
 
 
 def llama_run(name: str, bench: str, gguf: Path, threads: int, env: dict[str, str]) -> Run:
-    cmd = [bench, "-m", str(gguf), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS), "-t", str(threads), "-r", "1",
-           "-o", "json", "--progress"]
+    cmd = [
+        bench,
+        "-m",
+        str(gguf),
+        "-p",
+        str(PROMPT_TOKENS),
+        "-n",
+        str(GEN_TOKENS),
+        "-t",
+        str(threads),
+        "-r",
+        "1",
+        "-o",
+        "json",
+        "--progress",
+    ]
     code, out, err, ready, rss = run_process(cmd, "warmup prompt run", env)
     run = Run(name, ready_s=ready, peak_rss=rss)
     if code != 0:
@@ -148,15 +166,25 @@ def worker(spec: dict) -> None:
     # decode_bytes counts parameters; quantized layers (qwen2vl.quant) hold their packed weights as buffers
     nbytes = decode_bytes(side.model) + sum(b.numel() * b.element_size() for b in lm.layers.buffers())
     choice = getattr(side.model, "cpu_choice", None)
-    print(json.dumps({"pp": pp, "tg": tg, "weight_bytes": nbytes,
-                      "cpu_choice": choice.describe() if choice is not None else None}))
+    print(
+        json.dumps(
+            {
+                "pp": pp,
+                "tg": tg,
+                "weight_bytes": nbytes,
+                "cpu_choice": choice.describe() if choice is not None else None,
+            }
+        )
+    )
 
 
 def find_gguf(directory: Path, fmt: str) -> Path:
     found = [p for p in sorted(directory.glob("*.gguf")) if fmt in p.name.lower() and not p.name.startswith("mmproj")]
     if len(found) != 1:
-        raise SystemExit(f"--gguf-dir {directory}: expected exactly one *.gguf whose name contains {fmt!r} (not "
-                         f"mmproj-*), found {[p.name for p in found] or 'none'}")
+        raise SystemExit(
+            f"--gguf-dir {directory}: expected exactly one *.gguf whose name contains {fmt!r} (not "
+            f"mmproj-*), found {[p.name for p in found] or 'none'}"
+        )
     return found[0]
 
 
@@ -174,11 +202,14 @@ def summarize(rounds: list[list[Run]], names: list[str]) -> dict[str, dict]:
     for name in names:
         runs = [r for rnd in rounds for r in rnd if r.name == name]
         table[name] = {
-            "pp": median([r.pp for r in runs]), "tg": median([r.tg for r in runs]),
-            "bound": median([r.bound_fraction for r in runs]), "ready": median([r.ready_s for r in runs]),
+            "pp": median([r.pp for r in runs]),
+            "tg": median([r.tg for r in runs]),
+            "bound": median([r.bound_fraction for r in runs]),
+            "ready": median([r.ready_s for r in runs]),
             "rss": median([r.peak_rss / 1e9 if r.peak_rss else None for r in runs]),
             "weights": median([r.weight_bytes / 1e9 if r.weight_bytes else None for r in runs]),
-            "bw": median([r.bandwidth for r in runs]), "errors": [r.error for r in runs if r.error],
+            "bw": median([r.bandwidth for r in runs]),
+            "errors": [r.error for r in runs if r.error],
         }
     return table
 
@@ -192,32 +223,47 @@ def ratio(ours: dict, theirs: dict, key: str, lower_better: bool = False) -> str
 
 def print_table(table: dict[str, dict], rounds: int) -> None:
     print(f"median of {rounds} round(s); each run a fresh process")
-    head = (f"{'run':<18}{'pp512 tok/s':>12}{'tg32 tok/s':>12}{'tg32/bound':>12}{'weights GB':>12}"
-            f"{'ready s':>10}{'peak RSS GB':>13}{'read GB/s':>11}")
+    head = (
+        f"{'run':<18}{'pp512 tok/s':>12}{'tg32 tok/s':>12}{'tg32/bound':>12}{'weights GB':>12}"
+        f"{'ready s':>10}{'peak RSS GB':>13}{'read GB/s':>11}"
+    )
     print(head)
     for name, row in table.items():
-        print(f"{name:<18}{fmt(row['pp'], '.2f'):>12}{fmt(row['tg'], '.2f'):>12}{fmt(row['bound'], '.0%'):>12}"
-              f"{fmt(row['weights'], '.2f'):>12}{fmt(row['ready'], '.1f'):>10}{fmt(row['rss'], '.2f'):>13}"
-              f"{fmt(row['bw'], '.1f'):>11}")
+        print(
+            f"{name:<18}{fmt(row['pp'], '.2f'):>12}{fmt(row['tg'], '.2f'):>12}{fmt(row['bound'], '.0%'):>12}"
+            f"{fmt(row['weights'], '.2f'):>12}{fmt(row['ready'], '.1f'):>10}{fmt(row['rss'], '.2f'):>13}"
+            f"{fmt(row['bw'], '.1f'):>11}"
+        )
         for error in row["errors"]:
             print(f"  {name} failed: {error}")
-    print("ready: llama.cpp memory-maps the GGUF, so weights it does not convert at load are read during its "
-          "warm-up, after ready; we read every weight before ready")
+    print(
+        "ready: llama.cpp memory-maps the GGUF, so weights it does not convert at load are read during its "
+        "warm-up, after ready; we read every weight before ready"
+    )
     print("ratios, qwen2vl over llama.cpp at like storage (> 1: qwen2vl better; ready time and memory inverted)")
     for ours, theirs in PAIRS:
         a, b = table.get(ours), table.get(theirs)
         if a is not None and b is not None:
-            print(f"  {ours} / {theirs}: pp512 {ratio(a, b, 'pp')}, tg32 {ratio(a, b, 'tg')}, "
-                  f"ready {ratio(a, b, 'ready', True)}, peak RSS {ratio(a, b, 'rss', True)}")
+            print(
+                f"  {ours} / {theirs}: pp512 {ratio(a, b, 'pp')}, tg32 {ratio(a, b, 'tg')}, "
+                f"ready {ratio(a, b, 'ready', True)}, peak RSS {ratio(a, b, 'rss', True)}"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-bench", default=shutil.which("llama-bench"),
-                    help="path of llama.cpp's llama-bench binary (default: the one on PATH)")
+    ap.add_argument(
+        "--llama-bench",
+        default=shutil.which("llama-bench"),
+        help="path of llama.cpp's llama-bench binary (default: the one on PATH)",
+    )
     ap.add_argument("--gguf-dir", type=Path, help="folder with the BF16, Q8_0 and Q4_K_M GGUF files")
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/qwen2vl-2b-random"),
-                    help="the Hugging Face checkpoint the GGUF files were converted from")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("/tmp/qwen2vl-2b-random"),
+        help="the Hugging Face checkpoint the GGUF files were converted from",
+    )
     ap.add_argument("--ours-int4", type=Path, help="a 4-bit AWQ/GPTQ checkpoint of the same shapes for our side")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="llama-bench -t and our torch threads")
@@ -229,8 +275,9 @@ def main() -> None:
         return worker(json.loads(args.worker))
 
     if not args.llama_bench:
-        raise SystemExit("llama-bench not found on PATH: build llama.cpp's tools (docs/benchmarks.md) and pass "
-                         "--llama-bench PATH")
+        raise SystemExit(
+            "llama-bench not found on PATH: build llama.cpp's tools (docs/benchmarks.md) and pass --llama-bench PATH"
+        )
     bench = Path(args.llama_bench)
     if not (bench.is_file() and os.access(bench, os.X_OK)):
         raise SystemExit(f"--llama-bench {bench}: no executable file there (build llama.cpp's llama-bench first)")
@@ -251,19 +298,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # the probe reads with as many threads as the runs
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     spec = {"checkpoint": str(args.checkpoint), "threads": args.threads, "seed": args.seed}
-    variants = {f"llama.cpp {f}": (lambda f=f, n=f"llama.cpp {f}": llama_run(n, str(bench), ggufs[f], args.threads,
-                                                                             env))
-                for f in LLAMA_FORMATS}
+    variants = {
+        f"llama.cpp {f}": (lambda f=f, n=f"llama.cpp {f}": llama_run(n, str(bench), ggufs[f], args.threads, env))
+        for f in LLAMA_FORMATS
+    }
     variants["qwen2vl bf16"] = lambda: ours_run("qwen2vl bf16", {**spec, "quantize": None}, env)
     variants["qwen2vl int8"] = lambda: ours_run("qwen2vl int8", {**spec, "quantize": "int8"}, env)
     variants["qwen2vl int4"] = lambda: ours_run("qwen2vl int4", {**spec, "quantize": "int4"}, env)
     if args.ours_int4:
-        variants["qwen2vl int4 ckpt"] = lambda: ours_run("qwen2vl int4 ckpt", {**spec, "quantize": None,
-                                                                               "checkpoint": str(args.ours_int4)}, env)
+        variants["qwen2vl int4 ckpt"] = lambda: ours_run(
+            "qwen2vl int4 ckpt", {**spec, "quantize": None, "checkpoint": str(args.ours_int4)}, env
+        )
 
     print(f"CPU: {machine.cpu_facts().summary()}")
-    print(f"torch {torch.__version__}, {args.threads} threads; llama-bench {bench}; GGUF: "
-          + ", ".join(p.name for p in ggufs.values()))
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; llama-bench {bench}; GGUF: "
+        + ", ".join(p.name for p in ggufs.values())
+    )
     bandwidth = Bandwidth(torch.device("cpu"))
     names = list(variants)
     rounds: list[list[Run]] = []
@@ -274,24 +325,30 @@ def main() -> None:
             before = bandwidth()
             run = variants[name]()
             run.bandwidth = (before + bandwidth()) / 2
-            print(f"round {i + 1}/{args.rounds} {name}: pp512 {fmt(run.pp, '.2f')} tok/s, tg32 {fmt(run.tg, '.2f')} "
-                  f"tok/s, ready {fmt(run.ready_s, '.1f')} s, peak RSS {run.peak_rss / 1e9:.2f} GB, "
-                  f"read {run.bandwidth:.1f} GB/s" + (f"; FAILED {run.error}" if run.error else ""), flush=True)
+            print(
+                f"round {i + 1}/{args.rounds} {name}: pp512 {fmt(run.pp, '.2f')} tok/s, tg32 {fmt(run.tg, '.2f')} "
+                f"tok/s, ready {fmt(run.ready_s, '.1f')} s, peak RSS {run.peak_rss / 1e9:.2f} GB, "
+                f"read {run.bandwidth:.1f} GB/s" + (f"; FAILED {run.error}" if run.error else ""),
+                flush=True,
+            )
             runs.append(run)
         rounds.append(runs)
     llama_info = next((r.info for rnd in rounds for r in rnd if r.name.startswith("llama.cpp") and r.info), {})
     ours_info = next((r.info for rnd in rounds for r in rnd if r.name.startswith("qwen2vl") and r.info), {})
     if llama_info:
-        print(f"llama.cpp build {llama_info.get('build_commit')} ({llama_info.get('build_number')}), cpu_info "
-              f"{llama_info.get('cpu_info')!r}, n_batch {llama_info.get('n_batch')}, "
-              f"n_ubatch {llama_info.get('n_ubatch')}")
+        print(
+            f"llama.cpp build {llama_info.get('build_commit')} ({llama_info.get('build_number')}), cpu_info "
+            f"{llama_info.get('cpu_info')!r}, n_batch {llama_info.get('n_batch')}, "
+            f"n_ubatch {llama_info.get('n_ubatch')}"
+        )
     if ours_info.get("cpu_choice"):
         print(f"qwen2vl: {ours_info['cpu_choice']}")
     table = summarize(rounds, names)
     print_table(table, args.rounds)
     if args.json:
-        args.json.write_text(json.dumps({"rounds": [[asdict(r) for r in rnd] for rnd in rounds], "median": table},
-                                        indent=1))
+        args.json.write_text(
+            json.dumps({"rounds": [[asdict(r) for r in rnd] for rnd in rounds], "median": table}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def main() -> None:
         r = results[case]
         print(f"{case:<10} {r['seconds']:7.1f} s   peak +{r['peak_gib']:.2f} GiB   {r['shape']}")
     ref, ours = results["reference"], results["ours"]
-    print(f"same frames: {ref['seconds'] / ours['seconds']:.2f}x faster, {ref['peak_gib'] / ours['peak_gib']:.1f}x "
-          f"less memory than the reference (which stops at float frames; ours goes on to the model's pixel rows)")
+    print(
+        f"same frames: {ref['seconds'] / ours['seconds']:.2f}x faster, {ref['peak_gib'] / ours['peak_gib']:.1f}x "
+        f"less memory than the reference (which stops at float frames; ours goes on to the model's pixel rows)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def image_prompt(grid: tuple[int, int, int], text_tokens: int, seed: int = 0) ->
     t, h, w = grid
     ids = [151644, 872, 198, VS] + [IMG] * (t * h * w // 4) + [VE]
     ids += torch.randint(0, 151643, (max(1, text_tokens - len(ids)),), generator=g).tolist()
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "pixel_values": torch.randn(t * h * w, 1176, generator=g), "image_grid_thw": torch.tensor([grid])}
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.randn(t * h * w, 1176, generator=g),
+        "image_grid_thw": torch.tensor([grid]),
+    }
 
 
 def text_prompt(batch: int, length: int, seed: int = 0) -> dict:
@@ -111,8 +115,9 @@ class Ours:
         from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 
         self.device = torch.device(device)
-        self.model = qwen2vl.load_model(path, dtype=dtype, device=self.device, progress=False, quantize=quantize,
-                                        cpu_matmul=cpu_matmul)
+        self.model = qwen2vl.load_model(
+            path, dtype=dtype, device=self.device, progress=False, quantize=quantize, cpu_matmul=cpu_matmul
+        )
         if getattr(self.model, "cpu_choice", None) is not None:
             print(f"qwen2vl: {self.model.cpu_choice.describe()}")
         self._prompt, self._steps, self._greedy = Prompt, generate_steps, greedy
@@ -137,8 +142,11 @@ class Reference:
         import transformers
 
         self.device = torch.device(device)
-        self.model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
+        self.model = (
+            transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            .to(self.device)
+            .eval()
+        )
         self._lp = transformers.LogitsProcessor
 
     def vision(self, batch):
@@ -159,9 +167,18 @@ class Reference:
                 return scores
 
         with torch.inference_mode():
-            self.model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, top_k=None,
-                                top_p=None, temperature=None, repetition_penalty=1.0, pad_token_id=151643,
-                                logits_processor=[Stamp()])
+            self.model.generate(
+                **batch,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+                repetition_penalty=1.0,
+                pad_token_id=151643,
+                logits_processor=[Stamp()],
+            )
         return stamps
 
 
@@ -189,7 +206,8 @@ def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=Fal
         r["TTFT 448x448 + text, 281 tok (s)"] = statistics.median(ttft)
         prompt = text_prompt(1, PROMPT_TOKENS)
         r[f"prompt processing, {PROMPT_TOKENS} tok (tok/s)"] = statistics.median(
-            PROMPT_TOKENS / (s[1] - s[0]) for s in (side.decode_times(prompt, 1) for _ in range(repeats)))
+            PROMPT_TOKENS / (s[1] - s[0]) for s in (side.decode_times(prompt, 1) for _ in range(repeats))
+        )
     else:
         side.decode_times(text_prompt(1, 32), 2)  # warm-up
     bws = []
@@ -207,9 +225,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="our weights' dtype")
-    ap.add_argument("--reference-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="transformers' dtype; auto: its faster one on this CPU (bf16 where the CPU has bf16 matrix "
-                         "instructions and a timed 2B-shaped product says so, else float32)")
+    ap.add_argument(
+        "--reference-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="transformers' dtype; auto: its faster one on this CPU (bf16 where the CPU has bf16 matrix "
+        "instructions and a timed 2B-shaped product says so, else float32)",
+    )
     ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "float32", "bf16"], help="our many-row path")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=16)
@@ -243,18 +265,24 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        side = (Ours(str(path), dtype, args.quantize, device, args.cpu_matmul) if cls is Ours
-                else cls(str(path), dtypes[cls.name], args.quantize, device))
+        side = (
+            Ours(str(path), dtype, args.quantize, device, args.cpu_matmul)
+            if cls is Ours
+            else cls(str(path), dtypes[cls.name], args.quantize, device)
+        )
         bytes_per_token[cls.name] = decode_bytes(side.model)
-        results[cls.name] = run_side(side, args.repeats, args.new_tokens, bandwidth, bytes_per_token[cls.name],
-                                     args.decode_only)
+        results[cls.name] = run_side(
+            side, args.repeats, args.new_tokens, bandwidth, bytes_per_token[cls.name], args.decode_only
+        )
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status("VmHWM:")
         results[cls.name]["peak memory above start (GB)"] = (peak - base) / 1e9
         del side
         gc.collect()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, our weights {args.dtype}, transformers in {ref_dtype}, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {where}, our weights {args.dtype}, transformers in {ref_dtype}, "
+        f"median of {args.repeats}"
+    )
     names = list(results)
     print(f"{'':<36}" + "".join(f"{n:>14}" for n in names) + ("      ratio" if len(names) == 2 else ""))
     bws = {n: results[n].pop("_bw") for n in names}
@@ -269,14 +297,17 @@ def main() -> None:
         from qwen2vl.config import Qwen2VLConfig
 
         rate, flops = bf16_matmul_rate(), vision_flops(Qwen2VLConfig.from_file(path / "config.json"), (1, 32, 32))
-        print(f"torch bf16 GEMM on this CPU: {rate:.0f} GFLOP/s; vision 448x448 = {flops / 1e9:.0f} GFLOP, so "
-              + ", ".join(f"{n} reaches {flops / results[n]['vision 448x448 (s)'] / 1e9 / rate:.0%} of it"
-                          for n in names))
+        print(
+            f"torch bf16 GEMM on this CPU: {rate:.0f} GFLOP/s; vision 448x448 = {flops / 1e9:.0f} GFLOP, so "
+            + ", ".join(f"{n} reaches {flops / results[n]['vision 448x448 (s)'] / 1e9 / rate:.0%} of it" for n in names)
+        )
     for n in names:
         nbytes, bw = bytes_per_token[n], bws[n]
-        print(f"decode bound, {n}: {nbytes / 1e9:.2f} GB of weights read per token; read bandwidth around its batch-1 "
-              f"runs {bw:.1f} GB/s (median) = {bw / (nbytes / 1e9):.2f} tok/s; batch 1 reached "
-              f"{100 * results[n]['decode batch 1: fraction of bound']:.0f}% of it (median of per-run fractions)")
+        print(
+            f"decode bound, {n}: {nbytes / 1e9:.2f} GB of weights read per token; read bandwidth around its batch-1 "
+            f"runs {bw:.1f} GB/s (median) = {bw / (nbytes / 1e9):.2f} tok/s; batch 1 reached "
+            f"{100 * results[n]['decode batch 1: fraction of bound']:.0f}% of it (median of per-run fractions)"
+        )
 
 
 if __name__ == "__main__":

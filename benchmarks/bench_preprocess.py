@@ -57,10 +57,18 @@ def main() -> None:
         return ref(text=[text], images=images, videos=videos, return_tensors="pt")
 
     cases = {
-        "photo 1024x683": [{"role": "user", "content": [{"type": "image", "image": str(work / "photo.jpg")},
-                                                        {"type": "text", "text": "Describe."}]}],
-        "video 30 s 720p @ 2 fps": [{"role": "user", "content": [{"type": "video", "video": str(work / "clip.mp4")},
-                                                                 {"type": "text", "text": "Summarise."}]}],
+        "photo 1024x683": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": str(work / "photo.jpg")}, {"type": "text", "text": "Describe."}],
+            }
+        ],
+        "video 30 s 720p @ 2 fps": [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": str(work / "clip.mp4")}, {"type": "text", "text": "Summarise."}],
+            }
+        ],
     }
     print(f"{'case':<26}{'qwen2vl (s)':>13}{'reference (s)':>15}{'ratio':>9}")
     for name, conv in cases.items():

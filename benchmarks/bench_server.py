@@ -36,8 +36,12 @@ def requests(n: int) -> list[list]:
     out = []
     for i in range(n):
         if i % 2:
-            out.append([{"type": "image_url", "image_url": {"url": image_uri(i)}},
-                        {"type": "text", "text": f"Describe picture {i}."}])
+            out.append(
+                [
+                    {"type": "image_url", "image_url": {"url": image_uri(i)}},
+                    {"type": "text", "text": f"Describe picture {i}."},
+                ]
+            )
         else:
             out.append(f"Write a short note number {i} about the sea.")
     return out
@@ -47,8 +51,16 @@ def start_server(path: str, max_num_seqs: int):
     from qwen2vl.serve.config import ServerConfig
     from qwen2vl.serve.server import build_server, serve_in_thread
 
-    srv = build_server(ServerConfig(model=path, served_model_name="m", max_model_len=1024, max_num_seqs=max_num_seqs,
-                                    kv_cache_memory="4GiB", max_request_bytes=16 * 2**20))
+    srv = build_server(
+        ServerConfig(
+            model=path,
+            served_model_name="m",
+            max_model_len=1024,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory="4GiB",
+            max_request_bytes=16 * 2**20,
+        )
+    )
     uv, base = serve_in_thread(srv)
     return srv, uv, base + "/v1"
 
@@ -56,8 +68,9 @@ def start_server(path: str, max_num_seqs: int):
 def one(client, content, max_tokens: int) -> tuple[float, list[float], int]:
     t0 = time.perf_counter()
     stamps = []
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
-                                            max_tokens=max_tokens, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, stream=True
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -76,9 +89,14 @@ def run_clients(base: str, contents: list, concurrency: int, max_tokens: int) ->
     wall = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in results)
     gaps = [g for r in results for g in r[1]]
-    return {"req/s": len(contents) / wall, "tok/s": sum(r[2] for r in results) / wall,
-            "TTFT p50": statistics.median(ttfts), "TTFT p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-            "ITL p50": statistics.median(gaps) if gaps else float("nan"), "wall": wall}
+    return {
+        "req/s": len(contents) / wall,
+        "tok/s": sum(r[2] for r in results) / wall,
+        "TTFT p50": statistics.median(ttfts),
+        "TTFT p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "ITL p50": statistics.median(gaps) if gaps else float("nan"),
+        "wall": wall,
+    }
 
 
 def reference(path: str, contents: list, max_tokens: int) -> dict:
@@ -106,12 +124,26 @@ def reference(path: str, contents: list, max_tokens: int) -> dict:
                 return scores
 
         with torch.inference_mode():
-            model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                           top_k=None, top_p=None, temperature=None, logits_processor=[Stamp()])
+            model.generate(
+                **batch,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+                logits_processor=[Stamp()],
+            )
         ttfts.append(stamps[0] - start)
     wall = time.perf_counter() - t0
-    return {"req/s": len(contents) / wall, "tok/s": len(contents) * max_tokens / wall,
-            "TTFT p50": statistics.median(ttfts), "TTFT p99": max(ttfts), "ITL p50": float("nan"), "wall": wall}
+    return {
+        "req/s": len(contents) / wall,
+        "tok/s": len(contents) * max_tokens / wall,
+        "TTFT p50": statistics.median(ttfts),
+        "TTFT p99": max(ttfts),
+        "ITL p50": float("nan"),
+        "wall": wall,
+    }
 
 
 def main() -> None:

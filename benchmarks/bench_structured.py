@@ -20,15 +20,27 @@ import time
 
 import torch
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 130},
-    "email": {"type": "string", "maxLength": 40}, "tags": {"type": "array", "items": {"type": "string",
-                                                                                    "maxLength": 12}, "maxItems": 4},
-    "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                 "zip": {"type": "string", "pattern": "[0-9]{5}"}},
-                "required": ["city", "zip"], "additionalProperties": False},
-    "active": {"type": "boolean"}}, "required": ["name", "age", "email", "tags", "address", "active"],
-    "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "email": {"type": "string", "maxLength": 40},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "[0-9]{5}"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "email", "tags", "address", "active"],
+    "additionalProperties": False,
+}
 
 
 def main() -> None:
@@ -56,10 +68,20 @@ def main() -> None:
     t0 = time.perf_counter()
     grammars = grammars_for(tokenizer, vocab, (151645, 151643))
     print(f"vocabulary table: {time.perf_counter() - t0:.3f} s once per process")
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city", "days"]}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                },
+                "required": ["city", "days"],
+            },
+        },
+    }
     cases = {
         "json_schema (6 fields, nested)": Constraint.json_schema(SCHEMA),
         "json_object (any JSON)": Constraint.json_schema(None),
@@ -100,8 +122,10 @@ def main() -> None:
         p99 = lambda xs: 1e3 * sorted(xs)[int(0.99 * (len(xs) - 1))]
         total = [a + b + c for a, b, c in zip(fill, fast, accept)]
         rows.append((name, 1e3 * compile_s, ms(fill), ms(fast), ms(ref), ms(accept), ms(total), p99(total)))
-    print("| constraint | compile ms | fill ms | apply ms (xgrammar) | apply ms (reference) | accept ms | "
-          "total ms/token (median) | p99 |")
+    print(
+        "| constraint | compile ms | fill ms | apply ms (xgrammar) | apply ms (reference) | accept ms | "
+        "total ms/token (median) | p99 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | " + " | ".join(f"{v:.3f}" for v in r[1:]) + " |")

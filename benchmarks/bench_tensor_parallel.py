@@ -31,9 +31,16 @@ from qwen2vl.testing.checkpoint import make_config, write_checkpoint  # noqa: E4
 from qwen2vl.weights import load_model  # noqa: E402
 
 # 12 query heads, 6 KV heads, MLP 8832: splits 2 and 3 ways; 2B-like widths, 6 layers, tied embeddings
-TEXT = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8832, "num_hidden_layers": 6,
-        "num_attention_heads": 12, "num_key_value_heads": 6, "tie_word_embeddings": True,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8832,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 6,
+    "tie_word_embeddings": True,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
 VISION = {"depth": 2, "embed_dim": 640, "num_heads": 10, "mlp_ratio": 4, "hidden_size": 1536}
 NEW_TOKENS = 24
 
@@ -48,7 +55,7 @@ def _status(field: str) -> int:
 def _rank(rank: int, world: int, device: str, ckpt: str, threads: int, out: str) -> None:
     torch.set_num_threads(threads)
     base = _status("VmRSS:")
-    model = (load_model(ckpt, progress=False) if world == 1 else load_rank_model(ckpt))
+    model = load_model(ckpt, progress=False) if world == 1 else load_rank_model(ckpt)
     peak = _status("VmHWM:") - base
     weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
     ids = torch.randint(0, 151643, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -86,10 +93,16 @@ def _rank(rank: int, world: int, device: str, ckpt: str, threads: int, out: str)
         for _ in range(20):
             dist.all_gather(parts, part)
         gather_s = (time.perf_counter() - t) / 20
-    mine = {"rank": rank, "lm_head_ms": 1e3 * head_s, "logits_all_gather_ms": 1e3 * gather_s,
-            "peak_over_base_MB": peak / 2**20, "weights_MB": weights / 2**20, "step_ms": 1e3 * step,
-            "all_reduce_us": 1e6 * reduce_s,
-            "all_reduce_per_token_ms": 1e3 * reduce_s * 2 * model.config.text.num_hidden_layers}
+    mine = {
+        "rank": rank,
+        "lm_head_ms": 1e3 * head_s,
+        "logits_all_gather_ms": 1e3 * gather_s,
+        "peak_over_base_MB": peak / 2**20,
+        "weights_MB": weights / 2**20,
+        "step_ms": 1e3 * step,
+        "all_reduce_us": 1e6 * reduce_s,
+        "all_reduce_per_token_ms": 1e3 * reduce_s * 2 * model.config.text.num_hidden_layers,
+    }
     found = [mine]
     if world > 1:
         found = [None] * world
@@ -112,8 +125,7 @@ def main() -> None:
             run_ranks(_rank, world, (str(ckpt), args.threads, f.name), timeout_s=600)
             found = json.loads(Path(f.name).read_text())
         for r in found:
-            print(json.dumps({"world": world, **{k: round(v, 2) if isinstance(v, float) else v
-                                                 for k, v in r.items()}}))
+            print(json.dumps({"world": world, **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}}))
 
 
 if __name__ == "__main__":

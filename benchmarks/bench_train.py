@@ -34,9 +34,13 @@ def batch(tokens: int, seed: int = 0) -> dict:
     ids = [151644, 872, 198, VS] + [IMG] * (t * h * w // 4) + [VE]
     ids += torch.randint(0, 151643, (max(65, tokens - len(ids)),), generator=g).tolist()
     labels = [-100] * (len(ids) - 64) + ids[-64:]
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "pixel_values": torch.randn(t * h * w, 1176, generator=g), "image_grid_thw": torch.tensor([[t, h, w]]),
-            "labels": torch.tensor([labels])}
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.randn(t * h * w, 1176, generator=g),
+        "image_grid_thw": torch.tensor([[t, h, w]]),
+        "labels": torch.tensor([labels]),
+    }
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -70,7 +74,8 @@ def run_side(side: str, mode: str, directory: str, steps: int, tokens: int, devi
         import transformers
 
         model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-            directory, dtype=torch.float32, attn_implementation="sdpa").to(dev)
+            directory, dtype=torch.float32, attn_implementation="sdpa"
+        ).to(dev)
         if mode == "lora":
             import peft
 
@@ -81,6 +86,7 @@ def run_side(side: str, mode: str, directory: str, steps: int, tokens: int, devi
 
         def loss_fn():
             return model(**data).loss
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -101,9 +107,16 @@ def run_side(side: str, mode: str, directory: str, steps: int, tokens: int, devi
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     n = int(data["attention_mask"].sum())
-    return {"side": side, "mode": mode, "step_s": step_s, "tokens_per_s": n / step_s,
-            "peak_gib": peak_bytes(dev) / 2**30,
-            "first_loss": first, "trainable": sum(p.numel() for p in params), "tokens": n}
+    return {
+        "side": side,
+        "mode": mode,
+        "step_s": step_s,
+        "tokens_per_s": n / step_s,
+        "peak_gib": peak_bytes(dev) / 2**30,
+        "first_loss": first,
+        "trainable": sum(p.numel() for p in params),
+        "tokens": n,
+    }
 
 
 def main() -> None:
@@ -133,15 +146,37 @@ def main() -> None:
     rows = []
     for mode in a.mode:
         for side in ("qwen2vl", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--mode", mode, "--dir", directory,
-                                  "--steps", str(a.steps), "--tokens", str(a.tokens), "--device", a.device],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--mode",
+                    mode,
+                    "--dir",
+                    directory,
+                    "--steps",
+                    str(a.steps),
+                    "--tokens",
+                    str(a.tokens),
+                    "--device",
+                    a.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'mode':<5} {'side':<13} {'tokens':>6} {'trainable':>12} {'step s':>8} {'tokens/s':>9} {'peak GiB':>9} "
-          f"{'first loss':>11}")
+    print(
+        f"{'mode':<5} {'side':<13} {'tokens':>6} {'trainable':>12} {'step s':>8} {'tokens/s':>9} {'peak GiB':>9} "
+        f"{'first loss':>11}"
+    )
     for r in rows:
-        print(f"{r['mode']:<5} {r['side']:<13} {r['tokens']:>6} {r['trainable']:>12,} {r['step_s']:>8.3f} "
-              f"{r['tokens_per_s']:>9.0f} {r['peak_gib']:>9.2f} {r['first_loss']:>11.6f}")
+        print(
+            f"{r['mode']:<5} {r['side']:<13} {r['tokens']:>6} {r['trainable']:>12,} {r['step_s']:>8.3f} "
+            f"{r['tokens_per_s']:>9.0f} {r['peak_gib']:>9.2f} {r['first_loss']:>11.6f}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--quantized", choices=["awq", "gptq4", "gptq8"],
-                    help="measure a quantized checkpoint of this format (ours only: transformers needs GPU kernels)")
+    ap.add_argument(
+        "--quantized",
+        choices=["awq", "gptq4", "gptq8"],
+        help="measure a quantized checkpoint of this format (ours only: transformers needs GPU kernels)",
+    )
     args = ap.parse_args()
     path = Path(args.dir)
     if args.quantized:
@@ -71,11 +74,14 @@ def main() -> None:
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(f"{'loader':<14}{'dtype':<10}{'weights GB':>11}{'peak-base GB':>14}{'ratio':>8}{'seconds':>9}")
     for which in ["qwen2vl"] + ([] if args.skip_reference else ["transformers"]):
-        out = subprocess.run([sys.executable, "-c", PROBE, which, str(path), args.dtype],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, which, str(path), args.dtype], capture_output=True, text=True, check=True
+        )
         m = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{which:<14}{args.dtype:<10}{m['weights'] / 1e9:>11.2f}{m['peak_over_base'] / 1e9:>14.2f}"
-              f"{m['peak_over_base'] / m['weights']:>8.2f}{m['seconds']:>9.1f}")
+        print(
+            f"{which:<14}{args.dtype:<10}{m['weights'] / 1e9:>11.2f}{m['peak_over_base'] / 1e9:>14.2f}"
+            f"{m['peak_over_base'] / m['weights']:>8.2f}{m['seconds']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

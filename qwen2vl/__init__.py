@@ -17,17 +17,36 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _HOMES = {
-    "ConfigError": ".config", "Qwen2VLConfig": ".config",
-    "KVCache": ".model", "PlaceholderMismatch": ".model", "Qwen2VL": ".model",
-    "CheckpointError": ".weights", "load_model": ".weights",
+    "ConfigError": ".config",
+    "Qwen2VLConfig": ".config",
+    "KVCache": ".model",
+    "PlaceholderMismatch": ".model",
+    "Qwen2VL": ".model",
+    "CheckpointError": ".weights",
+    "load_model": ".weights",
     "Processor": ".processing",
-    "ChatSession": ".pipeline", "Pipeline": ".pipeline", "load": ".pipeline",
+    "ChatSession": ".pipeline",
+    "Pipeline": ".pipeline",
+    "load": ".pipeline",
     "SamplingParams": ".generate.sampling",
     "resolve_model_path": ".hub",
 }
 
-__all__ = ["ChatSession", "CheckpointError", "ConfigError", "KVCache", "Pipeline", "PlaceholderMismatch", "Processor",
-           "Qwen2VL", "Qwen2VLConfig", "SamplingParams", "load", "load_model", "resolve_model_path"]
+__all__ = [
+    "ChatSession",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Pipeline",
+    "PlaceholderMismatch",
+    "Processor",
+    "Qwen2VL",
+    "Qwen2VLConfig",
+    "SamplingParams",
+    "load",
+    "load_model",
+    "resolve_model_path",
+]
 
 
 def __getattr__(name: str):

@@ -47,8 +47,14 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or action.required or default is None or default is False or default == [] \
-                or default is argparse.SUPPRESS:
+        if (
+            "default" in text
+            or action.required
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default: %(default)s)".lstrip()
 
@@ -58,25 +64,41 @@ def _require(module: str) -> None:
         import_module(module)
     except ImportError:
         who, pip, extra = EXTRAS[module]
-        raise UsageError(f"{who} needs {module}, which is not installed: pip install {pip} "
-                         f"(the '{extra}' extra)") from None
+        raise UsageError(
+            f"{who} needs {module}, which is not installed: pip install {pip} (the '{extra}' extra)"
+        ) from None
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weight dtype; auto: the checkpoint's (bf16 for the official ones). On CPU, bf16 weights "
-                        "compute in float32")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight dtype; auto: the checkpoint's (bf16 for the official ones). On CPU, bf16 weights "
+        "compute in float32",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only int8, or group-wise int4, language model; CPU only (default: off)")
-    p.add_argument("--cpu-matmul", choices=["auto", "float32", "bf16"], default="auto",
-                   help="CPU only: how vision and prefill products compute. auto: the faster on this CPU (native bf16 "
-                        "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact")
-    p.add_argument("--adapter", metavar="DIR", type=_adapter_dir,
-                   help="LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors, e.g. from `qwen2vl "
-                        "finetune`) applied on top of the model's weights (default: none)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="weight-only int8, or group-wise int4, language model; CPU only (default: off)",
+    )
+    p.add_argument(
+        "--cpu-matmul",
+        choices=["auto", "float32", "bf16"],
+        default="auto",
+        help="CPU only: how vision and prefill products compute. auto: the faster on this CPU (native bf16 "
+        "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        type=_adapter_dir,
+        help="LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors, e.g. from `qwen2vl "
+        "finetune`) applied on top of the model's weights (default: none)",
+    )
 
 
 def _adapter_dir(value: str) -> str:
@@ -106,41 +128,85 @@ def _max_pixels(value: str) -> int | str:
 
 
 def _media_args(p: argparse.ArgumentParser, cpu_default: bool) -> None:
-    p.add_argument("--image", dest="media", action="append", type=_media("image"), default=[], metavar="PATH",
-                   help="image path or URL; repeatable, kept in order with --video (default: none)")
-    p.add_argument("--video", dest="media", action="append", type=_media("video"), default=[], metavar="PATH",
-                   help="video path or URL (needs av); repeatable, kept in order with --image (default: none)")
-    p.add_argument("--min-pixels", type=int, help="per-image lower pixel bound of the first (qwen-vl-utils) resize; "
-                                                  "the checkpoint's bounds then apply (default: 3136)")
-    p.add_argument("--max-pixels", type=_max_pixels, metavar="N|checkpoint", help=(
-        "per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply. "
-        f"'{CHECKPOINT}': the reference's 12845056, up to 16384 tokens an image, tens of minutes of vision on a "
-        f"laptop CPU (default: {CPU_MAX_PIXELS} = 1280*28*28, at most 1280 tokens an image, on CPU; 12845056 on a "
-        "GPU)" if cpu_default else
-        f"per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply "
-        f"(default: 12845056; run and chat on CPU use {CPU_MAX_PIXELS})"))
+    p.add_argument(
+        "--image",
+        dest="media",
+        action="append",
+        type=_media("image"),
+        default=[],
+        metavar="PATH",
+        help="image path or URL; repeatable, kept in order with --video (default: none)",
+    )
+    p.add_argument(
+        "--video",
+        dest="media",
+        action="append",
+        type=_media("video"),
+        default=[],
+        metavar="PATH",
+        help="video path or URL (needs av); repeatable, kept in order with --image (default: none)",
+    )
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        help="per-image lower pixel bound of the first (qwen-vl-utils) resize; "
+        "the checkpoint's bounds then apply (default: 3136)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_max_pixels,
+        metavar="N|checkpoint",
+        help=(
+            "per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply. "
+            f"'{CHECKPOINT}': the reference's 12845056, up to 16384 tokens an image, tens of minutes of vision on a "
+            f"laptop CPU (default: {CPU_MAX_PIXELS} = 1280*28*28, at most 1280 tokens an image, on CPU; 12845056 on a "
+            "GPU)"
+            if cpu_default
+            else f"per-image upper pixel bound of the first (qwen-vl-utils) resize; the checkpoint's bounds then apply "
+            f"(default: 12845056; run and chat on CPU use {CPU_MAX_PIXELS})"
+        ),
+    )
     p.add_argument("--fps", type=float, help="video frames sampled per second (default: 2)")
     p.add_argument("--nframes", type=int, help="video frames to sample, instead of --fps (default: from --fps)")
 
 
 def _answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
-    p.add_argument("--temperature", type=float, help=(
-        f"0 = greedy (default: {GENERATION_CONFIG}). The official checkpoints keep top_k=1 and top_p=0.001, "
-        "which stay in force and keep decoding greedy: to sample, also pass --top-k 0 and a --top-p"))
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help=(
+            f"0 = greedy (default: {GENERATION_CONFIG}). The official checkpoints keep top_k=1 and top_p=0.001, "
+            "which stay in force and keep decoding greedy: to sample, also pass --top-k 0 and a --top-p"
+        ),
+    )
     p.add_argument("--top-p", type=float, help=f"1 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--top-k", type=int, help=f"0 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--repetition-penalty", type=float, help=f"1 = off (default: {GENERATION_CONFIG})")
     p.add_argument("--seed", type=int, help="seed of the sampling draws (default: none, torch's global generator)")
     p.add_argument("--system", help="system prompt (default: the chat template's 'You are a helpful assistant.')")
-    p.add_argument("--response-format", choices=("text", "json_object"), default="text",
-                   help="json_object: the answer is one JSON value, enforced while decoding (default: text)")
-    p.add_argument("--json-schema", metavar="FILE", help=(
-        "a JSON schema file: the answer is JSON that validates against it, enforced while decoding (default: "
-        "none)"))
-    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True, help=(
-        "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
-        "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"))
+    p.add_argument(
+        "--response-format",
+        choices=("text", "json_object"),
+        default="text",
+        help="json_object: the answer is one JSON value, enforced while decoding (default: text)",
+    )
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help=(
+            "a JSON schema file: the answer is JSON that validates against it, enforced while decoding (default: none)"
+        ),
+    )
+    p.add_argument(
+        "--fit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "when videos would leave no room for --max-new-tokens in the model's context, sample them smaller, then "
+            "sparser, until they fit (said on stderr; --no-fit refuses instead, as the reference's numbers demand)"
+        ),
+    )
 
 
 def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
@@ -149,8 +215,14 @@ def _verbose_arg(p: argparse.ArgumentParser, what: str = "") -> None:
 
 # -- helpers -----------------------------------------------------------------------------------------------------
 def _sampling(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
 
 
 def _response_format(args: argparse.Namespace) -> dict | None:
@@ -216,9 +288,15 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
     from .pipeline import load
 
-    pipe = load(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), device=args.device,
-                quantize=args.quantize, cpu_matmul=args.cpu_matmul, adapter=args.adapter,
-                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+    pipe = load(
+        args.model,
+        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+        device=args.device,
+        quantize=args.quantize,
+        cpu_matmul=args.cpu_matmul,
+        adapter=args.adapter,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+    )
     if getattr(args, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
     return pipe
@@ -237,9 +315,11 @@ def _note_greedy(pipe: Pipeline, args: argparse.Namespace) -> None:
     reasons = pipe.greedy_reasons(**_sampling(args))
     if reasons:
         fixes = " ".join(SAMPLING_FIXES[r.split("=")[0]] for r in reasons)
-        print(f"qwen2vl: note: decoding stays greedy: {GENERATION_CONFIG} keeps {' and '.join(reasons)}, which "
-              f"the sampling flags given do not change; add {fixes} (or values of your choice) to sample",
-              file=sys.stderr)
+        print(
+            f"qwen2vl: note: decoding stays greedy: {GENERATION_CONFIG} keeps {' and '.join(reasons)}, which "
+            f"the sampling flags given do not change; add {fixes} (or values of your choice) to sample",
+            file=sys.stderr,
+        )
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -252,10 +332,12 @@ def _note_fit(pipe: Pipeline, conversation: list[dict], args: argparse.Namespace
     for item in plan.items:
         if item.fitted:
             fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in item.fitted.items())
-            print(f"qwen2vl: fitted {item.kind} {item.source} into the {plan.context}-token context with "
-                  f"{args.max_new_tokens} tokens left for the answer: {fields} -> {len(item.frame_indices)} frames of "
-                  f"{item.resized_size[0]}x{item.resized_size[1]}, {item.tokens} tokens (--no-fit refuses instead)",
-                  file=sys.stderr)
+            print(
+                f"qwen2vl: fitted {item.kind} {item.source} into the {plan.context}-token context with "
+                f"{args.max_new_tokens} tokens left for the answer: {fields} -> {len(item.frame_indices)} frames of "
+                f"{item.resized_size[0]}x{item.resized_size[1]}, {item.tokens} tokens (--no-fit refuses instead)",
+                file=sys.stderr,
+            )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -336,8 +418,10 @@ def _as_launched_rank(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
-CHAT_HELP = ("type a message and press Enter; /image PATH and /video PATH attach media to your next message, "
-             "/reset starts over, /quit leaves")
+CHAT_HELP = (
+    "type a message and press Enter; /image PATH and /video PATH attach media to your next message, "
+    "/reset starts over, /quit leaves"
+)
 PROMPT = "> "
 
 
@@ -407,18 +491,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = Budget(max(1, proc.max_context - args.max_new_tokens))
     plan = proc.plan([{"role": "user", "content": _content(args, args.prompt)}], budget=budget, fit=args.fit)
     if args.json:
-        print(json.dumps({"items": [item.__dict__ for item in plan.items], "prompt_tokens": plan.prompt_tokens,
-                          "context": plan.context}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "items": [item.__dict__ for item in plan.items],
+                    "prompt_tokens": plan.prompt_tokens,
+                    "context": plan.context,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{'item':<7}{'source':<40}{'size':>12}{'resized':>12}{'tokens':>8}  frames")
     for item in plan.items:
-        frames = "" if item.kind == "image" else f"{len(item.frame_indices)} at {item.timestamps[:6]}" + (
-            " ..." if len(item.timestamps) > 6 else "")
-        print(f"{item.kind:<7}{item.source[-39:]:<40}{'x'.join(map(str, item.source_size)):>12}"
-              f"{'x'.join(map(str, item.resized_size)):>12}{item.tokens:>8}  {frames}")
+        frames = (
+            ""
+            if item.kind == "image"
+            else f"{len(item.frame_indices)} at {item.timestamps[:6]}" + (" ..." if len(item.timestamps) > 6 else "")
+        )
+        print(
+            f"{item.kind:<7}{item.source[-39:]:<40}{'x'.join(map(str, item.source_size)):>12}"
+            f"{'x'.join(map(str, item.resized_size)):>12}{item.tokens:>8}  {frames}"
+        )
         if item.fitted:
-            print(f"{'':<7}fitted: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                 for k, v in item.fitted.items()))
+            print(
+                f"{'':<7}fitted: "
+                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in item.fitted.items())
+            )
     print(f"prompt tokens: {plan.prompt_tokens} of a {plan.context}-token context")
     return 0 if plan.prompt_tokens <= plan.context else 1
 
@@ -456,32 +555,62 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="the model name clients use (default: --model)")
     p.add_argument("--max-model-len", type=int, default=D.max_model_len, help="context per request (prompt + output)")
     p.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="requests decoded together at most")
-    p.add_argument("--kv-cache-memory", default=D.kv_cache_memory,
-                   help="KV cache budget: bytes with a unit (e.g. 4GiB) or a fraction of free memory (e.g. 0.3)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=D.kv_cache_memory,
+        help="KV cache budget: bytes with a unit (e.g. 4GiB) or a fraction of free memory (e.g. 0.3)",
+    )
     p.add_argument("--max-waiting", type=int, default=D.max_waiting, help="queued requests before 429")
-    p.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
-                   help="prompt tokens per step (latency of others)")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=D.prefill_chunk, help="prompt tokens per step (latency of others)"
+    )
     p.add_argument("--allowed-local-media-path", help="directory that file:// media may come from (default: none)")
     p.add_argument("--allowed-media-domains", nargs="*", help="hosts URL media may come from (default: any public)")
-    p.add_argument("--max-request-bytes", type=int, default=D.max_request_bytes,
-                   help="largest request body (413 beyond)")
-    p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", help=(
-        "browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or * for any (default: none)"))
+    p.add_argument(
+        "--max-request-bytes", type=int, default=D.max_request_bytes, help="largest request body (413 beyond)"
+    )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        metavar="ORIGIN",
+        help=(
+            "browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or * for any (default: none)"
+        ),
+    )
     limits = Limits()
-    p.add_argument("--max-media-items", type=int, default=limits.max_media_items,
-                   help="images + videos in one request (400 beyond)")
-    p.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                   help="pixels of one image after resizing; items are sized as if they asked for at most this")
-    p.add_argument("--max-video-pixels", type=int, default=limits.max_video_pixels,
-                   help="pixels of one video frame after resizing, likewise")
-    p.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
-                   help="frames of one video (400 beyond)")
-    p.add_argument("--max-source-pixels", type=int, default=limits.max_source_pixels,
-                   help="pixels decoded before resizing, all items of a request together (400 beyond)")
-    p.add_argument("--header-timeout", type=float, default=D.header_timeout,
-                   help="seconds a client may take to send headers")
-    p.add_argument("--body-timeout", type=float, default=D.body_timeout,
-                   help="seconds a client may take to send its body")
+    p.add_argument(
+        "--max-media-items",
+        type=int,
+        default=limits.max_media_items,
+        help="images + videos in one request (400 beyond)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=limits.max_pixels,
+        help="pixels of one image after resizing; items are sized as if they asked for at most this",
+    )
+    p.add_argument(
+        "--max-video-pixels",
+        type=int,
+        default=limits.max_video_pixels,
+        help="pixels of one video frame after resizing, likewise",
+    )
+    p.add_argument(
+        "--max-video-frames", type=int, default=limits.max_video_frames, help="frames of one video (400 beyond)"
+    )
+    p.add_argument(
+        "--max-source-pixels",
+        type=int,
+        default=limits.max_source_pixels,
+        help="pixels decoded before resizing, all items of a request together (400 beyond)",
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=D.header_timeout, help="seconds a client may take to send headers"
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=D.body_timeout, help="seconds a client may take to send its body"
+    )
     _verbose_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -492,19 +621,45 @@ def cmd_finetune(a) -> int:
 
     from .train import LoRAConfig, TrainConfig, finetune
 
-    lora = None if a.full else LoRAConfig(r=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
-                                          target_modules=tuple(a.lora_targets.split(",")), vision=a.train_vision)
+    lora = (
+        None
+        if a.full
+        else LoRAConfig(
+            r=a.lora_rank,
+            alpha=a.lora_alpha,
+            dropout=a.lora_dropout,
+            target_modules=tuple(a.lora_targets.split(",")),
+            vision=a.train_vision,
+        )
+    )
     config = TrainConfig(
-        lora=lora, train_vision=a.train_vision, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
-        grad_accum=a.grad_accum, lr=a.lr, schedule=a.schedule, warmup_steps=a.warmup_steps,
-        warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm or None,
-        gradient_checkpointing=a.gradient_checkpointing, save_steps=a.save_steps, eval_steps=a.eval_steps,
-        seed=a.seed, dtype=getattr(torch, a.dtype), device=a.device)
+        lora=lora,
+        train_vision=a.train_vision,
+        epochs=a.epochs,
+        max_steps=a.max_steps,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        lr=a.lr,
+        schedule=a.schedule,
+        warmup_steps=a.warmup_steps,
+        warmup_ratio=a.warmup_ratio,
+        weight_decay=a.weight_decay,
+        max_grad_norm=a.max_grad_norm or None,
+        gradient_checkpointing=a.gradient_checkpointing,
+        save_steps=a.save_steps,
+        eval_steps=a.eval_steps,
+        seed=a.seed,
+        dtype=getattr(torch, a.dtype),
+        device=a.device,
+    )
     result = finetune(a.model, a.data, a.output, config, eval_data=a.eval_data, resume=a.resume)
     rate = result.tokens / result.seconds if result.seconds else 0.0
-    print(f"trained {result.steps} steps, {result.tokens} tokens in {result.seconds:.1f}s ({rate:.0f} tokens/s); "
-          f"last loss {result.train_loss:.4f}"
-          + ("" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"), file=sys.stderr)
+    print(
+        f"trained {result.steps} steps, {result.tokens} tokens in {result.seconds:.1f}s ({rate:.0f} tokens/s); "
+        f"last loss {result.train_loss:.4f}"
+        + ("" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"),
+        file=sys.stderr,
+    )
     print(result.output)
     return 0
 
@@ -525,30 +680,42 @@ def _model_dir(model: str) -> Path:
 
 
 def _add_train_commands(sub) -> None:
-    p = sub.add_parser("finetune", help="LoRA (default) or full fine-tuning on JSONL conversations",
-                       formatter_class=_Help)
+    p = sub.add_parser(
+        "finetune", help="LoRA (default) or full fine-tuning on JSONL conversations", formatter_class=_Help
+    )
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--data", required=True, help="JSONL: one {\"messages\": [...]} conversation a line")
+    p.add_argument("--data", required=True, help='JSONL: one {"messages": [...]} conversation a line')
     p.add_argument("--output", required=True, help="directory for the adapter (or, with --full, the checkpoint)")
     p.add_argument("--eval-data", help="JSONL evaluated at --eval-steps and at the end (default: none)")
     p.add_argument("--full", action="store_true", help="train all weights instead of a LoRA adapter")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated names of the decoder's linear layers to adapt")
-    p.add_argument("--train-vision", action="store_true",
-                   help="also train the vision tower (LoRA on its blocks' linear layers; all its weights with --full)")
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated names of the decoder's linear layers to adapt",
+    )
+    p.add_argument(
+        "--train-vision",
+        action="store_true",
+        help="also train the vision tower (LoRA on its blocks' linear layers; all its weights with --full)",
+    )
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
     p.add_argument("--max-steps", type=int, help="optimizer steps, instead of --epochs (default: from --epochs)")
     p.add_argument("--batch-size", type=int, default=1, help="conversations per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
-                   help="learning-rate decay after the warmup")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="learning-rate decay after the warmup",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--warmup-ratio", type=float, default=0.0,
-                   help="warmup as a share of all steps, if no --warmup-steps")
+    p.add_argument(
+        "--warmup-ratio", type=float, default=0.0, help="warmup as a share of all steps, if no --warmup-steps"
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
@@ -562,8 +729,9 @@ def _add_train_commands(sub) -> None:
     _verbose_arg(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into the weights: an official-format checkpoint",
-                       formatter_class=_Help)
+    p = sub.add_parser(
+        "merge", help="fold a LoRA adapter into the weights: an official-format checkpoint", formatter_class=_Help
+    )
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--adapter", required=True, type=_adapter_dir, help="adapter directory (PEFT's format)")
     p.add_argument("--output", required=True, help="where to write the merged checkpoint")
@@ -573,19 +741,30 @@ def _add_train_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qwen2vl", description="Qwen2-VL: run, chat, plan, serve, finetune.", formatter_class=_Help,
+        prog="qwen2vl",
+        description="Qwen2-VL: run, chat, plan, serve, finetune.",
+        formatter_class=_Help,
         epilog="`qwen2vl COMMAND --help` lists a command's flags. A first offline trial: "
-               "qwen2vl make-tiny /tmp/qwen2vl-tiny && qwen2vl run --model /tmp/qwen2vl-tiny --prompt Hi")
+        "qwen2vl make-tiny /tmp/qwen2vl-tiny && qwen2vl run --model /tmp/qwen2vl-tiny --prompt Hi",
+    )
     parser.add_argument("--version", action="version", version=f"qwen2vl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="answer one prompt about images/videos, streamed to stdout", formatter_class=_Help)
     _model_args(p), _media_args(p, cpu_default=True), _answer_args(p)
     p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--draw-boxes", metavar="OUT.png",
-                   help="parse grounding boxes, draw them on the last image into OUT.png (default: off)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=(
-        "split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r)"))
+    p.add_argument(
+        "--draw-boxes",
+        metavar="OUT.png",
+        help="parse grounding boxes, draw them on the last image into OUT.png (default: off)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help=("split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r)"),
+    )
     _verbose_arg(p, "timings to stderr, and ")
     p.set_defaults(func=cmd_run, in_rank=False)
 
@@ -594,24 +773,34 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(p, "timings of each turn to stderr, and ")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("plan", help="token budget of a prompt's images and videos, without running the model",
-                       formatter_class=_Help)
+    p = sub.add_parser(
+        "plan", help="token budget of a prompt's images and videos, without running the model", formatter_class=_Help
+    )
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     _media_args(p, cpu_default=False)
     p.add_argument("--prompt", default="", help="the question (default: none)")
     p.add_argument("--json", action="store_true", help="machine-readable plan")
-    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=False,
-                   help="plan as run --fit would sample the videos (default: off, the reference's plan)")
+    p.add_argument(
+        "--fit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="plan as run --fit would sample the videos (default: off, the reference's plan)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512, help="room kept for the answer when fitting")
     _verbose_arg(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint (real vocabulary) for offline trials",
-                       formatter_class=_Help)
+    p = sub.add_parser(
+        "make-tiny", help="write a tiny random checkpoint (real vocabulary) for offline trials", formatter_class=_Help
+    )
     p.add_argument("directory", help="where to write it (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="weight dtype; bfloat16 like the official checkpoints")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="weight dtype; bfloat16 like the official checkpoints",
+    )
     _verbose_arg(p)
     p.set_defaults(func=cmd_make_tiny)
 

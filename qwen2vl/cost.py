@@ -67,8 +67,9 @@ def measured_rate(device: torch.device, dtype: torch.dtype, width: int = 1024) -
     return _RATES[key]
 
 
-def item_cost(config: Qwen2VLConfig, grid_thw: tuple[int, int, int], device: torch.device,
-              dtype: torch.dtype) -> ItemCost:
+def item_cost(
+    config: Qwen2VLConfig, grid_thw: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+) -> ItemCost:
     tokens = grid_thw[0] * grid_thw[1] * grid_thw[2] // config.vision.spatial_merge_size**2
     flops = vision_flops(config.vision, grid_thw) + prefill_flops(config.text, tokens)
     rate = measured_rate(device, dtype, config.vision.embed_dim)

@@ -44,8 +44,12 @@ class WeightOnlyLinear(nn.Module):
 
     def _bind(self) -> kernels.WeightOnlyMatmul | None:
         w, scale, bias = (None if t is None else t.data for t in (self.weight, self.scale, self.bias))
-        if (kernels.available() and w.shape[1] % 8 == 0 and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
-                and all(t is None or t.dtype == torch.float32 for t in (scale, bias))):
+        if (
+            kernels.available()
+            and w.shape[1] % 8 == 0
+            and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
+            and all(t is None or t.dtype == torch.float32 for t in (scale, bias))
+        ):
             self._product = kernels.WeightOnlyMatmul(w, scale, bias)
         return self._product
 
@@ -107,8 +111,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str | None = None,
-                    matmul: str = "auto") -> Qwen2VL:
+def use_cpu_kernels(
+    model: Qwen2VL, storage: str = "bf16", vision_storage: str | None = None, matmul: str = "auto"
+) -> Qwen2VL:
     """Rewrite `model` in place for fast CPU inference; returns it.
 
     storage: "bf16" or "int8" for the language model's linear layers (and the output projection);
@@ -126,8 +131,11 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
                 setattr(parent, child_name, WeightOnlyLinear.quantize(child.weight.data, child.bias, kind))
     if model.lm_head is None:  # tied: a bf16 output projection shares the embedding's storage
         embed = model.model.embed_tokens.weight.data
-        model.lm_head = (WeightOnlyLinear(embed.to(torch.bfloat16), None) if storage == "bf16"
-                         else WeightOnlyLinear.quantize(embed, None, storage))
+        model.lm_head = (
+            WeightOnlyLinear(embed.to(torch.bfloat16), None)
+            if storage == "bf16"
+            else WeightOnlyLinear.quantize(embed, None, storage)
+        )
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
@@ -143,8 +151,9 @@ def use_cpu_kernels(model: Qwen2VL, storage: str = "bf16", vision_storage: str |
     # the decode kernels take K % 8 == 0 (others fall back, see _bind): time only those (a tensor-parallel shard
     # of a tiny model may have K = 100)
     decoder = [m for m in model.model.modules() if isinstance(m, WeightOnlyLinear) and m.weight.shape[1] % 8 == 0]
-    model.cpu_choice = machine.choose(sorted({tuple(m.weight.shape) for m in many_rows}), matmul,
-                                      sorted({tuple(m.weight.shape) for m in decoder}))
+    model.cpu_choice = machine.choose(
+        sorted({tuple(m.weight.shape) for m in many_rows}), matmul, sorted({tuple(m.weight.shape) for m in decoder})
+    )
     for m in linears:
         m.matmul = model.cpu_choice.matmul
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations

@@ -20,7 +20,8 @@ _POINT = re.compile(rf"\({_NUM},{_NUM}\)")
 _ITEM = re.compile(
     r"<\|object_ref_start\|>(?P<ref>[^<]*)<\|object_ref_end\|>"
     r"|<\|box_start\|>(?P<box>[^<]*)<\|box_end\|>"
-    r"|<\|quad_start\|>(?P<quad>[^<]*)<\|quad_end\|>")
+    r"|<\|quad_start\|>(?P<quad>[^<]*)<\|quad_end\|>"
+)
 _CONTINUES = re.compile(r"[\s,;，、]*(?:and[\s,;]*)?", re.I)  # what may separate a ref's boxes
 
 Point = tuple[float, float]
@@ -63,8 +64,9 @@ def parse_boxes(text: str, image_size: tuple[int, int]) -> list[Box]:
         points = _points(m.group("quad") if quad else m.group("box"), 4 if quad else 2)
         if points is None:
             continue
-        pixels = tuple((min(max(x * width / 1000, 0.0), width), min(max(y * height / 1000, 0.0), height))
-                       for x, y in points)
+        pixels = tuple(
+            (min(max(x * width / 1000, 0.0), width), min(max(y * height / 1000, 0.0), height)) for x, y in points
+        )
         boxes.append(Box(label, points, pixels))
     return boxes
 

@@ -35,8 +35,10 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _checkpoint_dir(path: Path) -> Path:
     if not (path / "config.json").is_file():
-        raise ModelNotFound(f"{path} has no config.json: not a Qwen2-VL checkpoint directory "
-                            f"(expected config.json, *.safetensors and the tokenizer files)")
+        raise ModelNotFound(
+            f"{path} has no config.json: not a Qwen2-VL checkpoint directory "
+            f"(expected config.json, *.safetensors and the tokenizer files)"
+        )
     return path
 
 
@@ -58,22 +60,33 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
         RevisionNotFoundError,
     )
 
-    instead = (f"Download it on a machine with a network (hf download {name} --local-dir DIR), "
-               f"copy DIR here and pass the directory instead (--model DIR).")
+    instead = (
+        f"Download it on a machine with a network (hf download {name} --local-dir DIR), "
+        f"copy DIR here and pass the directory instead (--model DIR)."
+    )
     offline = _offline()
     try:
         snapshot = snapshot_download(name, revision=revision, allow_patterns=ALLOW, local_files_only=offline)
     except LocalEntryNotFoundError as e:
-        why = ("HF_HUB_OFFLINE is set" if offline else
-               "the hub could not be reached (no network, or huggingface.co is blocked)")
-        raise ModelNotFound(f"could not download {name}: {why}, and it is not in the local hub cache "
-                            f"(no local directory of that name either). {instead}") from e
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if offline
+            else "the hub could not be reached (no network, or huggingface.co is blocked)"
+        )
+        raise ModelNotFound(
+            f"could not download {name}: {why}, and it is not in the local hub cache "
+            f"(no local directory of that name either). {instead}"
+        ) from e
     except GatedRepoError as e:
-        raise ModelNotFound(f"could not download {name}: it is gated; accept its terms on huggingface.co and "
-                            f"log in (hf auth login), or: {instead}") from e
+        raise ModelNotFound(
+            f"could not download {name}: it is gated; accept its terms on huggingface.co and "
+            f"log in (hf auth login), or: {instead}"
+        ) from e
     except RepositoryNotFoundError as e:
-        raise ModelNotFound(f"could not download {name}: no such repository on the hub (or it is private; log in "
-                            f"with hf auth login), and no local directory of that name") from e
+        raise ModelNotFound(
+            f"could not download {name}: no such repository on the hub (or it is private; log in "
+            f"with hf auth login), and no local directory of that name"
+        ) from e
     except RevisionNotFoundError as e:
         raise ModelNotFound(f"could not download {name}: it has no revision {revision!r}") from e
     except (HfHubHTTPError, OSError) as e:

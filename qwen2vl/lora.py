@@ -107,8 +107,9 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = None,
-               seed: int | None = None) -> list[str]:
+def apply_lora(
+    model: nn.Module, config: LoRAConfig, names: list[str] | None = None, seed: int | None = None
+) -> list[str]:
     """Wrap the targeted (or the given) linear layers in LoRALinear, in place; freezes every other weight.
     Returns the wrapped module names."""
     names = target_names(model, config) if names is None else names
@@ -151,7 +152,7 @@ def peft_module_path(name: str) -> str:
     """Our module name -> the transformers >= 4.52 module path PEFT records (inverse of weights.PREFIX_RENAMES)."""
     for theirs, ours in PREFIX_RENAMES:
         if name.startswith(ours):
-            return theirs + name[len(ours):]
+            return theirs + name[len(ours) :]
     return name
 
 
@@ -172,11 +173,25 @@ def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict:
         vision = "|".join(VISION_TARGETS)
         targets = rf".*\.layers\.\d+\.(self_attn|mlp)\.({text})|.*visual\.blocks\.\d+\.(attn|mlp)\.({vision})"
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,
-        "use_rslora": config.rslora, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-        "layers_pattern": None, "init_lora_weights": True, "inference_mode": True, "lora_bias": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "use_rslora": config.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "lora_bias": False,
         "revision": None,
     }
 
@@ -196,9 +211,18 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
 
 # adapter_config.json fields whose non-default values we cannot honour, with the default that we do implement
 _UNSUPPORTED = {
-    "use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
-    "alpha_pattern": {}, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
-    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "use_dora": False,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "lora_bias": False,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
 }
 
 
@@ -219,8 +243,14 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
             raise AdapterError(f"{path}: {key}={value!r} is not supported (only {default!r})")
     targets = raw.get("target_modules")
     targets = tuple(targets) if isinstance(targets, list) else (str(targets),)
-    return LoRAConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)), dropout=float(raw.get("lora_dropout", 0)),
-                      target_modules=targets, vision=False, rslora=bool(raw.get("use_rslora", False)))
+    return LoRAConfig(
+        r=int(raw["r"]),
+        alpha=float(raw.get("lora_alpha", 8)),
+        dropout=float(raw.get("lora_dropout", 0)),
+        target_modules=targets,
+        vision=False,
+        rslora=bool(raw.get("use_rslora", False)),
+    )
 
 
 def read_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]]]:
@@ -234,7 +264,7 @@ def read_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, dict[str,
         raise AdapterError(f"{directory}: no {ADAPTER_WEIGHTS}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(path).items():
-        stem = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+        stem = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else None
         part = next((p for p in ("lora_A", "lora_B") if stem and stem.endswith(f".{p}.weight")), None)
         if part is None:
             raise AdapterError(f"{path}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.lora_A/B.weight)")
@@ -260,9 +290,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             raise AdapterError(f"{directory}: {name} is not a linear layer of this model")
         a, b = pair["lora_A"], pair["lora_B"]
         if a.shape != (config.r, layer.in_features) or b.shape != (layer.out_features, config.r):
-            raise AdapterError(f"{directory}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the "
-                               f"layer ({layer.in_features} -> {layer.out_features}) with r={config.r} needs "
-                               f"({config.r}, {layer.in_features}) and ({layer.out_features}, {config.r})")
+            raise AdapterError(
+                f"{directory}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the "
+                f"layer ({layer.in_features} -> {layer.out_features}) with r={config.r} needs "
+                f"({config.r}, {layer.in_features}) and ({layer.out_features}, {config.r})"
+            )
     names = sorted(pairs)
     vision = any(n.startswith("visual.") for n in names)
     last = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if not n.startswith("visual.")))
@@ -276,8 +308,10 @@ def set_adapter_weights(model: nn.Module, pairs: dict[str, dict[str, torch.Tenso
     """Copy {module name: {"lora_A", "lora_B"}} into the model's LoRA layers (the same set of modules)."""
     wrapped = lora_modules(model)
     if set(wrapped) != set(pairs):
-        raise AdapterError(f"the adapter covers {len(pairs)} modules, the model's LoRA layers {len(wrapped)}; "
-                           f"different: {sorted(set(wrapped) ^ set(pairs))[:5]}")
+        raise AdapterError(
+            f"the adapter covers {len(pairs)} modules, the model's LoRA layers {len(wrapped)}; "
+            f"different: {sorted(set(wrapped) ^ set(pairs))[:5]}"
+        )
     with torch.no_grad():
         for name, pair in pairs.items():
             w = wrapped[name].base_layer.weight

@@ -75,8 +75,10 @@ class CpuChoice:
     gemv: str  # the decode kernels' variant ("avx2", ...) or "torch"
 
     def describe(self) -> str:
-        return (f"CPU {cpu_facts().summary()}, torch {torch.__version__}: many-row products in {self.matmul} "
-                f"({self.matmul_reason}); few-row products through {self.gemv}")
+        return (
+            f"CPU {cpu_facts().summary()}, torch {torch.__version__}: many-row products in {self.matmul} "
+            f"({self.matmul_reason}); few-row products through {self.gemv}"
+        )
 
 
 def _cache_file() -> Path:
@@ -193,8 +195,9 @@ def _decide_gemv(shape: tuple[int, int]) -> str:
     return f"C kernels ({name}: {reason})"
 
 
-def choose(shapes: list[tuple[int, int]], matmul: str = "auto",
-           decode_shapes: list[tuple[int, int]] | None = None) -> CpuChoice:
+def choose(
+    shapes: list[tuple[int, int]], matmul: str = "auto", decode_shapes: list[tuple[int, int]] | None = None
+) -> CpuChoice:
     """The paths for a model whose many-row products have weight shapes `shapes` (N, K) and whose decode step's
     products have `decode_shapes` (default: the same). `matmul` forces the many-row path ("float32": exact float32
     arithmetic; "bf16") instead of deciding ("auto")."""

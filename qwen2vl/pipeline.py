@@ -64,9 +64,11 @@ class Timings:
     def report(self) -> str:
         rate = self.new_tokens / self.decode_s if self.decode_s else 0.0
         run = self.prompt_tokens - self.reused_tokens
-        lines = [f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | "
-                 f"vision encode {self.vision_s:.2f}s | prefill {self.prefill_s:.2f}s ({run} of {self.prompt_tokens} "
-                 f"prompt tokens run) | decode {self.new_tokens} tokens in {self.decode_s:.2f}s = {rate:.1f} tok/s"]
+        lines = [
+            f"load {self.load_s:.2f}s | preprocess {self.preprocess_s:.2f}s | "
+            f"vision encode {self.vision_s:.2f}s | prefill {self.prefill_s:.2f}s ({run} of {self.prompt_tokens} "
+            f"prompt tokens run) | decode {self.new_tokens} tokens in {self.decode_s:.2f}s = {rate:.1f} tok/s"
+        ]
         for kind, tokens in self.item_tokens:
             lines.append(f"  {kind}: {tokens} tokens")
         return "\n".join(lines)
@@ -80,8 +82,9 @@ VISION_CACHE_BYTES = 2**30  # vision features a pipeline keeps for its chat sess
 class Pipeline:
     bar_after_s = 10.0  # vision encodes estimated to take longer show a progress bar (with `progress` on)
 
-    def __init__(self, model: Qwen2VL, processor: Processor, generation_config: dict | None = None,
-                 progress: bool = False) -> None:
+    def __init__(
+        self, model: Qwen2VL, processor: Processor, generation_config: dict | None = None, progress: bool = False
+    ) -> None:
         self.model, self.processor = model, processor
         self.generation_config = generation_config or {}
         self.progress = progress
@@ -115,24 +118,36 @@ class Pipeline:
     def prepare(self, conversations, params: SamplingParams, fit: bool = False) -> dict:
         """The model inputs of `conversations`; with `fit`, videos that would leave no room for the answer are
         sampled smaller, then sparser, until they do (`Processor._fit`). Off by default: the reference's numbers."""
-        return self.processor(conversations, budget=self.budget(params) if fit else None, fit=fit,
-                              progress=self.progress)
+        return self.processor(
+            conversations, budget=self.budget(params) if fit else None, fit=fit, progress=self.progress
+        )
 
     def constraint_processors(self, response_format) -> tuple:
         """The logits processors that hold one output to `response_format` (a Constraint or an OpenAI
         response_format object); () for None. An uncompilable one raises GrammarError."""
         if response_format is None:
             return ()
-        c = response_format if isinstance(response_format, Constraint) else \
-            Constraint.from_response_format(response_format)
+        c = (
+            response_format
+            if isinstance(response_format, Constraint)
+            else Constraint.from_response_format(response_format)
+        )
         if c is None:
             return ()
         stops = tuple(self.params().stop_token_ids)
         grammars = grammars_for(self.processor.tokenizer, self.model.config.text.vocab_size, stops)
         return (grammars.processor(c),)
 
-    def _timed_steps(self, conversations, params: SamplingParams, cache=None, reuse=0, batch=None,
-                     fit: bool = False, processors: tuple = ()):
+    def _timed_steps(
+        self,
+        conversations,
+        params: SamplingParams,
+        cache=None,
+        reuse=0,
+        batch=None,
+        fit: bool = False,
+        processors: tuple = (),
+    ):
         """`generate_steps` over the prepared conversations (or `batch`), recording `last_timings` as it goes."""
         t0 = time.perf_counter()
         batch = batch if batch is not None else self.prepare(conversations, params, fit)
@@ -140,7 +155,7 @@ class Pipeline:
         for kind in ("image", "video"):
             grid = batch.get(f"{kind}_grid_thw")
             if grid is not None:
-                merge = self.model.config.vision.spatial_merge_size ** 2
+                merge = self.model.config.vision.spatial_merge_size**2
                 timings.item_tokens += [(kind, int(g.prod()) // merge) for g in grid]
         t0 = time.perf_counter()
         prompt = self._with_cached_vision(Prompt.from_batch(batch))
@@ -148,8 +163,16 @@ class Pipeline:
         timings.reused_tokens = reuse
         self.last_timings = timings
         choose = with_processors(chooser(params, self.model.device), processors)
-        steps = generate_steps(self.model, prompt, choose, params.max_new_tokens,
-                               params.stop_token_ids, self.processor.pad_id, cache=cache, reuse=reuse)
+        steps = generate_steps(
+            self.model,
+            prompt,
+            choose,
+            params.max_new_tokens,
+            params.stop_token_ids,
+            self.processor.pad_id,
+            cache=cache,
+            reuse=reuse,
+        )
         t0 = time.perf_counter()
         for i, step in enumerate(steps):
             if i == 0:
@@ -176,9 +199,12 @@ class Pipeline:
         if not (self.progress and self.model.device.type == "cpu"):
             return self.model.encode_vision(pixels, grid[None])
         cost = item_cost(self.model.config, tuple(grid.tolist()), self.model.device, self.model.dtype)
-        print(f"{what}: {cost.describe()} on this CPU (estimated at the {cost.rate / 1e9:.3g} GFLOP/s of a matrix "
-              f"product timed here{'; a lower max_pixels costs less' if cost.seconds > 60 else ''})",
-              file=sys.stderr, flush=True)
+        print(
+            f"{what}: {cost.describe()} on this CPU (estimated at the {cost.rate / 1e9:.3g} GFLOP/s of a matrix "
+            f"product timed here{'; a lower max_pixels costs less' if cost.seconds > 60 else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
         with self._block_bar(what) if cost.seconds >= self.bar_after_s else nullcontext():
             return self.model.encode_vision(pixels, grid[None])
 
@@ -201,8 +227,9 @@ class Pipeline:
                 hook.remove()
             bar.close()
 
-    def stream(self, conversation, skip_special_tokens: bool = True, fit: bool = False, response_format=None,
-               **sampling) -> Iterator[str]:
+    def stream(
+        self, conversation, skip_special_tokens: bool = True, fit: bool = False, response_format=None, **sampling
+    ) -> Iterator[str]:
         """Text pieces of the answer as they are decoded (never half a character; stop strings cut). `fit`: see
         `prepare`; `response_format`: see the module's docstring."""
         params = self.params(**sampling)
@@ -252,8 +279,13 @@ class Pipeline:
 
     def last_image(self, conversation) -> Image.Image | None:
         """The conversation's last image, loaded under the processor's media policy; None when it has none."""
-        images = [p for m in conversation if isinstance(m.get("content"), list) for p in m["content"]
-                  if isinstance(p, dict) and (p.get("type") in ("image", "image_url") or "image" in p)]
+        images = [
+            p
+            for m in conversation
+            if isinstance(m.get("content"), list)
+            for p in m["content"]
+            if isinstance(p, dict) and (p.get("type") in ("image", "image_url") or "image" in p)
+        ]
         if not images:
             return None
         from .processing.chat import normalize_part
@@ -312,23 +344,33 @@ class ChatSession:
             self.messages.pop()
             raise
         prompt = Prompt.from_batch(batch)
-        ids = prefix_key(prompt, [(kind, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in
-                                  vision_items(prompt)], self.pipe.model.config)
+        ids = prefix_key(
+            prompt,
+            [(kind, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in vision_items(prompt)],
+            self.pipe.model.config,
+        )
         if self.cache is None or len(ids) + params.max_new_tokens > self.cache.max_len:
-            self.cache = KVCache(self.pipe.model.config.text, 1, max(self.max_len, len(ids) + params.max_new_tokens),
-                                 self.pipe.model.dtype, self.pipe.model.device)
+            self.cache = KVCache(
+                self.pipe.model.config.text,
+                1,
+                max(self.max_len, len(ids) + params.max_new_tokens),
+                self.pipe.model.dtype,
+                self.pipe.model.device,
+            )
             self.cached_ids = []
         reuse = common_prefix(self.cached_ids, ids[:-1])
         self._reply = Reply(self._answer(batch, ids, params, reuse, processors))
         return self._reply
 
-    def _answer(self, batch: dict, ids: list, params: SamplingParams, reuse: int,
-                processors: tuple = ()) -> Iterator[str]:
+    def _answer(
+        self, batch: dict, ids: list, params: SamplingParams, reuse: int, processors: tuple = ()
+    ) -> Iterator[str]:
         messages, answer_ids = self.messages, []
 
         def steps():
-            for step in self.pipe._timed_steps(None, params, cache=self.cache, reuse=reuse, batch=batch,
-                                               processors=processors):
+            for step in self.pipe._timed_steps(
+                None, params, cache=self.cache, reuse=reuse, batch=batch, processors=processors
+            ):
                 answer_ids.append(int(step.tokens[0]))
                 yield step
 
@@ -352,26 +394,42 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
     if d.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) is a build without CUDA; "
-                             "install a CUDA build of torch (pytorch.org), or use cpu")
+            raise ValueError(
+                f"device {str(device)!r}: this torch ({torch.__version__}) is a build without CUDA; "
+                "install a CUDA build of torch (pytorch.org), or use cpu"
+            )
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU here (no driver, or "
-                             "CUDA_VISIBLE_DEVICES hides them); use cpu")
+            raise ValueError(
+                f"device {str(device)!r}: torch sees no CUDA GPU here (no driver, or "
+                "CUDA_VISIBLE_DEVICES hides them); use cpu"
+            )
         if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            raise ValueError(
+                f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
     elif d.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r}: this torch cannot use Apple's MPS here (it needs macOS on "
-                             "Apple silicon and a torch built with MPS); use cpu")
+            raise ValueError(
+                f"device {str(device)!r}: this torch cannot use Apple's MPS here (it needs macOS on "
+                "Apple silicon and a torch built with MPS); use cpu"
+            )
     elif d.type != "cpu":
         raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
     return d
 
 
-def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str | None = None,
-         progress: bool = True, cpu_matmul: str = "auto", adapter: str | None = None,
-         tensor_parallel_size: int = 1, **processor_overrides) -> Pipeline:
+def load(
+    path_or_id: str,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    quantize: str | None = None,
+    progress: bool = True,
+    cpu_matmul: str = "auto",
+    adapter: str | None = None,
+    tensor_parallel_size: int = 1,
+    **processor_overrides,
+) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
     the download and the weights, and on CPU each item's cost said before its vision encode. `adapter`: a LoRA
     adapter directory (PEFT's format) applied on top of the weights.
@@ -386,14 +444,24 @@ def load(path_or_id: str, dtype: torch.dtype | None = None, device: str = "cpu",
         from .parallel import load_rank_model, require_group
 
         if adapter is not None:
-            raise ValueError("an adapter under tensor parallelism is not supported yet: merge it first "
-                             "(qwen2vl merge) and load the merged checkpoint")
+            raise ValueError(
+                "an adapter under tensor parallelism is not supported yet: merge it first "
+                "(qwen2vl merge) and load the merged checkpoint"
+            )
         require_group(tensor_parallel_size)
-        model = load_rank_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
-                                cpu_matmul=cpu_matmul)
+        model = load_rank_model(
+            directory, dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul
+        )
     else:
-        model = load_model(directory, dtype=dtype, device=device, quantize=quantize, progress=progress,
-                           cpu_matmul=cpu_matmul, adapter=adapter)
+        model = load_model(
+            directory,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            progress=progress,
+            cpu_matmul=cpu_matmul,
+            adapter=adapter,
+        )
     processor = Processor.from_pretrained(directory, **processor_overrides)
     gen_path = Path(directory) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}

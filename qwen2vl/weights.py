@@ -36,8 +36,15 @@ REDUNDANT_WHEN_TIED = ("lm_head.weight",)
 QUANT_TRIM_BYTES = 32 << 20
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -60,7 +67,7 @@ class TensorSlice:
 def our_name(key: str) -> str:
     for old, new in PREFIX_RENAMES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -103,15 +110,18 @@ def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice |
     begin, end = info["data_offsets"]
     shape = list(info["shape"])
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"{path}: the header gives {end - begin} bytes to a {info['dtype']} tensor of shape "
-                              f"{tuple(shape)}")
+        raise CheckpointError(
+            f"{path}: the header gives {end - begin} bytes to a {info['dtype']} tensor of shape {tuple(shape)}"
+        )
     outer, inner = 1, 0  # the whole tensor: one run
     if part is not None:
         if part.dim >= len(shape) or shape[part.dim] != part.full:
-            raise CheckpointError(f"{path}: tensor of shape {tuple(shape)}, but a slice of dimension {part.dim} "
-                                  f"of size {part.full} was asked for")
-        outer = math.prod(shape[:part.dim])
-        inner = math.prod(shape[part.dim + 1:]) * dtype.itemsize  # bytes per index along dim
+            raise CheckpointError(
+                f"{path}: tensor of shape {tuple(shape)}, but a slice of dimension {part.dim} "
+                f"of size {part.full} was asked for"
+            )
+        outer = math.prod(shape[: part.dim])
+        inner = math.prod(shape[part.dim + 1 :]) * dtype.itemsize  # bytes per index along dim
         shape[part.dim] = part.stop - part.start
     t = torch.empty(shape, dtype=dtype)
     out = t.view(-1).view(torch.uint8).numpy()
@@ -120,14 +130,21 @@ def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice |
         # run i: rows i of the leading dimensions, indices start..stop of `dim` (or everything without a part)
         offset = begin + (i * part.full + part.start) * inner if part is not None else begin
         f.seek(data_start + offset)
-        got = f.readinto(out[i * run:(i + 1) * run])
+        got = f.readinto(out[i * run : (i + 1) * run])
         if got != run:
             raise CheckpointError(f"{path}: truncated (wanted {run} bytes at {offset}, got {got})")
     return t
 
 
-def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
-                 scheme=None, slices: dict[str, TensorSlice] | None = None) -> None:
+def load_weights(
+    model: Qwen2VL,
+    directory: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+    scheme=None,
+    slices: dict[str, TensorSlice] | None = None,
+) -> None:
     """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise.
 
     `slices`: parameters that hold only part of their checkpoint tensor (a tensor-parallel rank's share); only
@@ -141,8 +158,10 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
     if scheme is None:
         packed = next((k for _, header, _ in headers for k in header if k.endswith(".qweight")), None)
         if packed is not None:
-            raise CheckpointError(f"{directory}: {packed} is a quantized tensor, but config.json has no "
-                                  "quantization_config saying which format it is in")
+            raise CheckpointError(
+                f"{directory}: {packed} is a quantized tensor, but config.json has no "
+                "quantization_config saying which format it is in"
+            )
     else:
         from . import quant
 
@@ -174,8 +193,9 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             parts.append(f"{len(unused)} unused tensors: {sorted(unused)[:20]}{' ...' if len(unused) > 20 else ''}")
         if dupes:
             parts.append(f"tensors given twice (under both key layouts?): {dupes[:20]}")
-        raise CheckpointError(f"{directory}: checkpoint does not match the model of its config.json; "
-                              + "; ".join(parts))
+        raise CheckpointError(
+            f"{directory}: checkpoint does not match the model of its config.json; " + "; ".join(parts)
+        )
 
     infos = [info for *_, info, _ in plan] + [info for t in quant_plan.values() for _, _, info, _ in t.values()]
     total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in infos)
@@ -194,7 +214,8 @@ def load_weights(model: Qwen2VL, directory: Path, dtype: torch.dtype, device: to
             t = read(path, info, start, (slices or {}).get(name))
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
-                    f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}")
+                    f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}"
+                )
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         since_trim = 0
         for layer, tensors in quant_plan.items():  # one layer at a time: packed tensors in, final layout out
@@ -229,14 +250,23 @@ def _check_quantized(layer: str, linear: torch.nn.Linear, tensors: dict, scheme,
         shape, dtype = layout[suffix]
         wrong_dtype = suffix != "bias" and _ST_DTYPES.get(info["dtype"]) not in (dtype, None)
         if tuple(info["shape"]) != shape or wrong_dtype:
-            raise QuantizationError(f"{key} has shape {tuple(info['shape'])} and dtype {info['dtype']}; the config "
-                                    f"needs {shape} {str(dtype).removeprefix('torch.')}")
+            raise QuantizationError(
+                f"{key} has shape {tuple(info['shape'])} and dtype {info['dtype']}; the config "
+                f"needs {shape} {str(dtype).removeprefix('torch.')}"
+            )
     needed = ["qweight", "qzeros", "scales"] + (["bias"] if linear.bias is not None else [])
     return [f"{layer}.{s}" for s in needed if s not in tensors]
 
 
-def _install_quantized(model: Qwen2VL, layer: str, tensors: dict[str, torch.Tensor], linear: torch.nn.Linear,
-                       scheme, dtype: torch.dtype, device: torch.device) -> None:
+def _install_quantized(
+    model: Qwen2VL,
+    layer: str,
+    tensors: dict[str, torch.Tensor],
+    linear: torch.nn.Linear,
+    scheme,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     from .quant import QuantizationError, QuantLinear, read_layer
 
     storage = read_layer(layer, tensors, scheme, linear.in_features, linear.out_features)
@@ -245,8 +275,15 @@ def _install_quantized(model: Qwen2VL, layer: str, tensors: dict[str, torch.Tens
         if bool(bias.any()):
             raise QuantizationError(f"{layer}.bias is not zero, but this layer has no bias in Qwen2-VL")
         bias = None
-    module = QuantLinear(linear.in_features, linear.out_features, scheme.bits, scheme.group_size,
-                         bias=bias is not None, permuted=storage.perm is not None, bias_dtype=dtype)
+    module = QuantLinear(
+        linear.in_features,
+        linear.out_features,
+        scheme.bits,
+        scheme.group_size,
+        bias=bias is not None,
+        permuted=storage.perm is not None,
+        bias_dtype=dtype,
+    )
     state = QuantLinear.state_from(storage)
     if bias is not None:
         state["bias"] = bias.to(dtype)
@@ -294,15 +331,19 @@ def load_model(
         except QuantizationError as e:
             raise type(e)(f"{directory / 'config.json'}: {e}") from None
         if quantize:
-            raise ValueError(f"{directory} is already quantized ({scheme.method.upper()} "
-                             f"{scheme.bits}-bit); drop quantize={quantize!r}")
+            raise ValueError(
+                f"{directory} is already quantized ({scheme.method.upper()} "
+                f"{scheme.bits}-bit); drop quantize={quantize!r}"
+            )
         if dtype is None and device.type == "cpu":  # float16 arithmetic on CPU is slow: compute in float32
             dtype = torch.float32
     dtype = dtype or config.torch_dtype or torch.float32
     if shard is not None and (quantize or scheme is not None):
         what = f"quantize={quantize!r}" if quantize else f"a {scheme.method.upper()} checkpoint"
-        raise ValueError(f"tensor parallelism runs float32, bfloat16 or float16 weights; {what} is not supported "
-                         "with more than one rank")
+        raise ValueError(
+            f"tensor parallelism runs float32, bfloat16 or float16 weights; {what} is not supported "
+            "with more than one rank"
+        )
     with torch.device("meta"):
         model = Qwen2VL(config)
     slices = shard(model) if shard is not None else None

@@ -40,21 +40,24 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tied_ckpt(tmp_path_factory):
     cfg = make_config(tie_word_embeddings=True)
-    return write_checkpoint(tmp_path_factory.mktemp("tiny_tied"), cfg, seed=1, tokenizer=False,
-                            key_layout="transformers", shards=3)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("tiny_tied"), cfg, seed=1, tokenizer=False, key_layout="transformers", shards=3
+    )
 
 
 @pytest.fixture(scope="session")
 def hf_model_factory():
     """Load the oracle (transformers Qwen2VLForConditionalGeneration) from a checkpoint directory, float32."""
     import transformers  # the oracle is a hard test dependency: never skip
+
     cache = {}
 
     def load(path, dtype=torch.float32, attn="eager"):
         key = (str(path), dtype, attn)
         if key not in cache:
             cache[key] = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-                path, dtype=dtype, attn_implementation=attn).eval()
+                path, dtype=dtype, attn_implementation=attn
+            ).eval()
         return cache[key]
 
     return load

@@ -21,10 +21,13 @@ def oracle(directory, conversations, add_generation_prompt=True, **overrides):
     hp.tokenizer.padding_side = "left"
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
-    conversations = [[{**m, "content": [_as_pil(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-                      for m in c] for c in conversations]
-    texts = [hp.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
-             for c in conversations]
+    conversations = [
+        [{**m, "content": [_as_pil(p) for p in m["content"]]} if isinstance(m["content"], list) else m for m in c]
+        for c in conversations
+    ]
+    texts = [
+        hp.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt) for c in conversations
+    ]
     images, videos = process_vision_info(conversations)
     return hp(text=texts, images=images, videos=videos, return_tensors="pt", padding=True)
 
@@ -54,8 +57,10 @@ def make_video(path, frames=30, fps=10, size=(128, 96), codec="mpeg4", vfr=False
 
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    pictures = (np.stack([(xx * 2 + i * 9) % 256, (yy * 3 + i * 5) % 256, ((xx + yy) + i * 13) % 256], -1)
-                .astype(np.uint8) for i in range(frames))
+    pictures = (
+        np.stack([(xx * 2 + i * 9) % 256, (yy * 3 + i * 5) % 256, ((xx + yy) + i * 13) % 256], -1).astype(np.uint8)
+        for i in range(frames)
+    )
     return encode_video(path, pictures, size, fps, codec, gop=None, vfr=vfr)
 
 

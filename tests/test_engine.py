@@ -22,10 +22,22 @@ def model(tmp_path_factory):
 
 
 MIXED = [
-    [30], [4, ("image", (1, 6, 8)), 6], [3, ("video", (4, 4, 4)), 8], [2, ("image", (1, 4, 10)), 5],
-    [12], [5, ("image", (1, 8, 8)), 2, ("image", (1, 4, 4)), 3], [7], [3, ("video", (2, 6, 4)), 2],
-    [20], [4, ("image", (1, 2, 2)), 9], [9], [6, ("image", (1, 10, 6)), 1], [15], [2, ("video", (6, 2, 2)), 4],
-    [40], [5, ("image", (1, 6, 6)), 5],
+    [30],
+    [4, ("image", (1, 6, 8)), 6],
+    [3, ("video", (4, 4, 4)), 8],
+    [2, ("image", (1, 4, 10)), 5],
+    [12],
+    [5, ("image", (1, 8, 8)), 2, ("image", (1, 4, 4)), 3],
+    [7],
+    [3, ("video", (2, 6, 4)), 2],
+    [20],
+    [4, ("image", (1, 2, 2)), 9],
+    [9],
+    [6, ("image", (1, 10, 6)), 1],
+    [15],
+    [2, ("video", (6, 2, 2)), 4],
+    [40],
+    [5, ("image", (1, 6, 6)), 5],
 ]
 
 
@@ -44,9 +56,9 @@ def single(rows, i, seed):
         if counts[i]:
             sizes = grids.prod(-1).tolist()
             start = sum(sizes[:lo])
-            n = sum(sizes[lo:lo + counts[i]])
-            out[key] = full[key][start:start + n]
-            out[f"{kind}_grid_thw"] = grids[lo:lo + counts[i]]
+            n = sum(sizes[lo : lo + counts[i]])
+            out[key] = full[key][start : start + n]
+            out[f"{kind}_grid_thw"] = grids[lo : lo + counts[i]]
     return out
 
 
@@ -115,8 +127,11 @@ def test_abort_frees_the_slot_and_queue_limit(model):
 
 def test_a_failing_request_does_not_harm_others(model):
     good = single([[10]], 0, seed=2)
-    bad = {**good, "input_ids": torch.cat([good["input_ids"], torch.tensor([[151655] * 4])], 1),
-           "attention_mask": torch.ones(1, good["input_ids"].shape[1] + 4, dtype=torch.long)}  # pads, no image
+    bad = {
+        **good,
+        "input_ids": torch.cat([good["input_ids"], torch.tensor([[151655] * 4])], 1),
+        "attention_mask": torch.ones(1, good["input_ids"].shape[1] + 4, dtype=torch.long),
+    }  # pads, no image
     engine = Engine(model, max_num_seqs=2, max_model_len=64, prefill_chunk=32)
     engine.add(Request("bad", Prompt.from_batch(bad), greedy, 3))
     engine.add(Request("good", Prompt.from_batch(good), greedy, 3))
@@ -136,6 +151,7 @@ def test_prompt_longer_than_context_is_refused(model):
 
 # -- fairness: a large vision encode runs in pieces between decode steps --------------------------------------------
 
+
 def encode_in_pieces(model, pixels, grid, piece_flops):
     """(features, number of pauses) of model.encode_vision_pieces run to the end."""
     pieces, pauses = model.encode_vision_pieces(pixels, grid, piece_flops), 0
@@ -153,8 +169,12 @@ def test_vision_in_pieces_is_bit_identical_to_one_shot(model, tiny_ckpt, weights
     groups, heads or query rows, the merger in ranges - the features are torch.equal to encode_vision."""
     m = model if weights.startswith("bf16") else qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
     g = torch.Generator().manual_seed(50)
-    grids = {"image, 2048 patches": [[1, 64, 32]], "video, 4 frames of 512": [[4, 16, 32]],
-             "image + video": [[1, 6, 8], [3, 20, 24]], "2x2 image": [[1, 2, 2]]}
+    grids = {
+        "image, 2048 patches": [[1, 64, 32]],
+        "video, 4 frames of 512": [[4, 16, 32]],
+        "image + video": [[1, 6, 8], [3, 20, 24]],
+        "2x2 image": [[1, 2, 2]],
+    }
     for name, grid in grids.items():
         grid = torch.tensor(grid)
         pixels = torch.randn(int(grid.prod(-1).sum()), 1176, generator=g)
@@ -198,11 +218,14 @@ def big_image_prompt(seed):
 
 def test_running_streams_get_a_token_every_step_during_a_large_encode(model, monkeypatch):
     text, big = single([[10]], 0, seed=60), big_image_prompt(61)
-    alone = {name: run(Engine(model, max_num_seqs=1, max_model_len=640, prefill_chunk=32), [p], n)["r0"]
-             for name, p, n in (("text", text, 200), ("big", big, 3))}
+    alone = {
+        name: run(Engine(model, max_num_seqs=1, max_model_len=640, prefill_chunk=32), [p], n)["r0"]
+        for name, p, n in (("text", text, 200), ("big", big, 3))
+    }
     log = spy_on_pieces(model, monkeypatch)
-    engine = Engine(model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=0.0,
-                    vision_piece_flops=1e7)
+    engine = Engine(
+        model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=0.0, vision_piece_flops=1e7
+    )
     engine.add(Request("text", Prompt.from_batch(text), greedy, 200))
     got, steps_beside = {"text": [], "big": []}, 0
     while engine.has_work():
@@ -222,8 +245,9 @@ def test_running_streams_get_a_token_every_step_during_a_large_encode(model, mon
 
 def test_small_request_behind_a_large_encode_is_not_kept_waiting(model, monkeypatch):
     spy_on_pieces(model, monkeypatch)
-    engine = Engine(model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=0.0,
-                    vision_piece_flops=2e6)
+    engine = Engine(
+        model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=0.0, vision_piece_flops=2e6
+    )
     engine.add(Request("big", Prompt.from_batch(big_image_prompt(62)), greedy, 2))
     engine.add(Request("small", Prompt.from_batch(single([[12]], 0, seed=63)), greedy, 2))
     order = []
@@ -233,8 +257,9 @@ def test_small_request_behind_a_large_encode_is_not_kept_waiting(model, monkeypa
 
 
 def test_abort_in_the_middle_of_an_encode_stops_it_within_one_piece(model, monkeypatch):
-    engine = Engine(model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=10.0,
-                    vision_piece_flops=2e6)
+    engine = Engine(
+        model, max_num_seqs=2, max_model_len=640, prefill_chunk=32, prompt_budget_s=10.0, vision_piece_flops=2e6
+    )
     running = []
 
     def after_piece(count):

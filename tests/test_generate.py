@@ -35,9 +35,18 @@ def test_greedy_tokens_equal_reference_generate(case, model, tiny_ckpt, hf_model
     batch = build(GEN_CASES[case], seed=21)
     ref = hf_model_factory(tiny_ckpt, attn="sdpa")
     with torch.no_grad():
-        out = ref.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                           repetition_penalty=1.0, top_k=None, top_p=None, temperature=None, pad_token_id=151643)
-    expected = out[:, batch["input_ids"].shape[1]:]
+        out = ref.generate(
+            **batch,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            repetition_penalty=1.0,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=151643,
+        )
+    expected = out[:, batch["input_ids"].shape[1] :]
     got = ours_greedy(model, batch)
     assert torch.equal(got, expected)
 
@@ -56,11 +65,11 @@ def test_batched_rows_equal_rows_alone(model):
         n_vid = sum(1 for p in parts if not isinstance(p, int) and p[0] == "video")
         for kind, n, at in (("image", n_img, img_at), ("video", n_vid, vid_at)):
             if n:
-                grids = full[f"{kind}_grid_thw"][at:at + n]
+                grids = full[f"{kind}_grid_thw"][at : at + n]
                 sizes = full[f"{kind}_grid_thw"].prod(-1).tolist()
                 lo = sum(sizes[:at])
                 key = "pixel_values" if kind == "image" else "pixel_values_videos"
-                single[key] = full[key][lo:lo + int(grids.prod(-1).sum())]
+                single[key] = full[key][lo : lo + int(grids.prod(-1).sum())]
                 single[f"{kind}_grid_thw"] = grids
         img_at += n_img
         vid_at += n_vid
@@ -77,7 +86,7 @@ def test_cached_decode_equals_full_forward(model):
         logits = model(**full)
     # the greedy choice at each step is the argmax of the full forward at the previous position
     L = batch["input_ids"].shape[1]
-    assert torch.equal(logits[:, L - 1:-1].argmax(-1), tokens)
+    assert torch.equal(logits[:, L - 1 : -1].argmax(-1), tokens)
 
 
 def test_prefix_reuse_equals_fresh_prefill(model):
@@ -87,8 +96,9 @@ def test_prefix_reuse_equals_fresh_prefill(model):
     cache = KVCache(model.config.text, 1, L + 8, model.dtype)
     with torch.no_grad():
         model(**batch, cache=cache)  # fills slots 0..L-1 with this prompt
-    reused = torch.stack([s.tokens for s in generate_steps(model, Prompt.from_batch(batch), greedy, 8,
-                                                            cache=cache, reuse=L - 3)], dim=1)
+    reused = torch.stack(
+        [s.tokens for s in generate_steps(model, Prompt.from_batch(batch), greedy, 8, cache=cache, reuse=L - 3)], dim=1
+    )
     assert torch.equal(fresh, reused)
 
 

@@ -108,15 +108,19 @@ def test_download_asks_only_for_the_files_loading_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert resolve_model_path("Qwen/Qwen2-VL-7B-Instruct", revision="v1") == tmp_path
-    assert calls == [("Qwen/Qwen2-VL-7B-Instruct", {"revision": "v1", "allow_patterns": ALLOW,
-                                                    "local_files_only": False})]
+    assert calls == [
+        ("Qwen/Qwen2-VL-7B-Instruct", {"revision": "v1", "allow_patterns": ALLOW, "local_files_only": False})
+    ]
     assert {"*.json", "*.safetensors", "*.txt", "*.jinja"} <= set(ALLOW)
 
 
-@pytest.mark.parametrize("error, message", [
-    (RepositoryNotFoundError("404"), "no such repository on the hub"),
-    (GatedRepoError("401"), "it is gated; accept its terms"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (RepositoryNotFoundError("404"), "no such repository on the hub"),
+        (GatedRepoError("401"), "it is gated; accept its terms"),
+    ],
+)
 def test_hub_errors_are_explained(monkeypatch, error, message):
     def fail(repo_id, **kwargs):
         raise error

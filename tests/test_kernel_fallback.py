@@ -47,12 +47,19 @@ def _build_fails(monkeypatch, tmp_path):
 
 def _library_does_not_load(monkeypatch, tmp_path):
     # the "compiler" writes a file that is not a shared object (a truncated copy, another architecture's build)
-    _fake_compiler(monkeypatch, tmp_path, 'while [ "$#" -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
-                                          'echo "not an ELF file" > "$out"\n')
+    _fake_compiler(
+        monkeypatch,
+        tmp_path,
+        'while [ "$#" -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\necho "not an ELF file" > "$out"\n',
+    )
 
 
-CAUSES = {"no sources": _no_sources, "no compiler": _no_compiler, "build fails": _build_fails,
-          "library does not load": _library_does_not_load}
+CAUSES = {
+    "no sources": _no_sources,
+    "no compiler": _no_compiler,
+    "build fails": _build_fails,
+    "library does not load": _library_does_not_load,
+}
 
 
 def _forget_built_kernels() -> None:
@@ -73,8 +80,9 @@ def kernels_broken(request, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def bf16_ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("bf16"), make_config(), seed=6, dtype=torch.bfloat16,
-                            tokenizer=False)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("bf16"), make_config(), seed=6, dtype=torch.bfloat16, tokenizer=False
+    )
 
 
 @pytest.mark.parametrize("kernels_broken", list(CAUSES), indirect=True)
@@ -111,8 +119,9 @@ def with_kernels(bf16_ckpt):
 
 
 @pytest.mark.parametrize("kernels_broken", list(CAUSES), indirect=True)
-def test_a_bf16_model_without_kernels_gives_the_kernel_paths_results(with_kernels, kernels_broken, bf16_ckpt,
-                                                                     parity_report):
+def test_a_bf16_model_without_kernels_gives_the_kernel_paths_results(
+    with_kernels, kernels_broken, bf16_ckpt, parity_report
+):
     # the same bf16 weights and float32 arithmetic through torch ops instead of the kernels: the same logits up
     # to summation order and the same greedy tokens as the kernel path and as plain float32 PyTorch
     ids, mask, kernel_logits, kernel_tokens = with_kernels
@@ -122,8 +131,10 @@ def test_a_bf16_model_without_kernels_gives_the_kernel_paths_results(with_kernel
     logits, tokens = _run(without, ids, mask)
     plain_logits, plain_tokens = _run(plain, ids, mask)
     keep = mask.bool()
-    parity_report("logits, bf16 model without kernels vs with kernels",
-                  (logits - kernel_logits)[keep].abs().max().item(), 1e-4)
-    parity_report("logits, bf16 model without kernels vs float32 PyTorch",
-                  (logits - plain_logits)[keep].abs().max().item(), 1e-4)
+    parity_report(
+        "logits, bf16 model without kernels vs with kernels", (logits - kernel_logits)[keep].abs().max().item(), 1e-4
+    )
+    parity_report(
+        "logits, bf16 model without kernels vs float32 PyTorch", (logits - plain_logits)[keep].abs().max().item(), 1e-4
+    )
     assert torch.equal(tokens, kernel_tokens) and torch.equal(tokens, plain_tokens)

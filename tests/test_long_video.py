@@ -26,8 +26,15 @@ def two_minutes(tmp_path_factory):
 
 
 def user(video, **fields):
-    return [{"role": "user", "content": [{"type": "video", "video": str(video), **fields},
-                                         {"type": "text", "text": "Summarise the video."}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(video), **fields},
+                {"type": "text", "text": "Summarise the video."},
+            ],
+        }
+    ]
 
 
 def test_chunked_decode_equals_decoding_everything_then_resizing(two_minutes):
@@ -77,8 +84,10 @@ def test_fit_lowers_pixels_then_frame_rate_and_equals_the_reference(repo, proc, 
         grown = {**fields, "fps": fields["fps"] * (len(item.frame_indices) + 2) / len(item.frame_indices)}
     else:
         grown = {**fields, "total_pixels": int(fields["total_pixels"] * 1.15)}
-    assert proc.plan(user(two_minutes, **grown)).prompt_tokens > limit or \
-        proc.plan(user(two_minutes, **grown)).items[0].tokens == item.tokens
+    assert (
+        proc.plan(user(two_minutes, **grown)).prompt_tokens > limit
+        or proc.plan(user(two_minutes, **grown)).items[0].tokens == item.tokens
+    )
 
 
 def test_fit_refuses_what_cannot_fit(proc, two_minutes):
@@ -96,10 +105,17 @@ def test_fit_splits_the_budget_between_videos_and_leaves_images_alone(proc, two_
     from processing_fixtures import noise_image
 
     noise_image(200, 150).save(tmp_path / "p.png")
-    conv = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "p.png")},
-                                         {"type": "video", "video": str(two_minutes)},
-                                         {"type": "video", "video": str(two_minutes), "video_end": 30},
-                                         {"type": "text", "text": "Compare."}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(tmp_path / "p.png")},
+                {"type": "video", "video": str(two_minutes)},
+                {"type": "video", "video": str(two_minutes), "video_end": 30},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ]
     before = proc.plan(conv)
     plan = proc.plan(conv, fit=True, budget=Budget(2500))
     assert plan.prompt_tokens <= 2500 and plan.items[0] == before.items[0]
@@ -147,16 +163,27 @@ def short_context(tiny, tmp_path_factory):  # noqa: F811 (the fixture imported a
 
 
 def test_cli_fits_by_default_says_so_and_refuses_with_no_fit(short_context, seven_minutes):
-    refused = cli("run", "--model", short_context, "--video", seven_minutes, "--prompt", "Summarise.", "--no-fit",
-                  "--max-new-tokens", "2")
+    refused = cli(
+        "run",
+        "--model",
+        short_context,
+        "--video",
+        seven_minutes,
+        "--prompt",
+        "Summarise.",
+        "--no-fit",
+        "--max-new-tokens",
+        "2",
+    )
     assert refused.returncode != 0
     error = [line for line in refused.stderr.splitlines() if line.startswith("qwen2vl: error")]
     assert len(error) == 1 and "tokens" in error[0] and "4096" in error[0], refused.stderr
     assert "decoding" not in refused.stderr  # refused from the plan, before any frame was decoded
     planned = cli("plan", "--model", short_context, "--video", seven_minutes, "--fit", "--max-new-tokens", "2")
     assert planned.returncode == 0 and "fitted: total_pixels=" in planned.stdout and "fps=" in planned.stdout
-    ran = cli("run", "--model", short_context, "--video", seven_minutes, "--prompt", "Summarise.",
-              "--max-new-tokens", "2")
+    ran = cli(
+        "run", "--model", short_context, "--video", seven_minutes, "--prompt", "Summarise.", "--max-new-tokens", "2"
+    )
     assert ran.returncode == 0, ran.stderr
     assert "qwen2vl: fitted video" in ran.stderr and "--no-fit" in ran.stderr
 

@@ -31,9 +31,27 @@ def test_twenty_one_minutes_to_the_first_token(tmp_path):
         write_checkpoint(model, make_config(SHAPES_2B_TEXT, SHAPES_2B_VISION), dtype=torch.bfloat16, tokenizer=True)
     video = write_test_video(tmp_path / "talk.mp4", 21 * 60)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "qwen2vl", "run", "--model", str(model), "--video", str(video),
-                          "--prompt", "Summarise the video.", "--max-new-tokens", "1", "--verbose"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen2vl",
+            "run",
+            "--model",
+            str(model),
+            "--video",
+            str(video),
+            "--prompt",
+            "Summarise the video.",
+            "--max-new-tokens",
+            "1",
+            "--verbose",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert out.returncode == 0, out.stderr[-3000:]

@@ -73,8 +73,11 @@ def test_decode_kernel_variant_is_timed_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("QWEN2VL_KERNELS", raising=False)
-    for name, value in (("supported", lambda: ["avx512", "avx2"]), ("builds", lambda name: True),
-                        ("available", lambda: True)):
+    for name, value in (
+        ("supported", lambda: ["avx512", "avx2"]),
+        ("builds", lambda name: True),
+        ("available", lambda: True),
+    ):
         monkeypatch.setattr(kernels, name, value)
     calls = []
 
@@ -124,8 +127,9 @@ def test_bf16_matmul_path_is_the_native_bf16_product(storage):
 
 @pytest.fixture(scope="module")
 def bf16_ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("bf16"), make_config(), seed=4, dtype=torch.bfloat16,
-                            tokenizer=False)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("bf16"), make_config(), seed=4, dtype=torch.bfloat16, tokenizer=False
+    )
 
 
 def test_bf16_compute_drifts_no_more_than_the_reference_in_bf16(bf16_ckpt, hf_model_factory, parity_report):
@@ -136,17 +140,31 @@ def test_bf16_compute_drifts_no_more_than_the_reference_in_bf16(bf16_ckpt, hf_mo
     ours = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_matmul="bf16")
     assert ours.cpu_choice.matmul == "bf16"
     ratios = []
-    for case, seed in (("left-padded batch: text / image / video", 21), ("two images, different aspect ratios", 3),
-                       ("image then video then image", 8)):
+    for case, seed in (
+        ("left-padded batch: text / image / video", 21),
+        ("two images, different aspect ratios", 3),
+        ("image then video then image", 8),
+    ):
         batch = build(CASES[case], seed=seed)
         keep = batch["attention_mask"].bool()
         with torch.no_grad():
             want = ref32(**batch).logits
-            theirs = (ref16(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
-                      .logits.float() - want)[keep].abs().max().item()
+            theirs = (
+                (
+                    ref16(
+                        **{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+                    ).logits.float()
+                    - want
+                )[keep]
+                .abs()
+                .max()
+                .item()
+            )
             mine = (ours(**batch) - want)[keep].abs().max().item()
-        print(f"{case}: max |logit - reference float32|: ours with bf16 products {mine:.3g}, reference in bf16 "
-              f"{theirs:.3g}")
+        print(
+            f"{case}: max |logit - reference float32|: ours with bf16 products {mine:.3g}, reference in bf16 "
+            f"{theirs:.3g}"
+        )
         ratios.append(mine / theirs)
     parity_report("bf16 products: our drift / the reference's own bf16 drift (worst of 3 inputs)", max(ratios), 1.0)
     exact = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_matmul="float32")

@@ -40,6 +40,7 @@ SERVER = MediaPolicy(allow_private_addresses=False)  # a server's
 
 # -- a loopback web server and a fake network ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def web():
     """A loopback HTTP server: `routes` maps a path to a responder; every request is recorded."""
@@ -61,9 +62,14 @@ def web():
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     port = server.server_address[1]
-    yield SimpleNamespace(port=port, routes=routes, requests=requests, server=server,
-                          paths=lambda: [p for p, _ in requests],
-                          url=lambda path, host="127.0.0.1": f"http://{host}:{port}{path}")
+    yield SimpleNamespace(
+        port=port,
+        routes=routes,
+        requests=requests,
+        server=server,
+        paths=lambda: [p for p, _ in requests],
+        url=lambda path, host="127.0.0.1": f"http://{host}:{port}{path}",
+    )
     server.shutdown()
     server.server_close()
 
@@ -80,8 +86,11 @@ def net(monkeypatch):
             seq = state.answers[host]
             answer = seq[min(state.lookups.count(host), len(seq) - 1)]
             state.lookups.append(host)
-            return [info for ip in ((answer,) if isinstance(answer, str) else answer)
-                    for info in real_getaddrinfo(ip, port, family, type, proto, socket.AI_NUMERICHOST)]
+            return [
+                info
+                for ip in ((answer,) if isinstance(answer, str) else answer)
+                for info in real_getaddrinfo(ip, port, family, type, proto, socket.AI_NUMERICHOST)
+            ]
         # anything else must be a literal: AI_NUMERICHOST parses it without asking any DNS server
         return real_getaddrinfo(host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
 
@@ -108,6 +117,7 @@ def body(data: bytes, length: bool = True, headers: dict | None = None):
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(data)
+
     return respond
 
 
@@ -117,11 +127,13 @@ def redirect(location: str, code: int = 302):
         h.send_header("Location", location)
         h.send_header("Content-Length", "0")
         h.end_headers()
+
     return respond
 
 
 def trickle(part: str):
     """A byte every 50 ms for 3 s, in the headers or in the body: no single read ever waits long."""
+
     def respond(h):
         if part == "body":
             h.send_response(200)
@@ -135,6 +147,7 @@ def trickle(part: str):
                 time.sleep(0.05)
         except OSError:  # the client hung up: what the test wants
             pass
+
     return respond
 
 
@@ -148,6 +161,7 @@ PNG = _png()
 
 
 # -- URLs: DNS rebinding, redirects, the fetch's limits, hosts ----------------------------------------------------
+
 
 def test_dns_rebinding_cannot_reach_loopback(web, net):
     """The name answers a public address for the check and 127.0.0.1 afterwards. Resolving again to connect (as
@@ -193,9 +207,16 @@ def test_redirects_are_followed_up_to_the_cap(web, net):
     assert web.paths() == ["/r4", "/r3", "/r2", "/r1"]  # the fourth redirect is not followed
 
 
-@pytest.mark.parametrize("target", ["http://127.0.0.1:{port}/secret", "http://internal.test:{port}/secret",
-                                    "http://[::1]:{port}/secret", "http://2130706433:{port}/secret",
-                                    "http://cdn.test:{port}/../secret?x=1#frag"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:{port}/secret",
+        "http://internal.test:{port}/secret",
+        "http://[::1]:{port}/secret",
+        "http://2130706433:{port}/secret",
+        "http://cdn.test:{port}/../secret?x=1#frag",
+    ],
+)
 def test_a_redirect_to_a_private_address_is_refused(target, web, net):
     web.routes["/go"] = redirect(target.format(port=web.port))
     web.routes["/secret"] = body(b"internal data")
@@ -206,8 +227,10 @@ def test_a_redirect_to_a_private_address_is_refused(target, web, net):
     assert web.paths() == ["/go"] and net.refused == []
 
 
-@pytest.mark.parametrize("location, scheme", [("ftp://127.0.0.1/x.png", "ftp"), ("file:///etc/hostname", "file"),
-                                              ("gopher://127.0.0.1:70/_x", "gopher")])
+@pytest.mark.parametrize(
+    "location, scheme",
+    [("ftp://127.0.0.1/x.png", "ftp"), ("file:///etc/hostname", "file"), ("gopher://127.0.0.1:70/_x", "gopher")],
+)
 def test_a_redirect_to_another_scheme_is_refused(location, scheme, web, net):
     web.routes["/go"] = redirect(location)
     with pytest.raises(InputError, match=f"unsupported URL scheme '{scheme}'"):
@@ -236,6 +259,7 @@ def test_the_time_limit_covers_the_redirects_together(web, net):
     def slow_redirect(h):
         time.sleep(0.2)
         redirect("/slow")(h)
+
     web.routes["/slow"] = slow_redirect
     start = time.monotonic()
     with pytest.raises(InputError, match="longer than the limit of 0.5 s"):
@@ -253,6 +277,7 @@ def test_compressed_and_truncated_bodies_are_refused(web, net):
         h.send_header("Content-Length", "1000")
         h.end_headers()
         h.wfile.write(b"x" * 10)
+
     web.routes["/short"] = short
     with pytest.raises(InputError, match="closed after 10 of 1000 bytes"):
         read_bytes(web.url("/short"), OPEN, "image 0")
@@ -297,26 +322,45 @@ def test_https_pins_the_address_but_verifies_the_url_name(tmp_path, monkeypatch,
 def _certificates(d, name):
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test ca")
     openssl("req", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", f"/CN={name}")
     (d / "san.ext").write_text(f"subjectAltName=DNS:{name}\n")
-    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "leaf.pem", "-days", "1", "-extfile", "san.ext")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
     return d / "ca.pem", d / "leaf.pem"
 
 
-@pytest.mark.parametrize("url, match", [
-    ("http://127.0.0.1:99999/x.png", "invalid URL"),  # port out of range
-    ("http://127.0.0.1:8o/x.png", "invalid URL"),  # port not a number
-    ("http://127.0.0.1:0/x.png", "port 0"),
-    ("http://[::1/x.png", "invalid URL"),
-    ("http://a..b/x.png", "invalid host"),
-    ("http://exa mple.com/x.png", "invalid host"),
-    ("http://" + "a" * 64 + ".test/x.png", "invalid host"),  # a label over 63 characters
-    ("http:///x.png", "has no host"),
-    ("https://:443/x.png", "has no host"),
-])
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("http://127.0.0.1:99999/x.png", "invalid URL"),  # port out of range
+        ("http://127.0.0.1:8o/x.png", "invalid URL"),  # port not a number
+        ("http://127.0.0.1:0/x.png", "port 0"),
+        ("http://[::1/x.png", "invalid URL"),
+        ("http://a..b/x.png", "invalid host"),
+        ("http://exa mple.com/x.png", "invalid host"),
+        ("http://" + "a" * 64 + ".test/x.png", "invalid host"),  # a label over 63 characters
+        ("http:///x.png", "has no host"),
+        ("https://:443/x.png", "has no host"),
+    ],
+)
 @pytest.mark.parametrize("policy", [OPEN, SERVER], ids=["open", "server"])
 def test_bad_urls_are_input_errors(url, match, policy, net):
     with pytest.raises(InputError, match=match):
@@ -324,12 +368,39 @@ def test_bad_urls_are_input_errors(url, match, policy, net):
     assert net.refused == []
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1", "127.1", "2130706433", "0177.0.0.1", "0x7f.0.0.1", "0.0.0.0", "0", "10.0.0.1", "172.16.0.1",
-    "192.168.1.1", "169.254.169.254", "100.64.0.1", "100.100.100.200", "192.0.2.1", "224.0.0.1", "255.255.255.255",
-    "[::1]", "[::]", "[::ffff:127.0.0.1]", "[::ffff:a00:1]", "[::7f00:1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::]",
-    "[fe80::1]", "[fd00::1]", "[ff02::1]", "cgnat.test", "metadata.test",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0177.0.0.1",
+        "0x7f.0.0.1",
+        "0.0.0.0",
+        "0",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "100.100.100.200",
+        "192.0.2.1",
+        "224.0.0.1",
+        "255.255.255.255",
+        "[::1]",
+        "[::]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:a00:1]",
+        "[::7f00:1]",
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "[fe80::1]",
+        "[fd00::1]",
+        "[ff02::1]",
+        "cgnat.test",
+        "metadata.test",
+    ],
+)
 def test_non_public_hosts_are_refused(host, web, net):
     """Loopback, private, link-local, shared (CGNAT), documentation, multicast and broadcast addresses, written any
     way (decimal, octal, short, IPv6, IPv4 inside IPv6) or reached through a name."""
@@ -352,6 +423,7 @@ def test_allowed_domains(web, net):
 
 
 # -- other schemes, paths and data: URIs ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x.png", "gopher://127.0.0.1:70/_x", "Dict://127.0.0.1:11211/stat"])
 def test_other_url_schemes_are_refused_by_name(url, net):
@@ -412,8 +484,13 @@ def test_paths_cannot_leave_the_local_root(tmp_path, monkeypatch):
     (root / "dir").symlink_to(outside)
     monkeypatch.setenv("HOME", str(outside))
     policy = MediaPolicy(local_root=root)
-    for source in (root / "link.png", root / "dir" / "secret.png", root / ".." / "outside" / "secret.png",
-                   "~/secret.png", f"file://{outside}/secret.png"):
+    for source in (
+        root / "link.png",
+        root / "dir" / "secret.png",
+        root / ".." / "outside" / "secret.png",
+        "~/secret.png",
+        f"file://{outside}/secret.png",
+    ):
         with pytest.raises(InputError, match="outside the allowed media directory"):
             read_bytes(str(source), policy, "image 0")
     assert read_bytes(str(root / "ok.png"), policy, "image 0") == PNG
@@ -437,6 +514,7 @@ def test_data_uris(monkeypatch):
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the size check must come before decoding")
+
     monkeypatch.setattr(media.base64, "b64decode", no_decoding)
     with pytest.raises(InputError, match="about 6000 bytes exceeds the limit of 1000"):
         read_bytes("data:image/png;base64," + "A" * 8000, MediaPolicy(max_bytes=1000), "image 0")
@@ -444,13 +522,20 @@ def test_data_uris(monkeypatch):
 
 # -- images: bombs and corrupt data --------------------------------------------------------------------------------
 
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height and holds one row: what a decompression bomb's header looks like."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * 16)))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * 16)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _data(data: bytes, kind: str = "image/png") -> str:
@@ -508,6 +593,7 @@ def test_corrupt_images_raise_input_errors_only(fmt, edits):
 
 # -- videos --------------------------------------------------------------------------------------------------------
 
+
 def _video(fmt="mp4", codec="mpeg4", size=(64, 48), frames=8, title=None) -> bytes:
     av = pytest.importorskip("av")
     buf = io.BytesIO()
@@ -539,8 +625,9 @@ def test_video_lists_and_playlists_cannot_open_other_files(tmp_path, monkeypatch
         load_video({"video": _data(concat, "text/plain")}, MediaPolicy(allow_local=False))
     root = tmp_path / "root"
     root.mkdir()
-    (root / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n"
-                                    f"{outside / 'v.ts'}\n#EXT-X-ENDLIST\n")
+    (root / "list.m3u8").write_text(
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{outside / 'v.ts'}\n#EXT-X-ENDLIST\n"
+    )
     with pytest.raises(InputError, match="cannot open as a video"):
         load_video({"video": str(root / "list.m3u8")}, MediaPolicy(local_root=root))
     frames, _ = load_video({"video": str(outside / "v.ts")}, OPEN)  # the same video given directly is fine
@@ -560,7 +647,7 @@ def test_videos_with_awkward_contents():
     with pytest.raises(InputError, match="frames of 64x48 exceed the limit of 1000 pixels"):
         load_video({"video": _data(_video())}, MediaPolicy(max_image_pixels=1000))
     # files cut short: in the header, and after it (counting frames then rewinding raised av's PermissionError)
-    for cut in (_video()[:len(_video()) // 2], _video("matroska")[:600]):
+    for cut in (_video()[: len(_video()) // 2], _video("matroska")[:600]):
         with pytest.raises(InputError, match="cannot open as a video|no video stream|unreadable video stream"):
             load_video({"video": _data(cut, "video/x")}, OPEN)
 
@@ -578,4 +665,3 @@ def test_corrupt_videos_raise_input_errors_only(fmt, edits):
         load_video({"video": _data(_mutate(seed, edits), "video/x")}, OPEN)
     except InputError:
         pass
-

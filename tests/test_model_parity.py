@@ -33,16 +33,18 @@ def test_logits_match_reference(case, tiny_ckpt, hf_model_factory, parity_report
 def test_logits_match_reference_sdpa(tiny_ckpt, hf_model_factory, parity_report):
     ours = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
     batch = build(CASES["left-padded batch: text / image / video"], seed=3)
-    compare(ours, hf_model_factory(tiny_ckpt, attn="sdpa"), batch, "logits vs reference sdpa, padded batch",
-            parity_report)
+    compare(
+        ours, hf_model_factory(tiny_ckpt, attn="sdpa"), batch, "logits vs reference sdpa, padded batch", parity_report
+    )
 
 
 def test_tied_sharded_new_key_layout(tiny_tied_ckpt, hf_model_factory, parity_report):
     ours = qwen2vl.load_model(tiny_tied_ckpt, dtype=torch.float32, progress=False)
     assert ours.lm_head is None
     batch = build([[4, ("image", (1, 4, 8)), 6], [12]], seed=5)
-    compare(ours, hf_model_factory(tiny_tied_ckpt), batch, "logits, tied + sharded + model.language_model.*",
-            parity_report)
+    compare(
+        ours, hf_model_factory(tiny_tied_ckpt), batch, "logits, tied + sharded + model.language_model.*", parity_report
+    )
 
 
 def test_vision_tower_alone(tiny_ckpt, hf_model_factory, parity_report):

@@ -41,13 +41,28 @@ def conversations(media):
     d, frames = media
     return {
         "text only": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
-        "one image": [{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
-                                                   {"type": "text", "text": "Describe this image."}]}],
-        "two images": [{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
-                                                    {"type": "image", "image": str(d / "b.png")},
-                                                    {"type": "text", "text": "Compare them."}]}],
-        "video": [{"role": "user", "content": [{"type": "video", "video": frames},
-                                               {"type": "text", "text": "What happens?"}]}],
+        "one image": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(d / "a.png")},
+                    {"type": "text", "text": "Describe this image."},
+                ],
+            }
+        ],
+        "two images": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(d / "a.png")},
+                    {"type": "image", "image": str(d / "b.png")},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
+        "video": [
+            {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What happens?"}]}
+        ],
     }
 
 
@@ -58,7 +73,7 @@ def reference_tokens(ckpt, hf_model_factory, batch, defaults: bool):
         kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None, repetition_penalty=1.0)
     with torch.no_grad():
         out = ref.generate(**batch, **kwargs)
-    return out[:, batch["input_ids"].shape[1]:]
+    return out[:, batch["input_ids"].shape[1] :]
 
 
 def our_tokens(pipe, batch, **sampling):
@@ -97,8 +112,8 @@ def test_stream_chat_and_stop_strings(pipe, media):
     assert "".join(pieces) == pipe.chat(conv, max_new_tokens=20) == pipe.generate([conv], max_new_tokens=20)[0]
     full = "".join(pieces)
     middle = len(full) // 2
-    at = next(i for i in range(middle, len(full) - 1) if full[i:i + 2].strip())  # a stop that is not just spaces
-    stop = full[at:at + 2]
+    at = next(i for i in range(middle, len(full) - 1) if full[i : i + 2].strip())  # a stop that is not just spaces
+    stop = full[at : at + 2]
     cut = pipe.chat(conv, max_new_tokens=20, stop=[stop])
     assert cut == full[: full.find(stop)] and len(cut) < len(full)
     assert pipe.generate([conv], max_new_tokens=20, stop=[stop]) == [cut]  # the batch path cuts the same way
@@ -107,8 +122,9 @@ def test_stream_chat_and_stop_strings(pipe, media):
 def test_chat_session_reuses_history_and_vision(pipe, media):
     d, _ = media
     session = ChatSession(pipe)
-    first = "".join(session.send([{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Hi"}],
-                                 max_new_tokens=8))
+    first = "".join(
+        session.send([{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Hi"}], max_new_tokens=8)
+    )
     t1 = pipe.last_timings
     encoded = pipe.vision_cache.misses
     second = "".join(session.send("And then?", max_new_tokens=8))
@@ -121,9 +137,11 @@ def test_chat_session_reuses_history_and_vision(pipe, media):
 
 
 def test_grounding_parse_map_and_draw(tmp_path):
-    text = ("<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|> and "
-            "<|box_start|>(0,0),(1000,1000)<|box_end|><|object_ref_start|>sign<|object_ref_end|>"
-            "<|quad_start|>(10,10),(90,10),(90,50),(10,50)<|quad_end|><|box_start|>(1,2)<|box_end|>")
+    text = (
+        "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|> and "
+        "<|box_start|>(0,0),(1000,1000)<|box_end|><|object_ref_start|>sign<|object_ref_end|>"
+        "<|quad_start|>(10,10),(90,10),(90,50),(10,50)<|quad_end|><|box_start|>(1,2)<|box_end|>"
+    )
     boxes = parse_boxes(text, (640, 480))
     assert [b.label for b in boxes] == ["the cat", "the cat", "sign"]
     assert boxes[0].pixels == ((64.0, 96.0), (320.0, 384.0)) and boxes[1].pixels == ((0, 0), (640, 480))
@@ -160,30 +178,77 @@ def test_hub_resolution_offline(tmp_path, monkeypatch, tiny_ckpt):
 def test_cli_run_plan_and_errors(tiny_ckpt, media, tmp_path):
     d, _ = media
     run = lambda *a: subprocess.run([sys.executable, "-m", "qwen2vl.cli", *a], capture_output=True, text=True)  # noqa: E731
-    out = run("run", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--prompt", "Describe.",
-              "--max-new-tokens", "6", "--temperature", "0", "--verbose", "--dtype", "float32")
+    out = run(
+        "run",
+        "--model",
+        str(tiny_ckpt),
+        "--image",
+        str(d / "a.png"),
+        "--prompt",
+        "Describe.",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--verbose",
+        "--dtype",
+        "float32",
+    )
     assert out.returncode == 0, out.stderr
     pipe = qwen2vl.load(str(tiny_ckpt), dtype=torch.float32, progress=False)
-    expected = pipe.chat([{"role": "user", "content": [{"type": "image", "image": str(d / "a.png")},
-                                                       {"type": "text", "text": "Describe."}]}],
-                         max_new_tokens=6, temperature=0)
+    expected = pipe.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Describe."}],
+            }
+        ],
+        max_new_tokens=6,
+        temperature=0,
+    )
     assert out.stdout == expected + "\n"  # the answer and nothing else on stdout
     assert "decode" in out.stderr and "image: " in out.stderr
     out = run("plan", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--json")
     assert out.returncode == 0 and '"prompt_tokens"' in out.stdout
     out = run("run", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "--prompt", "x")
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
-    out = run("run", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--prompt", "x", "--draw-boxes",
-              str(tmp_path / "b.png"), "--max-new-tokens", "3")
+    out = run(
+        "run",
+        "--model",
+        str(tiny_ckpt),
+        "--image",
+        str(d / "a.png"),
+        "--prompt",
+        "x",
+        "--draw-boxes",
+        str(tmp_path / "b.png"),
+        "--max-new-tokens",
+        "3",
+    )
     assert out.returncode == 0 and (tmp_path / "b.png").exists()
 
 
 def test_cli_chat_session(tiny_ckpt, media):
     d, _ = media
     script = f"/image {d / 'a.png'}\nWhat is this?\nAnd the colours?\n/reset\nHello\n/quit\n"
-    out = subprocess.run([sys.executable, "-m", "qwen2vl.cli", "chat", "--model", str(tiny_ckpt), "--dtype",
-                          "float32", "--max-new-tokens", "4", "--verbose"], input=script, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen2vl.cli",
+            "chat",
+            "--model",
+            str(tiny_ckpt),
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "4",
+            "--verbose",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip().splitlines()) == 3
     turns = [line for line in out.stderr.splitlines() if "prompt tokens run" in line]

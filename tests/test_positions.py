@@ -43,10 +43,18 @@ def test_text_after_long_video_starts_after_its_last_frame():
 def _hf_rope_index():
     from transformers import Qwen2VLConfig, Qwen2VLModel
 
-    cfg = Qwen2VLConfig(text_config=dict(vocab_size=200000, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1,
-                                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-                        vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=16))
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=200000,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=16),
+    )
     with torch.device("meta"):
         model = Qwen2VLModel(cfg)
     return model.get_rope_index
@@ -81,8 +89,9 @@ def test_batches_match_reference(seed):
 def test_decode_positions_continue_after_the_prompt_max():
     ids = [1] * 3 + row(("video", (6, 2, 2))) + [1] * 2
     input_ids = torch.tensor([[0, 0] + ids])
-    pos, deltas = batch_mrope_positions(input_ids, torch.tensor([[0, 0] + [1] * len(ids)]), None,
-                                        torch.tensor([[6, 2, 2]]), **IDS)
+    pos, deltas = batch_mrope_positions(
+        input_ids, torch.tensor([[0, 0] + [1] * len(ids)]), None, torch.tensor([[6, 2, 2]]), **IDS
+    )
     nxt = decode_positions(input_ids.shape[1], 2, deltas)
     assert nxt[:, 0].tolist() == [[int(pos.max()) + 1, int(pos.max()) + 2]] * 3
 
@@ -93,5 +102,6 @@ def test_mismatches_raise():
     with pytest.raises(PlaceholderMismatch, match="needs 4 consecutive"):
         batch_mrope_positions(torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 4, 4]]), None, **IDS)
     with pytest.raises(PlaceholderMismatch, match="more rows"):
-        batch_mrope_positions(torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 2, 2]] * 2), None,
-                              **IDS)
+        batch_mrope_positions(
+            torch.tensor([row(("image", (1, 2, 2)))]), None, torch.tensor([[1, 2, 2]] * 2), None, **IDS
+        )

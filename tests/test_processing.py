@@ -32,10 +32,19 @@ def user(*parts):
     return [{"role": "user", "content": list(parts)}]
 
 
-@pytest.mark.parametrize("mode, size, fmt", [
-    ("RGBA", (123, 77), "PNG"), ("L", (301, 199), "JPEG"), ("RGB", (10, 10), "PNG"), ("P", (90, 140), "PNG"),
-    ("LA", (64, 50), "PNG"), ("CMYK", (80, 96), "JPEG"), ("RGB", (5544, 28), "PNG"), ("RGB", (1024, 683), "JPEG"),
-])
+@pytest.mark.parametrize(
+    "mode, size, fmt",
+    [
+        ("RGBA", (123, 77), "PNG"),
+        ("L", (301, 199), "JPEG"),
+        ("RGB", (10, 10), "PNG"),
+        ("P", (90, 140), "PNG"),
+        ("LA", (64, 50), "PNG"),
+        ("CMYK", (80, 96), "JPEG"),
+        ("RGB", (5544, 28), "PNG"),
+        ("RGB", (1024, 683), "JPEG"),
+    ],
+)
 def test_images_equal_reference(mode, size, fmt, repo, proc, tmp_path):
     path = tmp_path / f"x.{fmt.lower()}"
     noise_image(*size, mode=mode).save(path, fmt)
@@ -47,10 +56,12 @@ def test_per_item_bounds_and_exact_sizes(repo, proc, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     noise_image(640, 480, seed=1).save(a)
     noise_image(333, 999, seed=2).save(b)
-    conv = user({"type": "image", "image": f"file://{a}", "max_pixels": 50176},
-                {"type": "image", "image": str(b), "min_pixels": 1003520},
-                {"type": "image", "image": str(a), "resized_height": 100, "resized_width": 250},
-                {"type": "text", "text": "Compare."})
+    conv = user(
+        {"type": "image", "image": f"file://{a}", "max_pixels": 50176},
+        {"type": "image", "image": str(b), "min_pixels": 1003520},
+        {"type": "image", "image": str(a), "resized_height": 100, "resized_width": 250},
+        {"type": "text", "text": "Compare."},
+    )
     assert_same(proc(conv), oracle(repo, conv))
 
 
@@ -64,12 +75,16 @@ def test_base64_and_local_http_sources(repo, proc, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/web.png"
-        conv = user({"type": "image", "image": data_uri}, {"type": "image", "image": url},
-                    {"type": "text", "text": "?"})
+        conv = user(
+            {"type": "image", "image": data_uri}, {"type": "image", "image": url}, {"type": "text", "text": "?"}
+        )
         assert_same(proc(conv), oracle(repo, conv))
         # OpenAI-style parts give the same tensors
-        openai = user({"type": "image_url", "image_url": {"url": data_uri}},
-                      {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"})
+        openai = user(
+            {"type": "image_url", "image_url": {"url": data_uri}},
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "?"},
+        )
         assert_same(proc(openai), oracle(repo, conv))
         # a server's policy refuses loopback addresses
         strict = proc.with_policy(MediaPolicy(allow_private_addresses=False))
@@ -89,8 +104,10 @@ def test_batch_left_padded_multi_turn_with_earlier_images(repo, proc, tmp_path):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image", "image": str(p)}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": "A pattern."},
-        {"role": "user", "content": [{"type": "image", "image": str(p), "max_pixels": 20000},
-                                     {"type": "text", "text": "And now?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(p), "max_pixels": 20000}, {"type": "text", "text": "And now?"}],
+        },
     ]
     assert_same(proc([one, two]), oracle(repo, [one, two]))
 
@@ -99,14 +116,25 @@ def test_chat_template_strings(repo, proc):
     from transformers import AutoProcessor
 
     hp = AutoProcessor.from_pretrained(repo)
-    conv = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image", "image": "a"}, {"type": "image", "image": "b"},
-                                         {"type": "video", "video": "c"}, {"type": "text", "text": "Compare."}]},
-            {"role": "assistant", "content": "OK."}, {"role": "user", "content": "Thanks"}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a"},
+                {"type": "image", "image": "b"},
+                {"type": "video", "video": "c"},
+                {"type": "text", "text": "Compare."},
+            ],
+        },
+        {"role": "assistant", "content": "OK."},
+        {"role": "user", "content": "Thanks"},
+    ]
     for vid in (False, True):
         for gen in (False, True):
             assert proc.apply_chat_template(conv, gen, add_vision_id=vid) == hp.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=gen, add_vision_id=vid)
+                conv, tokenize=False, add_generation_prompt=gen, add_vision_id=vid
+            )
 
 
 def test_custom_template_from_a_fine_tune(tmp_path):
@@ -124,12 +152,22 @@ def test_tokenizer_matches_tiktoken_on_varied_text(proc):
 
     lines = _vocab_file().read_bytes().splitlines()
     ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in lines if line)}
-    enc = tiktoken.Encoding("qwen", pat_str=SPLIT_PATTERN.replace(r"\p{L}", r"\p{L}"), mergeable_ranks=ranks,
-                            special_tokens={})
-    samples = ["Hello, world! 12345 6789", "  leading spaces\n\n\ttabs and\r\nnewlines   ", "emoji 🤖👍🏽 and café",
-               "中文测试，还有标点。", "한국어 텍스트 분할", "مرحبا بالعالم", "code: def f(x): return x**2  # ok",
-               "ünïcödé NFC e\u0301", "I'm sure they'll've done it"]
+    enc = tiktoken.Encoding(
+        "qwen", pat_str=SPLIT_PATTERN.replace(r"\p{L}", r"\p{L}"), mergeable_ranks=ranks, special_tokens={}
+    )
+    samples = [
+        "Hello, world! 12345 6789",
+        "  leading spaces\n\n\ttabs and\r\nnewlines   ",
+        "emoji 🤖👍🏽 and café",
+        "中文测试，还有标点。",
+        "한국어 텍스트 분할",
+        "مرحبا بالعالم",
+        "code: def f(x): return x**2  # ok",
+        "ünïcödé NFC e\u0301",
+        "I'm sure they'll've done it",
+    ]
     import unicodedata
+
     for s in samples:
         assert proc.tokenizer.encode(s) == enc.encode(unicodedata.normalize("NFC", s)), s
 
@@ -162,10 +200,13 @@ def test_smart_resize_both_variants_match_references():
     assert checked >= 200  # the filters above leave most draws
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda p: p.write_bytes(b"not an image at all"), "not a recognised image format"),
-    (lambda p: p.write_bytes(_png(300, 300)[:300]), "truncated"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p.write_bytes(b"not an image at all"), "not a recognised image format"),
+        (lambda p: p.write_bytes(_png(300, 300)[:300]), "truncated"),
+    ],
+)
 def test_bad_images_name_the_item(make, match, proc, tmp_path):
     p = tmp_path / "bad.png"
     make(p)

@@ -83,10 +83,11 @@ def act_order_g_idx(k: int, g: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def random_bits(shape, gen) -> torch.Tensor:
-    return torch.randint(-2**31, 2**31, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+    return torch.randint(-(2**31), 2**31, shape, generator=gen, dtype=torch.int64).to(torch.int32)
 
 
 # -- readers against the reference dequantizers, on random bit patterns (every field value, every sign bit) --
+
 
 @pytest.mark.parametrize("seed", range(6))
 def test_awq_reader_equals_autoawq(seed, awq_oracle):
@@ -96,8 +97,11 @@ def test_awq_reader_equals_autoawq(seed, awq_oracle):
     k = (g if g > 0 else int(torch.randint(3, 50, (1,), generator=gen))) * groups
     n = 8 * int(torch.randint(1, 9, (1,), generator=gen))
     ng = 1 if g == -1 else k // g
-    t = {"qweight": random_bits((k, n // 8), gen), "qzeros": random_bits((ng, n // 8), gen),
-         "scales": (torch.randn(ng, n, generator=gen) * 0.05).half()}
+    t = {
+        "qweight": random_bits((k, n // 8), gen),
+        "qzeros": random_bits((ng, n // 8), gen),
+        "scales": (torch.randn(ng, n, generator=gen) * 0.05).half(),
+    }
     expected = awq_oracle(t["qweight"], t["qzeros"], t["scales"], 4, k if g == -1 else g)
     got = ours("layer", t, QuantScheme("awq", 4, g), k, n)
     assert got.dtype == torch.float16 and torch.equal(got, expected.t()), f"k={k} n={n} g={g}"
@@ -115,8 +119,12 @@ def test_gptq_reader_equals_autogptq(bits, desc_act, seed, gptq_oracle):
     gs = k if g == -1 else g
     ng = -(-k // gs)
     g_idx = act_order_g_idx(k, gs, gen) if desc_act else (torch.arange(k) // gs).to(torch.int32)
-    t = {"qweight": random_bits((k // pf, n), gen), "qzeros": random_bits((ng, n // pf), gen),
-         "scales": (torch.randn(ng, n, generator=gen) * 0.05).half(), "g_idx": g_idx}
+    t = {
+        "qweight": random_bits((k // pf, n), gen),
+        "qzeros": random_bits((ng, n // pf), gen),
+        "scales": (torch.randn(ng, n, generator=gen) * 0.05).half(),
+        "g_idx": g_idx,
+    }
     expected = gptq_oracle(t, bits, g, k, n)
     got = ours("layer", t, QuantScheme("gptq", bits, g), k, n)
     assert got.dtype == torch.float16 and torch.equal(got, expected.t()), f"k={k} n={n} g={g}"
@@ -126,8 +134,12 @@ def test_forward_is_x_times_dequantized_weight():
     gen = torch.Generator().manual_seed(5)
     k, n = 40, 24
     g_idx = act_order_g_idx(k, 8, gen)
-    t = {"qweight": random_bits((k // 8, n), gen), "qzeros": random_bits((5, n // 8), gen),
-         "scales": (torch.randn(5, n, generator=gen) * 0.05).half(), "g_idx": g_idx}
+    t = {
+        "qweight": random_bits((k // 8, n), gen),
+        "qzeros": random_bits((5, n // 8), gen),
+        "scales": (torch.randn(5, n, generator=gen) * 0.05).half(),
+        "g_idx": g_idx,
+    }
     storage = read_layer("layer", t, QuantScheme("gptq", 4, 8), k, n)
     layer = QuantLinear(k, n, 4, 8, bias=True, permuted=True, bias_dtype=torch.float32)
     bias = torch.randn(n, generator=gen)
@@ -173,14 +185,26 @@ def test_packer_output_read_by_references(case, tmp_path, awq_oracle, gptq_oracl
 # -- whole model: our logits and greedy tokens against transformers on the dense twin --
 
 # AWQ needs group_size to divide every input width: hidden 96 and intermediate 224 take group_size 32
-AWQ_CONFIG = make_config({**TINY_TEXT, "hidden_size": 96, "intermediate_size": 224,
-                          "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}},
-                         {**TINY_VISION, "hidden_size": 96})
+AWQ_CONFIG = make_config(
+    {
+        **TINY_TEXT,
+        "hidden_size": 96,
+        "intermediate_size": 224,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]},
+    },
+    {**TINY_VISION, "hidden_size": 96},
+)
 MODELS = {
     "AWQ g32": {"method": "awq", "group_size": 32, "config": AWQ_CONFIG},
     "GPTQ-Int4 g32": {"method": "gptq", "bits": 4, "group_size": 32},
-    "GPTQ-Int4 g16 act-order asym, zero biases": {"method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
-                                                       "sym": False, "zero_biases": True},
+    "GPTQ-Int4 g16 act-order asym, zero biases": {
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 16,
+        "desc_act": True,
+        "sym": False,
+        "zero_biases": True,
+    },
     "GPTQ-Int8 g128": {"method": "gptq", "bits": 8, "group_size": 128},
     "GPTQ-Int8 g-1 act-order": {"method": "gptq", "bits": 8, "group_size": -1, "desc_act": True},
 }
@@ -207,17 +231,27 @@ def test_logits_and_greedy_tokens_match_reference(quantized_pair, hf_model_facto
 
     batch = build(CASES["one image"], seed=8)
     with torch.no_grad():
-        out = ref.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False, repetition_penalty=1.0,
-                           top_k=None, top_p=None, temperature=None, pad_token_id=151643)
+        out = ref.generate(
+            **batch,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.0,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=151643,
+        )
     steps = list(generate_steps(model, Prompt.from_batch(batch), greedy, 12))
-    assert torch.equal(torch.stack([s.tokens for s in steps], 1), out[:, batch["input_ids"].shape[1]:])
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1), out[:, batch["input_ids"].shape[1] :])
 
 
 def test_padded_mlp_like_the_72b_releases(tmp_path, hf_model_factory, parity_report):
     """intermediate_size 224 in config.json, 200 real: the padding dequantizes to exact zeros and changes nothing."""
     cfg = make_config({**TINY_TEXT, "intermediate_size": 224})
-    q = write_quantized(tmp_path / "q", "gptq", group_size=32, config=cfg, padded_from=200,
-                        dense_directory=tmp_path / "dense", seed=11)
+    q = write_quantized(
+        tmp_path / "q", "gptq", group_size=32, config=cfg, padded_from=200, dense_directory=tmp_path / "dense", seed=11
+    )
     model = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
     mlp = model.model.layers[1].mlp
     assert not mlp.up_proj.dequantize()[200:].any() and not mlp.down_proj.dequantize()[:, 200:].any()
@@ -301,14 +335,20 @@ def _rewrite(q: Path, change) -> None:
     save_file(tensors, q / "model.safetensors")
 
 
-@pytest.mark.parametrize("tensor, shape", [("model.layers.1.mlp.down_proj.qweight", (24, 72)),
-                                           ("model.layers.0.self_attn.k_proj.scales", (3, 25)),
-                                           ("model.layers.0.self_attn.q_proj.g_idx", (71,))])
+@pytest.mark.parametrize(
+    "tensor, shape",
+    [
+        ("model.layers.1.mlp.down_proj.qweight", (24, 72)),
+        ("model.layers.0.self_attn.k_proj.scales", (3, 25)),
+        ("model.layers.0.self_attn.q_proj.g_idx", (71,)),
+    ],
+)
 def test_shape_mismatch_names_the_tensor(tmp_path, tensor, shape):
     q = write_quantized(tmp_path / "q", "gptq", group_size=32)
     _rewrite(q, lambda t: t.__setitem__(tensor, torch.zeros(shape, dtype=t[tensor].dtype)))
-    with pytest.raises(QuantizationError, match=rf"{tensor} has shape {tuple(shape)}".replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        QuantizationError, match=rf"{tensor} has shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")
+    ):
         qwen2vl.load_model(q, progress=False)
 
 
@@ -322,8 +362,13 @@ def test_wrong_dtype_names_the_tensor(tmp_path):
 
 def test_missing_and_stray_tensors(tmp_path):
     q = write_quantized(tmp_path / "q", "gptq", group_size=32)
-    _rewrite(q, lambda t: (t.pop("model.layers.1.self_attn.v_proj.qzeros"),
-                           t.__setitem__("model.layers.1.self_attn.v_proj.wf", torch.zeros(8))))
+    _rewrite(
+        q,
+        lambda t: (
+            t.pop("model.layers.1.self_attn.v_proj.qzeros"),
+            t.__setitem__("model.layers.1.self_attn.v_proj.wf", torch.zeros(8)),
+        ),
+    )
     with pytest.raises(qwen2vl.CheckpointError, match=r"v_proj\.qzeros.*unused.*v_proj\.wf"):
         qwen2vl.load_model(q, progress=False)
 
@@ -356,8 +401,16 @@ def test_transformers_key_layout(tmp_path):
     q = write_quantized(tmp_path / "q", "gptq", group_size=32, desc_act=True)
     before = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
     tensors = load_file(q / "model.safetensors")
-    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
-                "model." + k if k.startswith("visual.") else k): t for k, t in tensors.items()}
+    renamed = {
+        (
+            "model.language_model." + k[len("model.") :]
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): t
+        for k, t in tensors.items()
+    }
     assert any(k.startswith("model.language_model.layers.0.self_attn.q_proj.qweight") for k in renamed)
     save_file(renamed, q / "model.safetensors")
     after = qwen2vl.load_model(q, dtype=torch.float32, progress=False)
@@ -369,8 +422,12 @@ def test_unequal_act_order_groups_are_refused():
     gen = torch.Generator().manual_seed(0)
     k, n = 32, 8
     g_idx = torch.tensor([0] * 20 + [1] * 12, dtype=torch.int32)[torch.randperm(k, generator=gen)]
-    t = {"qweight": random_bits((k // 8, n), gen), "qzeros": random_bits((2, 1), gen),
-         "scales": torch.ones(2, n, dtype=torch.float16), "g_idx": g_idx}
+    t = {
+        "qweight": random_bits((k // 8, n), gen),
+        "qzeros": random_bits((2, 1), gen),
+        "scales": torch.ones(2, n, dtype=torch.float16),
+        "g_idx": g_idx,
+    }
     with pytest.raises(QuantizationError, match="unequal sizes"):
         read_layer("x", t, QuantScheme("gptq", 4, 16), k, n)
 
@@ -399,22 +456,34 @@ def test_load_peak_is_weights_plus_a_bounded_working_set(tmp_path):
 
     from qwen2vl.testing.quantized import write_random_packed
 
-    text = {"vocab_size": 1024, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16,
-            "num_attention_heads": 8, "num_key_value_heads": 2,
-            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+    text = {
+        "vocab_size": 1024,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    }
     cfg = make_config(text, {**TINY_VISION, "hidden_size": 1024})
     q, packed_bytes = write_random_packed(tmp_path / "big", cfg, gptq_config())
     small = write_quantized(tmp_path / "small", "gptq", group_size=32)
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(q), str(small), str(Path(__file__).parent)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(q), str(small), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = json.loads(out.stdout.strip().splitlines()[-1])
     over = m["grew"] - m["weights"]
-    print(f"weights {m['weights'] / 1e6:.1f} MB, peak growth {m['grew'] / 1e6:.1f} MB, "
-          f"packed {packed_bytes / 1e6:.1f} MB")
+    print(
+        f"weights {m['weights'] / 1e6:.1f} MB, peak growth {m['grew'] / 1e6:.1f} MB, packed {packed_bytes / 1e6:.1f} MB"
+    )
     assert packed_bytes > 120e6 and over < min(64e6, packed_bytes / 2), m
 
 
 # -- CUDA: torch's fused int4 kernel --
+
 
 def test_int4_kernel_scales_and_zeros_on_cpu():
     """The [s, (8 - z) * s] table the CUDA path hands to tinygemm, checked with torch's CPU twin of that kernel."""
@@ -422,8 +491,12 @@ def test_int4_kernel_scales_and_zeros_on_cpu():
 
     gen = torch.Generator().manual_seed(2)
     k, n, g = 128, 32, 32
-    t = {"qweight": random_bits((k // 8, n), gen), "qzeros": random_bits((k // g, n // 8), gen),
-         "scales": (torch.rand(k // g, n, generator=gen) * 0.05).half(), "g_idx": (torch.arange(k) // g).int()}
+    t = {
+        "qweight": random_bits((k // 8, n), gen),
+        "qzeros": random_bits((k // g, n // 8), gen),
+        "scales": (torch.rand(k // g, n, generator=gen) * 0.05).half(),
+        "g_idx": (torch.arange(k) // g).int(),
+    }
     storage = read_layer("x", t, QuantScheme("gptq", 4, g), k, n)
     layer = QuantLinear(k, n, 4, g, bias=False)
     layer.load_state_dict(QuantLinear.state_from(storage), assign=True)
@@ -441,8 +514,14 @@ def test_int4_kernel_scales_and_zeros_on_cpu():
 def test_cuda_fused_int4_matches_reference(tmp_path, hf_model_factory):
     """GPTQ-Int4 on CUDA in bfloat16 through `_weight_int4pack_mm`: each layer against its own dequantized weight,
     and the logits against transformers float32 on the dense twin, within bfloat16's reach."""
-    q = write_quantized(tmp_path / "q", "gptq", group_size=32, config=AWQ_CONFIG,  # widths 96 / 224: fused fits
-                        dense_directory=tmp_path / "dense", seed=13)
+    q = write_quantized(
+        tmp_path / "q",
+        "gptq",
+        group_size=32,
+        config=AWQ_CONFIG,  # widths 96 / 224: fused fits
+        dense_directory=tmp_path / "dense",
+        seed=13,
+    )
     model = qwen2vl.load_model(q, dtype=torch.bfloat16, device="cuda", progress=False)
     gen = torch.Generator(device="cuda").manual_seed(14)
     for name, layer in model.named_modules():

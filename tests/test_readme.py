@@ -47,13 +47,22 @@ def readme_checkpoint(tmp_path_factory):
 def test_the_python_section_runs_as_written(readme_checkpoint):
     """Only the hub id and the picture names are replaced; every name the snippet uses must be defined in it."""
     demo = str(ROOT / "examples" / "demo.png")
-    code = (python_block((ROOT / "README.md").read_text()).replace("Qwen/Qwen2-VL-2B-Instruct", str(readme_checkpoint))
-            .replace('"cat.jpg"', repr(demo)).replace('"street.jpg"', repr(demo)))
+    code = (
+        python_block((ROOT / "README.md").read_text())
+        .replace("Qwen/Qwen2-VL-2B-Instruct", str(readme_checkpoint))
+        .replace('"cat.jpg"', repr(demo))
+        .replace('"street.jpg"', repr(demo))
+    )
     names: dict = {}
     exec(compile(code, "README.md", "exec"), names)  # noqa: S102 - the README's own code
     assert names["logits"].shape[:2] == names["batch"]["input_ids"].shape
     assert len(names["answers"]) == 2 and [m["role"] for m in names["session"].messages] == [
-        "system", "user", "assistant", "user", "assistant"]
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
 
 
 def test_the_sampling_example_samples(readme_checkpoint):
@@ -65,7 +74,8 @@ def test_the_sampling_example_samples(readme_checkpoint):
     keywords = eval(f"dict({call})")  # the README's own keywords
     pipe = qwen2vl.load(str(readme_checkpoint), progress=False)
     conversation = [{"role": "user", "content": "Tell me a story."}]
-    answers = {seed: "".join(pipe.stream(conversation, **{**keywords, "seed": seed, "max_new_tokens": 8}))
-               for seed in (1, 2)}
+    answers = {
+        seed: "".join(pipe.stream(conversation, **{**keywords, "seed": seed, "max_new_tokens": 8})) for seed in (1, 2)
+    }
     assert keywords["seed"] == 1 and answers[1] != answers[2]
     assert pipe.greedy_reasons(**keywords) == []

@@ -20,8 +20,15 @@ from qwen2vl.generate.sampling import SamplingParams, chooser, new_generator, pr
 V, PAD = 500, 499
 # the official generation_config.json variants (7B-Instruct; the 2B mirror's), plus settings that exercise each
 # processor on its own
-OFFICIAL_7B = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperature": 0.01,
-               "eos_token_id": [151645, 151643], "bos_token_id": 151643, "pad_token_id": 151643}
+OFFICIAL_7B = {
+    "do_sample": True,
+    "top_k": 1,
+    "top_p": 0.001,
+    "temperature": 0.01,
+    "eos_token_id": [151645, 151643],
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+}
 OFFICIAL_2B = {**OFFICIAL_7B, "temperature": 0.1, "repetition_penalty": 1.05}
 CONFIGS = [
     OFFICIAL_7B,
@@ -41,8 +48,9 @@ class _Generator(GenerationMixin):
 
 def hf_processors(config: dict) -> LogitsProcessorList:
     gc = GenerationConfig(**config)
-    return _Generator()._get_logits_processor(generation_config=gc, input_ids_seq_length=40, device="cpu",
-                                              model_kwargs={})
+    return _Generator()._get_logits_processor(
+        generation_config=gc, input_ids_seq_length=40, device="cpu", model_kwargs={}
+    )
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +76,16 @@ def test_processed_logits_equal_transformers_processor_list(config):
         assert torch.equal(process_logits(logits, seen, p), expected)
 
 
-@pytest.mark.parametrize("params", [
-    dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.05),
-    dict(do_sample=True, temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=0.8),
-    dict(do_sample=True, temperature=2.0, top_p=0.3),
-    dict(do_sample=True, top_p=1e-8),  # the cumulative sum can reach 1 - top_p: min_tokens_to_keep matters
-    dict(do_sample=False, repetition_penalty=1.2),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.05),
+        dict(do_sample=True, temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=0.8),
+        dict(do_sample=True, temperature=2.0, top_p=0.3),
+        dict(do_sample=True, top_p=1e-8),  # the cumulative sum can reach 1 - top_p: min_tokens_to_keep matters
+        dict(do_sample=False, repetition_penalty=1.2),
+    ],
+)
 def test_processed_logits_equal_the_individual_processors(params):
     p = SamplingParams(**params)
     procs = [RepetitionPenaltyLogitsProcessor(p.repetition_penalty)]
@@ -146,8 +157,11 @@ def test_sample_and_generator_helpers():
         process_logits(scores, torch.zeros(3, 1, dtype=torch.long), SamplingParams())
 
 
-@pytest.mark.parametrize("config", CONFIGS + [{"do_sample": True, "top_p": None, "temperature": None,
-                                               "repetition_penalty": None, "eos_token_id": 151645}])
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS
+    + [{"do_sample": True, "top_p": None, "temperature": None, "repetition_penalty": None, "eos_token_id": 151645}],
+)
 def test_generation_config_is_read_like_transformers(config):
     p, gc = SamplingParams.from_generation_config(config), GenerationConfig(**config)
     assert p.do_sample == bool(gc.do_sample)
@@ -173,11 +187,15 @@ def test_generation_config_overrides_and_validation():
     assert SamplingParams(stop="END").stop == ("END",)
     with pytest.raises(TypeError, match="unknown sampling parameters: \\['temprature'\\]"):
         SamplingParams.from_generation_config({}, temprature=0.5)
-    bad = [(dict(temperature=-1), "temperature must be >= 0"), (dict(top_p=0), r"top_p must be in \(0, 1\]"),
-           (dict(top_p=1.5), "top_p must be in"), (dict(top_k=-2), "top_k must be an integer >= 0"),
-           (dict(top_k=2.5), "top_k must be an integer"),
-           (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
-           (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1")]
+    bad = [
+        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=-2), "top_k must be an integer >= 0"),
+        (dict(top_k=2.5), "top_k must be an integer"),
+        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             SamplingParams(**kwargs)

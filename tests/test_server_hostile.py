@@ -37,6 +37,7 @@ def png_uri(w: int, h: int, seed: int = 0) -> str:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height, with a tiny (wrong) body: costs nothing unless decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -53,10 +54,21 @@ def server(tiny_ckpt, tmp_path_factory):
     media_dir = tmp_path_factory.mktemp("allowed")
     noise_image(64, 48, seed=3).save(media_dir / "ok.png")
     (media_dir / "bomb.png").write_bytes(png_declaring(50000, 50000))
-    srv = build_server(ServerConfig(
-        model=str(tiny_ckpt), dtype="bfloat16", api_key=KEY, served_model_name="tiny", max_model_len=CONTEXT,
-        max_num_seqs=4, kv_cache_memory="1GiB", prefill_chunk=64, allowed_local_media_path=str(media_dir),
-        max_request_bytes=4 * 2**20, body_timeout=1))
+    srv = build_server(
+        ServerConfig(
+            model=str(tiny_ckpt),
+            dtype="bfloat16",
+            api_key=KEY,
+            served_model_name="tiny",
+            max_model_len=CONTEXT,
+            max_num_seqs=4,
+            kv_cache_memory="1GiB",
+            prefill_chunk=64,
+            allowed_local_media_path=str(media_dir),
+            max_request_bytes=4 * 2**20,
+            body_timeout=1,
+        )
+    )
     uv, srv.base = serve_in_thread(srv, header_timeout_s=1.0)
     srv.media = media_dir
     yield srv
@@ -65,13 +77,23 @@ def server(tiny_ckpt, tmp_path_factory):
 
 def post(server, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.base + "/v1/chat/completions", content=content, timeout=kw.pop("timeout", 60),
-                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, **kw)
+    return httpx.post(
+        server.base + "/v1/chat/completions",
+        content=content,
+        timeout=kw.pop("timeout", 60),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        **kw,
+    )
 
 
 def request(content, **fields) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2, "temperature": 0,
-            **fields}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 2,
+        "temperature": 0,
+        **fields,
+    }
 
 
 def image_part(url, **fields) -> dict:
@@ -133,6 +155,7 @@ def no_decoding(monkeypatch):
     monkeypatch.setattr(media, "load_image", counting_load)
     import qwen2vl.processing.processor as processor
     import qwen2vl.processing.video as video
+
     monkeypatch.setattr(processor, "load_image", counting_load)
     monkeypatch.setattr(video, "load_image", counting_load)
     return calls
@@ -164,13 +187,27 @@ def test_refused_before_decoding_with_bounded_memory(server, no_decoding):
 def test_clamped_fields_give_the_servers_bound(server):
     """A client may lower the pixel bound, never raise it: min_pixels above --max-pixels is sized at the bound."""
     limits = Limits(max_pixels=200_000, max_video_pixels=100_000, max_video_frames=8)
-    image, video = limits.apply([{"role": "user", "content": [
-        {"type": "image", "image": "a.png", "min_pixels": 10**9},
-        {"type": "video", "video": "v.mp4", "min_pixels": 10**9, "max_pixels": 50_000, "min_frames": 100},
-        {"type": "text", "text": "?"}]}])[0]["content"][:2]
+    image, video = limits.apply(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": "a.png", "min_pixels": 10**9},
+                    {"type": "video", "video": "v.mp4", "min_pixels": 10**9, "max_pixels": 50_000, "min_frames": 100},
+                    {"type": "text", "text": "?"},
+                ],
+            }
+        ]
+    )[0]["content"][:2]
     assert image == {"type": "image", "image": "a.png", "min_pixels": 200_000, "max_pixels": 200_000}
-    assert video == {"type": "video", "video": "v.mp4", "min_pixels": 100_000, "max_pixels": 50_000,
-                     "min_frames": 8, "max_frames": 8}
+    assert video == {
+        "type": "video",
+        "video": "v.mp4",
+        "min_pixels": 100_000,
+        "max_pixels": 50_000,
+        "min_frames": 8,
+        "max_frames": 8,
+    }
     # through the server: 10^9 pixels asked, planned at the bound (1280 tokens), refused for the 1024 context
     err = error_of(post(server, request([image_part(png_uri(28, 28), min_pixels=10**9)])), 400)
     tokens = int(err["message"].split("(")[1].split()[0])
@@ -233,12 +270,14 @@ def test_bad_fields_are_400(server, body):
 
 
 def test_json_that_python_accepts_but_json_does_not(server):
-    for text in ('{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
-                 '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}',
-                 '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": -Infinity}',
-                 "[" * 100000 + "]" * 100000,
-                 '{"a": ' * 100000 + "1" + "}" * 100000,
-                 b"\xff\xfe not utf-8"):
+    for text in (
+        '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+        '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}',
+        '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": -Infinity}',
+        "[" * 100000 + "]" * 100000,
+        '{"a": ' * 100000 + "1" + "}" * 100000,
+        b"\xff\xfe not utf-8",
+    ):
         error_of(post(server, text), 400)
 
 
@@ -289,26 +328,72 @@ def test_routes_methods_and_auth_errors_are_openai_shaped(server):
 
 
 def test_unsupported_fields_are_refused_by_name(server):
-    for field, value in [("functions", [{"name": "f"}]), ("function_call", "auto"), ("min_p", 0.1),
-                         ("best_of", 2), ("use_beam_search", True), ("prompt_logprobs", 1), ("echo", True)]:
+    for field, value in [
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("min_p", 0.1),
+        ("best_of", 2),
+        ("use_beam_search", True),
+        ("prompt_logprobs", 1),
+        ("echo", True),
+    ]:
         err = error_of(post(server, request("Hi", **{field: value})), 400)
         assert field in err["message"] and err["param"] == field
     # their no-op values, and unknown harmless fields, are accepted
-    ok = post(server, request("Hi", tools=[], tool_choice="none", response_format={"type": "text"},
-                              presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="u1",
-                              metadata={"a": "b"}, store=False))
+    ok = post(
+        server,
+        request(
+            "Hi",
+            tools=[],
+            tool_choice="none",
+            response_format={"type": "text"},
+            presence_penalty=0,
+            frequency_penalty=0.0,
+            logit_bias={},
+            user="u1",
+            metadata={"a": "b"},
+            store=False,
+        ),
+    )
     assert ok.status_code == 200, ok.text
     # tool messages are rendered (Qwen2.5's <tool_response> turn); the deprecated function_call is refused
-    ok = post(server, {"model": "tiny", "max_tokens": 2, "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}]})
+    ok = post(
+        server,
+        {
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}],
+        },
+    )
     assert ok.status_code == 200, ok.text
-    err = error_of(post(server, {"model": "tiny", "max_tokens": 2, "messages": [
-        {"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}]}), 400)
+    err = error_of(
+        post(
+            server,
+            {
+                "model": "tiny",
+                "max_tokens": 2,
+                "messages": [{"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}],
+            },
+        ),
+        400,
+    )
     assert "function_call" in err["message"]
-    as_system = post(server, {"model": "tiny", "max_tokens": 3, "messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}).json()
-    as_developer = post(server, {"model": "tiny", "max_tokens": 3, "messages": [
-        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}).json()
+    as_system = post(
+        server,
+        {
+            "model": "tiny",
+            "max_tokens": 3,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        },
+    ).json()
+    as_developer = post(
+        server,
+        {
+            "model": "tiny",
+            "max_tokens": 3,
+            "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        },
+    ).json()
     assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
 
 
@@ -329,15 +414,23 @@ def test_slow_headers_and_slow_body_are_cut_off(server, caplog):
         assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     body = json.dumps(request("Hi")).encode()
     with _raw_socket(server) as s:  # headers complete, body never finished
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                  b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" +
-                  body[:10])
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body[:10]
+        )
         answer = s.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
     with caplog.at_level("ERROR"):
         with _raw_socket(server) as s:  # gone in the middle of its body: not an error worth a traceback
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                      b"\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b'\r\nContent-Length: 1000\r\n\r\n{"model"'
+            )
         time.sleep(0.3)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     assert server.engine.stats()["kv_slots_used"] == 0
@@ -353,9 +446,14 @@ def test_a_client_that_goes_away_frees_its_slot_within_a_step(server, stream):
     body = json.dumps(request("Talk for long.", max_tokens=900, stream=stream)).encode()
     before = _metric(server, "qwen2vl_generation_tokens_total")
     with _raw_socket(server) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                  b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" +
-                  body)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         deadline = time.monotonic() + 30
         while _metric(server, "qwen2vl_generation_tokens_total") < before + 5:  # decoding has started
             assert time.monotonic() < deadline
@@ -376,8 +474,11 @@ def test_requests_waiting_for_preparation_are_bounded(server):
     engine.max_waiting = 1
     try:
         with _raw_socket(server) as s:  # one request stuck in its body read holds the only place
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                      b"\r\nContent-Length: 1000\r\n\r\n{")
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Length: 1000\r\n\r\n{"
+            )
             time.sleep(0.2)
             busy = post(server, request("Hi"))
             assert error_of(busy, 429)["type"] == "rate_limit_error" and busy.headers["retry-after"] == "1"

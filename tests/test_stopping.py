@@ -13,21 +13,24 @@ def run(pieces: list[str], stops) -> tuple[list[str], StopMatcher]:
     return shown + [m.flush()], m
 
 
-@pytest.mark.parametrize("pieces, stops, shown, matched", [
-    (["Hello wor", "ld. STO", "P here"], ["STOP"], "Hello world. ", "STOP"),  # split across pieces
-    (["S", "T", "O", "P", "!"], ["STOP"], "", "STOP"),  # one character at a time, at the very start
-    (["STOP and more"], ["STOP"], "", "STOP"),  # at the start, in one piece
-    (["abc"], ["x"], "abc", None),  # no stop
-    (["abc"], [], "abc", None),
-    (["one\n\n", "two"], ["\n\n", "two"], "one", "\n\n"),
-    (["one two", "\n\n"], ["\n\n", "two"], "one ", "two"),  # the earliest occurrence wins, not the list order
-    (["xabcd"], ["abcd", "ab"], "x", "abcd"),  # same start: the longer one is reported
-    (["日本", "語の停", "止です"], ["停止"], "日本語の", "停止"),  # unicode
-    (["😀a", "😀", "b🙂"], ["😀b"], "😀a", "😀b"),
-    (["almost ST", "ill going"], ["STOP"], "almost STill going", None),  # a prefix that did not complete
-    (["ends with ST"], ["STOP"], "ends with ST", None),  # held back, then shown by flush
-    (["aaab"], ["aab"], "a", "aab"),  # overlapping self-prefix
-])
+@pytest.mark.parametrize(
+    "pieces, stops, shown, matched",
+    [
+        (["Hello wor", "ld. STO", "P here"], ["STOP"], "Hello world. ", "STOP"),  # split across pieces
+        (["S", "T", "O", "P", "!"], ["STOP"], "", "STOP"),  # one character at a time, at the very start
+        (["STOP and more"], ["STOP"], "", "STOP"),  # at the start, in one piece
+        (["abc"], ["x"], "abc", None),  # no stop
+        (["abc"], [], "abc", None),
+        (["one\n\n", "two"], ["\n\n", "two"], "one", "\n\n"),
+        (["one two", "\n\n"], ["\n\n", "two"], "one ", "two"),  # the earliest occurrence wins, not the list order
+        (["xabcd"], ["abcd", "ab"], "x", "abcd"),  # same start: the longer one is reported
+        (["日本", "語の停", "止です"], ["停止"], "日本語の", "停止"),  # unicode
+        (["😀a", "😀", "b🙂"], ["😀b"], "😀a", "😀b"),
+        (["almost ST", "ill going"], ["STOP"], "almost STill going", None),  # a prefix that did not complete
+        (["ends with ST"], ["STOP"], "ends with ST", None),  # held back, then shown by flush
+        (["aaab"], ["aab"], "a", "aab"),  # overlapping self-prefix
+    ],
+)
 def test_stop_strings(pieces, stops, shown, matched):
     out, m = run(pieces, stops)
     assert "".join(out) == shown and m.matched == matched and m.stopped == (matched is not None)

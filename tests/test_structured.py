@@ -57,7 +57,7 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
     for k in range(rng.randint(1, 4)):
         kind = rng.choice(["enum", "int", "bool", "str", "array", "null", "anyof"] + (["object"] if depth < 1 else []))
         if kind == "enum":
-            s = {"enum": rng.sample(["red", "green", "blue", "x y", "Ünï", "a\"b", "1"], rng.randint(1, 3))}
+            s = {"enum": rng.sample(["red", "green", "blue", "x y", "Ünï", 'a"b', "1"], rng.randint(1, 3))}
         elif kind == "int":
             lo = rng.randint(-50, 50)
             s = {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 1000)}
@@ -133,9 +133,12 @@ def test_json_schema_output_parses_and_validates(pipe, seed):
     schema = random_schema(rng)
     sampling = {} if seed % 2 else {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": seed}
     steps = []
-    text = pipe.chat([{"role": "user", "content": f"Give me JSON {seed}"}], max_new_tokens=400,
-                     response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
-                     **sampling)
+    text = pipe.chat(
+        [{"role": "user", "content": f"Give me JSON {seed}"}],
+        max_new_tokens=400,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+        **sampling,
+    )
     steps.append(pipe.last_timings.new_tokens)
     jsonschema.validate(json.loads(text), schema)
     assert steps[0] < 400  # ended with a stop token, not cut at max_new_tokens
@@ -147,29 +150,46 @@ def test_json_object_output_is_one_json_value(pipe):
     tok = pipe.processor.tokenizer
     closing = {tok.encode(s)[0]: 40.0 for s in ('"', "}", "]", '"}', "}}", "]}")}
     for k in range(4):
-        text = pipe.chat([{"role": "user", "content": f"JSON please {k}"}], max_new_tokens=300,
-                         response_format={"type": "json_object"}, logit_bias=closing,
-                         **({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": k} if k % 2 else {}))
+        text = pipe.chat(
+            [{"role": "user", "content": f"JSON please {k}"}],
+            max_new_tokens=300,
+            response_format={"type": "json_object"},
+            logit_bias=closing,
+            **({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": k} if k % 2 else {}),
+        )
         assert pipe.last_timings.new_tokens < 300, text[-80:]
         json.loads(text)
 
 
 def test_regex_and_choice_constraints(pipe):
     for k in range(3):
-        text = pipe.chat([{"role": "user", "content": f"code {k}"}], max_new_tokens=50,
-                         response_format=Constraint("regex", r"[A-Z]{2}-\d{3}( ok)?"))
+        text = pipe.chat(
+            [{"role": "user", "content": f"code {k}"}],
+            max_new_tokens=50,
+            response_format=Constraint("regex", r"[A-Z]{2}-\d{3}( ok)?"),
+        )
         assert re.fullmatch(r"[A-Z]{2}-\d{3}( ok)?", text), text
-        choices = ["yes", "no", "maybe \"so\"", "日本"]
-        assert pipe.chat([{"role": "user", "content": f"pick {k}"}], max_new_tokens=20,
-                         response_format=Constraint.choice(choices)) in choices
+        choices = ["yes", "no", 'maybe "so"', "日本"]
+        assert (
+            pipe.chat(
+                [{"role": "user", "content": f"pick {k}"}],
+                max_new_tokens=20,
+                response_format=Constraint.choice(choices),
+            )
+            in choices
+        )
 
 
 def test_chat_session_takes_a_response_format(pipe):
     from qwen2vl.pipeline import ChatSession
 
     s = ChatSession(pipe)
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     for k in range(2):
         text = s.send(f"turn {k}", max_new_tokens=40, response_format=Constraint.json_schema(schema)).text
         jsonschema.validate(json.loads(text), schema)
@@ -177,14 +197,19 @@ def test_chat_session_takes_a_response_format(pipe):
 
 def test_unconstrained_output_is_unchanged_by_the_hook(pipe):
     conv = [{"role": "user", "content": "Hello there"}]
-    assert pipe.chat(conv, max_new_tokens=12) == pipe.chat(conv, max_new_tokens=12, response_format=None) == \
-        pipe.chat(conv, max_new_tokens=12, response_format={"type": "text"})
+    assert (
+        pipe.chat(conv, max_new_tokens=12)
+        == pipe.chat(conv, max_new_tokens=12, response_format=None)
+        == pipe.chat(conv, max_new_tokens=12, response_format={"type": "text"})
+    )
 
 
 def test_uncompilable_constraints_say_why(grammars, pipe):
-    for bad, words in [(Constraint.json_schema({"type": "objectx"}), "objectx"),
-                       (Constraint("regex", "(unclosed"), "regex"),
-                       (Constraint("grammar", "root ::= undefined_rule"), "undefined_rule")]:
+    for bad, words in [
+        (Constraint.json_schema({"type": "objectx"}), "objectx"),
+        (Constraint("regex", "(unclosed"), "regex"),
+        (Constraint("grammar", "root ::= undefined_rule"), "undefined_rule"),
+    ]:
         with pytest.raises(GrammarError, match=re.escape(words)):
             grammars.compile(bad)
     with pytest.raises(GrammarError, match="not supported"):
@@ -243,58 +268,98 @@ def test_logit_bias_and_penalties_steer_a_real_generation(pipe):
     text = pipe.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4, logit_bias={target: 100})
     assert text == " banana" * 4
     # with a frequency penalty the favoured token must give way once it has been used enough
-    text = pipe.chat([{"role": "user", "content": "Hi"}], max_new_tokens=12, logit_bias={target: 20},
-                     frequency_penalty=2.0, presence_penalty=2.0)
+    text = pipe.chat(
+        [{"role": "user", "content": "Hi"}],
+        max_new_tokens=12,
+        logit_bias={target: 20},
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
     assert 1 <= text.count(" banana") < 12
     with pytest.raises(ValueError):
         SamplingParams(logit_bias={-1: 3})
 
 
 # -- tool calls ----------------------------------------------------------------------------------------------------
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"enum": ["Paris", "Rome"]},
-                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                                                "required": ["city", "days"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "now", "parameters": {
-    "type": "object", "properties": {}, "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Rome"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {"name": "now", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
 
 
 def test_tools_render_as_qwen25_prompts_them(pipe):
-    messages = [{"role": "user", "content": "Weather?"},
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 2}"}},
-                    {"function": {"name": "now", "arguments": {}}}]},
-                {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "12:00"}]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
+                {"function": {"name": "now", "arguments": {}}},
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "tool", "content": "12:00"},
+    ]
     text = render_template(pipe, render_tools(messages, [WEATHER, CLOCK]))
     tools_json = json.dumps(WEATHER, ensure_ascii=False) + "\n" + json.dumps(CLOCK, ensure_ascii=False)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist "
         "with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n"
         f"<tools>\n{tools_json}\n</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-        "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+        'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+        '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\nWeather?<|im_end|>\n"
-        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", "
-        "\"days\": 2}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call><|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n12:00\n</tool_response>"
-        "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     # an existing system turn keeps its text; content before calls is followed by a newline
-    text = render_template(pipe, render_tools(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"},
-         {"role": "assistant", "content": "Checking.",
-          "tool_calls": [{"function": {"name": "now", "arguments": "{}"}}]}],
-        [CLOCK]))
+    text = render_template(
+        pipe,
+        render_tools(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": "Checking.",
+                    "tool_calls": [{"function": {"name": "now", "arguments": "{}"}}],
+                },
+            ],
+            [CLOCK],
+        ),
+    )
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
-    assert "<|im_start|>assistant\nChecking.\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>" in text
+    assert '<|im_start|>assistant\nChecking.\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>' in text
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_tool_call_parser_gives_the_same_result_however_the_text_is_split(seed):
     rng = random.Random(seed)
-    calls = [f"<tool_call>\n{{\"name\": \"f{k}\", \"arguments\": {{\"x\": {k}}}}}\n</tool_call>" for k in range(3)]
-    text = rng.choice(["", "Let me check. ", "<tool_ca"]) + "\n".join(calls[: rng.randint(0, 3)]) + \
-        rng.choice(["", "\n", "<tool_call>{broken", "<tool_call>\nnot json\n</tool_call>", " done"])
+    calls = [f'<tool_call>\n{{"name": "f{k}", "arguments": {{"x": {k}}}}}\n</tool_call>' for k in range(3)]
+    text = (
+        rng.choice(["", "Let me check. ", "<tool_ca"])
+        + "\n".join(calls[: rng.randint(0, 3)])
+        + rng.choice(["", "\n", "<tool_call>{broken", "<tool_call>\nnot json\n</tool_call>", " done"])
+    )
     whole_content, whole_calls = parse_tool_calls(text)
     parser, shown, got = ToolCallParser(), "", []
     cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 8)))
@@ -308,14 +373,17 @@ def test_tool_call_parser_gives_the_same_result_however_the_text_is_split(seed):
     assert [json.loads(c.arguments) for c in whole_calls] == [{"x": k} for k in range(len(whole_calls))]
 
 
-@pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
-                                             ({"type": "function", "function": {"name": "get_weather"}}, True)])
+@pytest.mark.parametrize(
+    "choice,parallel",
+    [("required", True), ("required", False), ({"type": "function", "function": {"name": "get_weather"}}, True)],
+)
 def test_required_and_named_tool_choice_always_call(pipe, choice, parallel):
     c = Constraint("structural_tag", tool_call_grammar([WEATHER, CLOCK], choice, parallel))
     messages = render_tools([{"role": "user", "content": "What's the weather?"}], [WEATHER, CLOCK])
     for seed in range(3):
-        text = pipe.chat(messages, max_new_tokens=300, response_format=c, temperature=1.0, top_k=0, top_p=1.0,
-                         seed=seed)
+        text = pipe.chat(
+            messages, max_new_tokens=300, response_format=c, temperature=1.0, top_k=0, top_p=1.0, seed=seed
+        )
         assert pipe.last_timings.new_tokens < 300
         content, calls = parse_tool_calls(text)
         assert content is None and calls, text
@@ -359,6 +427,7 @@ def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars)
             expected[k] = pipe.chat(convs[k], max_new_tokens=200, response_format=Constraint.json_schema(schemas[k]))
         elif kind == "free":
             expected[k] = pipe.chat(convs[k], max_new_tokens=10)
+
     class Counted:  # a processor that counts its calls, to see that an aborted request's matcher is left alone
         def __init__(self, inner):
             self.inner, self.calls = inner, 0
@@ -375,9 +444,16 @@ def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars)
     counted = Counted(grammars.processor(Constraint.json_schema(schemas[3])))
     for k, kind in enumerate(kinds):
         processors = () if kind == "free" else (grammars.processor(Constraint.json_schema(schemas[k])),)
-        engine.add(Request(str(k), Prompt.from_batch(pipe.prepare([convs[k]], params)), chooser(params),
-                           10 if kind == "free" else 200, params.stop_token_ids,
-                           processors=(counted,) if kind == "abort" else processors))
+        engine.add(
+            Request(
+                str(k),
+                Prompt.from_batch(pipe.prepare([convs[k]], params)),
+                chooser(params),
+                10 if kind == "free" else 200,
+                params.stop_token_ids,
+                processors=(counted,) if kind == "abort" else processors,
+            )
+        )
     tokens: dict[int, list[int]] = {k: [] for k in range(6)}
     reasons, aborted = {}, False
     while engine.has_work():

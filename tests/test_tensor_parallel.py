@@ -24,8 +24,12 @@ from qwen2vl.parallel import TensorParallelError, check_world_size, load_rank_mo
 from qwen2vl.testing.checkpoint import TINY_TEXT, TINY_VISION, make_config, write_checkpoint
 from qwen2vl.weights import TensorSlice, _read_tensor, load_model, read_header
 
-TP_CASES = ["one image", "video with T > spatial, then text", "image then video then image",
-            "left-padded batch: text / image / video"]
+TP_CASES = [
+    "one image",
+    "video with T > spatial, then text",
+    "image then video then image",
+    "left-padded batch: text / image / video",
+]
 NEW_TOKENS = 5
 
 
@@ -35,8 +39,11 @@ def _rank_check(rank: int, world: int, device: str, ckpt: str, out: str) -> None
     ref = load_model(ckpt, dtype=torch.float32, progress=False) if rank == 0 else None
     model = load_rank_model(ckpt, dtype=torch.float32)
     cfg = model.config.text
-    found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2],
-                   "decoder_params": sum(p.numel() for p in model.model.layers.parameters()), "cases": {}}
+    found: dict = {
+        "kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2],
+        "decoder_params": sum(p.numel() for p in model.model.layers.parameters()),
+        "cases": {},
+    }
     if ref is not None:
         found["decoder_params_full"] = sum(p.numel() for p in ref.model.layers.parameters())
     with torch.inference_mode():
@@ -47,13 +54,18 @@ def _rank_check(rank: int, world: int, device: str, ckpt: str, out: str) -> None
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
             dist.all_reduce(bottom, op=dist.ReduceOp.MIN)
             steps = generate_steps(model, Prompt.from_batch(batch), greedy, NEW_TOKENS)
-            c = found["cases"][name] = {"ranks_differ": (top - bottom).abs().max().item(),
-                                        "tokens": torch.stack([s.tokens for s in steps], 1).tolist()}
+            c = found["cases"][name] = {
+                "ranks_differ": (top - bottom).abs().max().item(),
+                "tokens": torch.stack([s.tokens for s in steps], 1).tolist(),
+            }
             if ref is not None:
                 want = ref(**batch)
                 steps = generate_steps(ref, Prompt.from_batch(batch), greedy, NEW_TOKENS)
-                c.update(max_diff=(logits - want).abs().max().item(), scale=want.abs().max().item(),
-                         tokens_single=torch.stack([s.tokens for s in steps], 1).tolist())
+                c.update(
+                    max_diff=(logits - want).abs().max().item(),
+                    scale=want.abs().max().item(),
+                    tokens_single=torch.stack([s.tokens for s in steps], 1).tolist(),
+                )
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(found, f)
 
@@ -106,9 +118,17 @@ def test_refused_world_size_names_sizes_that_work():
 @pytest.mark.parametrize("heads,kv,world", [(6, 2, 2), (6, 1, 3), (12, 2, 4), (12, 4, 2), (12, 2, 6), (8, 8, 4)])
 def test_share_kv_head_serves_the_ranks_query_heads(heads, kv, world):
     cfg = Qwen2VLConfig.from_hf_dict(
-        make_config({**TINY_TEXT, "hidden_size": heads * 12, "num_attention_heads": heads,
-                     "num_key_value_heads": kv, "intermediate_size": 24 * world},
-                    {**TINY_VISION, "hidden_size": heads * 12}))
+        make_config(
+            {
+                **TINY_TEXT,
+                "hidden_size": heads * 12,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv,
+                "intermediate_size": 24 * world,
+            },
+            {**TINY_VISION, "hidden_size": heads * 12},
+        )
+    )
     groups = heads // kv
     owned_q, owned_kv = [], []
     for rank in range(world):
@@ -230,8 +250,24 @@ def test_torchrun_ranks_run_the_same_command(tiny_bf16, capfd):
     argv = ["run", "--model", str(tiny_bf16), "--prompt", "Hi", "--max-new-tokens", "8"]
     assert main(argv) == 0
     one = capfd.readouterr().out
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "qwen2vl", *argv, "--tensor-parallel-size", "2"], capture_output=True, text=True,
-                         timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "qwen2vl",
+            *argv,
+            "--tensor-parallel-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == one

@@ -77,18 +77,34 @@ def media(tmp_path_factory):
 def _conversations(media):
     small = {"min_pixels": 3136, "max_pixels": 3136 * 6}
     return [
-        [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png"), **small},
-                                      {"type": "text", "text": "What is this?"}]},
-         {"role": "assistant", "content": "A picture of noise."}],
-        [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": "Hello there, how are you today?"},
-         {"role": "assistant", "content": "Fine."},
-         {"role": "user", "content": "And now?"},
-         {"role": "assistant", "content": [{"type": "text", "text": "Still fine, thank you."}]}],
-        [{"role": "user", "content": [{"type": "video", "video": str(media / "clip.mp4"), "nframes": 4, **small},
-                                      {"type": "text", "text": "Describe"},
-                                      {"type": "image", "image": str(media / "b.png"), **small}]},
-         {"role": "assistant", "content": "Colours move."}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(media / "a.png"), **small},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            },
+            {"role": "assistant", "content": "A picture of noise."},
+        ],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there, how are you today?"},
+            {"role": "assistant", "content": "Fine."},
+            {"role": "user", "content": "And now?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Still fine, thank you."}]},
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": str(media / "clip.mp4"), "nframes": 4, **small},
+                    {"type": "text", "text": "Describe"},
+                    {"type": "image", "image": str(media / "b.png"), **small},
+                ],
+            },
+            {"role": "assistant", "content": "Colours move."},
+        ],
     ]
 
 
@@ -98,10 +114,12 @@ def test_labels_cover_assistant_turns_with_im_end_and_newline(tiny_ckpt, media):
     ids, labels = ex.input_ids.tolist(), ex.labels.tolist()
     trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     assert [lab for lab in labels if lab != IGNORE] == trained
-    assert proc.tokenizer.decode(trained, skip_special_tokens=False) == \
-        "Fine.<|im_end|>\nStill fine, thank you.<|im_end|>\n"
+    assert (
+        proc.tokenizer.decode(trained, skip_special_tokens=False)
+        == "Fine.<|im_end|>\nStill fine, thank you.<|im_end|>\n"
+    )
     # everything before the first answer (system, user, the assistant header) is masked
-    text = proc.tokenizer.decode(ids[:labels.index(next(lab for lab in labels if lab != IGNORE))], False)
+    text = proc.tokenizer.decode(ids[: labels.index(next(lab for lab in labels if lab != IGNORE))], False)
     assert text.endswith("<|im_start|>assistant\n") and "Hello there" in text
 
 
@@ -131,16 +149,19 @@ def test_data_errors_are_named(tiny_ckpt, tmp_path):
 def test_jsonl_paths_are_relative_to_the_file(tmp_path, media):
     (tmp_path / "pics").mkdir()
     noise_image(56, 56).save(tmp_path / "pics" / "x.png")
-    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "pics/x.png"}]},
-                        {"role": "assistant", "content": "ok"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "pics/x.png"}]},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n\n")
     [conv] = read_jsonl(tmp_path / "d.jsonl")
     assert conv[0]["content"][0]["image"] == str(tmp_path / "pics" / "x.png")
 
 
 # -- loss and gradients against transformers -------------------------------------------------------------------
-def test_loss_and_every_gradient_match_transformers_on_a_mixed_batch(tiny_ckpt, media, hf_model_factory,
-                                                                     parity_report):
+def test_loss_and_every_gradient_match_transformers_on_a_mixed_batch(tiny_ckpt, media, hf_model_factory, parity_report):
     """Images, a video and a text-only multi-turn row, right-padded, through our data pipeline; all weights train,
     the vision tower included."""
     proc = Processor.from_pretrained(tiny_ckpt)
@@ -172,9 +193,11 @@ def test_gradients_match_on_random_batches(tmp_path, seed, hf_model_factory, par
         h, w = (2 * int(torch.randint(1, 5, (1,), generator=g)) for _ in range(2))
         return (kind, (t, h, w))
 
-    rows = [[int(torch.randint(3, 9, (1,), generator=g)), grid("image"), 5],
-            [int(torch.randint(10, 30, (1,), generator=g))],
-            [4, grid("video"), 3, grid("image"), 6]]
+    rows = [
+        [int(torch.randint(3, 9, (1,), generator=g)), grid("image"), 5],
+        [int(torch.randint(10, 30, (1,), generator=g))],
+        [4, grid("video"), 3, grid("image"), 6],
+    ]
     batch = build(rows, seed=seed)
     # build() pads on the left; move every row's tokens to the right (training pads on the right)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -223,11 +246,17 @@ def test_checkpointing_and_accumulation_keep_the_gradients(tiny_tied_ckpt, parit
         else:  # three micro-batches of one row, each normalised by the tokens of the whole step
             total = int((labels[:, 1:] != IGNORE).sum())
             pix, vid = batch["pixel_values"], batch["pixel_values_videos"]
-            parts = [{"pixel_values": pix, "image_grid_thw": batch["image_grid_thw"]}, {},
-                     {"pixel_values_videos": vid, "video_grid_thw": batch["video_grid_thw"]}]
+            parts = [
+                {"pixel_values": pix, "image_grid_thw": batch["image_grid_thw"]},
+                {},
+                {"pixel_values_videos": vid, "video_grid_thw": batch["video_grid_thw"]},
+            ]
             for r, extra in enumerate(parts):
-                causal_lm_loss(model(batch["input_ids"][r:r + 1], batch["attention_mask"][r:r + 1], **extra),
-                               labels[r:r + 1], total).backward()
+                causal_lm_loss(
+                    model(batch["input_ids"][r : r + 1], batch["attention_mask"][r : r + 1], **extra),
+                    labels[r : r + 1],
+                    total,
+                ).backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
     plain = grads(False, False)
@@ -244,8 +273,11 @@ def test_schedules_match_transformers():
         get_linear_schedule_with_warmup,
     )
 
-    for name, ref in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup),
-                      ("constant", get_constant_schedule_with_warmup)):
+    for name, ref in (
+        ("cosine", get_cosine_schedule_with_warmup),
+        ("linear", get_linear_schedule_with_warmup),
+        ("constant", get_constant_schedule_with_warmup),
+    ):
         for warmup, total in ((0, 10), (3, 17), (5, 5)):
             opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
             sched = ref(opt, warmup) if name == "constant" else ref(opt, warmup, total)
@@ -260,13 +292,14 @@ def _randomize_lora(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) / m.lora_A.in_features ** 0.5)
+            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) / m.lora_A.in_features**0.5)
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
 
 
 @pytest.mark.parametrize("vision", [False, True])
-def test_peft_loads_our_adapter_same_logits_and_lora_gradients(tiny_ckpt, tmp_path, vision, hf_model_factory,
-                                                               parity_report):
+def test_peft_loads_our_adapter_same_logits_and_lora_gradients(
+    tiny_ckpt, tmp_path, vision, hf_model_factory, parity_report
+):
     import peft
     import transformers
 
@@ -275,11 +308,15 @@ def test_peft_loads_our_adapter_same_logits_and_lora_gradients(tiny_ckpt, tmp_pa
     names = apply_lora(ours, config, seed=0)
     _randomize_lora(ours, 1)
     save_adapter(ours, tmp_path / "ad", str(tiny_ckpt))
-    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32,
-                                                                        attn_implementation="eager")
+    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_ckpt, dtype=torch.float32, attn_implementation="eager"
+    )
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ad", is_trainable=True).train()
-    peft_names = {our_name(n.removeprefix("base_model.model.").removesuffix(".lora_A.default"))
-                  for n, _ in theirs.named_modules() if n.endswith(".lora_A.default")}
+    peft_names = {
+        our_name(n.removeprefix("base_model.model.").removesuffix(".lora_A.default"))
+        for n, _ in theirs.named_modules()
+        if n.endswith(".lora_A.default")
+    }
     assert peft_names == set(names) and any(n.startswith("visual.") for n in names) == vision
 
     batch = build([[6, ("image", (1, 4, 6)), 9], [15], [2, ("video", (2, 4, 4)), 4]], seed=3)
@@ -309,10 +346,12 @@ def test_we_load_peft_adapter_and_match_its_logits(tiny_ckpt, tmp_path, parity_r
     import peft
     import transformers
 
-    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32,
-                                                                        attn_implementation="eager").eval()
-    cfg = peft.LoraConfig(r=5, lora_alpha=11, target_modules=["k_proj", "gate_proj", "up_proj"],
-                          init_lora_weights=False, use_rslora=True)
+    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_ckpt, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    cfg = peft.LoraConfig(
+        r=5, lora_alpha=11, target_modules=["k_proj", "gate_proj", "up_proj"], init_lora_weights=False, use_rslora=True
+    )
     theirs = peft.get_peft_model(base, cfg).eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours = _ours(tiny_ckpt).eval()
@@ -332,8 +371,12 @@ def test_unsupported_adapter_features_are_refused(tiny_ckpt, tmp_path):
     apply_lora(ours, LoRAConfig(r=2))
     save_adapter(ours, tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    for key, value in (("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]),
-                       ("rank_pattern", {"q_proj": 4})):
+    for key, value in (
+        ("use_dora", True),
+        ("bias", "all"),
+        ("modules_to_save", ["lm_head"]),
+        ("rank_pattern", {"q_proj": 4}),
+    ):
         (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(AdapterError, match=key):
             load_adapter(_ours(tiny_ckpt), tmp_path / "ad")
@@ -341,8 +384,9 @@ def test_unsupported_adapter_features_are_refused(tiny_ckpt, tmp_path):
         load_adapter(ours, tmp_path)
 
 
-def test_merged_checkpoint_equals_the_adapter_and_loads_in_transformers(tiny_ckpt, tmp_path, hf_model_factory,
-                                                                         parity_report):
+def test_merged_checkpoint_equals_the_adapter_and_loads_in_transformers(
+    tiny_ckpt, tmp_path, hf_model_factory, parity_report
+):
     ours = _ours(tiny_ckpt).eval()
     apply_lora(ours, LoRAConfig(r=4, alpha=8.0, vision=True), seed=0)
     _randomize_lora(ours, 2)
@@ -379,8 +423,16 @@ def _write_jsonl(path, conversations):
 
 def test_finetune_lowers_the_loss_and_resume_repeats_the_same_steps(tiny_ckpt, media, tmp_path):
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(media))
-    cfg = TrainConfig(lora=LoRAConfig(r=4, alpha=8.0, dropout=0.1), max_steps=4, batch_size=2, grad_accum=1,
-                      lr=5e-3, warmup_steps=1, save_steps=2, seed=3)
+    cfg = TrainConfig(
+        lora=LoRAConfig(r=4, alpha=8.0, dropout=0.1),
+        max_steps=4,
+        batch_size=2,
+        grad_accum=1,
+        lr=5e-3,
+        warmup_steps=1,
+        save_steps=2,
+        seed=3,
+    )
     straight = Trainer(tiny_ckpt, data, tmp_path / "a", cfg, eval_data=data, progress=False)
     before = straight.evaluate()
     result = straight.train()
@@ -424,15 +476,40 @@ def test_cli_finetune_then_run_with_adapter_equals_run_on_the_merged_checkpoint(
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(media))
     out = tmp_path / "adapter"
-    assert main(["finetune", "--model", str(tiny_ckpt), "--data", str(data), "--output", str(out), "--max-steps",
-                 "2", "--lr", "0.01", "--lora-rank", "4", "--eval-data", str(data), "--save-steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(tiny_ckpt),
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--lr",
+                "0.01",
+                "--lora-rank",
+                "4",
+                "--eval-data",
+                str(data),
+                "--save-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     assert (out / "adapter_config.json").exists() and (out / "checkpoint-1" / "trainer_state.json").exists()
     assert main(["merge", "--model", str(tiny_ckpt), "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
     capsys.readouterr()
     answers = []
-    for args in (["--model", str(tiny_ckpt), "--adapter", str(out)], ["--model", str(tmp_path / "m")],
-                 ["--model", str(tiny_ckpt)]):
+    for args in (
+        ["--model", str(tiny_ckpt), "--adapter", str(out)],
+        ["--model", str(tmp_path / "m")],
+        ["--model", str(tiny_ckpt)],
+    ):
         assert main(["run", *args, "--prompt", "Say something", "--max-new-tokens", "12"]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0] != answers[2]
@@ -475,8 +552,10 @@ def test_bad_data_is_refused_before_the_model_loads(tiny_ckpt, tmp_path, monkeyp
 
     monkeypatch.setattr(trainer_module, "load_model", no_load)
     good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    missing = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "nope.png")}]},
-               {"role": "assistant", "content": "x"}]
+    missing = [
+        {"role": "user", "content": [{"type": "image", "image": str(tmp_path / "nope.png")}]},
+        {"role": "assistant", "content": "x"},
+    ]
     with pytest.raises(InputError, match=r"training data, conversation 1: .*nope\.png"):
         Trainer(tiny_ckpt, [good, missing], tmp_path / "o", progress=False)
     with pytest.raises(InputError, match="eval data, conversation 0: .*assistant"):
@@ -502,14 +581,31 @@ def test_serve_with_adapter_answers_as_the_pipeline_with_it(tiny_ckpt, tmp_path)
     apply_lora(model, LoRAConfig(r=4, alpha=8.0), seed=0)
     _randomize_lora(model, 6)
     save_adapter(model, tmp_path / "ad")
-    srv = build_server(ServerConfig.from_args(build_parser().parse_args(
-        ["serve", "--model", str(tiny_ckpt), "--adapter", str(tmp_path / "ad"), "--served-model-name", "tuned",
-         "--max-model-len", "512", "--kv-cache-memory", "256MiB"])))
+    srv = build_server(
+        ServerConfig.from_args(
+            build_parser().parse_args(
+                [
+                    "serve",
+                    "--model",
+                    str(tiny_ckpt),
+                    "--adapter",
+                    str(tmp_path / "ad"),
+                    "--served-model-name",
+                    "tuned",
+                    "--max-model-len",
+                    "512",
+                    "--kv-cache-memory",
+                    "256MiB",
+                ]
+            )
+        )
+    )
     uv, base = serve_in_thread(srv, header_timeout_s=2.0)
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
-        r = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi there"}],
-                                           temperature=0, max_tokens=10)
+        r = client.chat.completions.create(
+            model="tuned", messages=[{"role": "user", "content": "Hi there"}], temperature=0, max_tokens=10
+        )
     finally:
         uv.should_exit = True
     conversation = [{"role": "user", "content": "Hi there"}]
@@ -527,8 +623,10 @@ def test_full_finetune_resume_repeats_the_same_steps(tiny_tied_ckpt, tmp_path):
     shutil.copytree(tiny_tied_ckpt, ckpt)
     tokenizer_files.write_tokenizer_files(ckpt)
     tokenizer_files.write_preprocessor_config(ckpt)
-    data = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * i}]
-            for i in range(1, 5)]
+    data = [
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * i}]
+        for i in range(1, 5)
+    ]
     cfg = TrainConfig(lora=None, max_steps=3, batch_size=2, lr=1e-3, save_steps=1, weight_decay=0.1, seed=2)
     straight = Trainer(ckpt, data, tmp_path / "a", cfg, progress=False)
     straight.train()

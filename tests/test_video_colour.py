@@ -44,8 +44,17 @@ def make_clip(directory, name, frames=4, seed=0):
     (w, h), codec, suffix, pix_fmt, colorspace, color_range = CLIPS[name]
     if codec not in av.codecs_available:
         pytest.fail(f"PyAV lacks the {codec} encoder needed to build this test's clip")
-    return encode_video(directory / f"{name}.{suffix}", sharp_frames((w, h), frames, seed), (w, h), fps=4,
-                        codec=codec, gop=None, pix_fmt=pix_fmt, colorspace=colorspace, color_range=color_range)
+    return encode_video(
+        directory / f"{name}.{suffix}",
+        sharp_frames((w, h), frames, seed),
+        (w, h),
+        fps=4,
+        codec=codec,
+        gop=None,
+        pix_fmt=pix_fmt,
+        colorspace=colorspace,
+        color_range=color_range,
+    )
 
 
 def ours(path) -> torch.Tensor:
@@ -84,16 +93,23 @@ def test_pyav_plain_conversion_differs_on_these(name, tmp_path):
     assert (plain_pyav(path).int() - reference(path).int()).abs().max() > 5
 
 
-@pytest.mark.parametrize("name, fields", [
-    ("yuv420p10le", {"min_pixels": 3136, "max_pixels": 8000}),
-    ("yuv420p-odd-height", {}),
-    ("yuv420p-full-tag", {"resized_height": 56, "resized_width": 84}),
-    ("yuv422p10le", {"nframes": 4}),
-])
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("yuv420p10le", {"min_pixels": 3136, "max_pixels": 8000}),
+        ("yuv420p-odd-height", {}),
+        ("yuv420p-full-tag", {"resized_height": 56, "resized_width": 84}),
+        ("yuv422p10le", {"nframes": 4}),
+    ],
+)
 def test_processor_pixels_within_two_grey_levels_of_the_reference(name, fields, repo, proc, tmp_path, parity_report):
     path = make_clip(tmp_path, name, frames=8, seed=3)
-    conv = [{"role": "user", "content": [{"type": "video", "video": str(path), **fields},
-                                         {"type": "text", "text": "What changes?"}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": str(path), **fields}, {"type": "text", "text": "What changes?"}],
+        }
+    ]
     got, want = proc(conv), oracle(repo, conv)
     assert torch.equal(got["input_ids"], want["input_ids"])
     assert torch.equal(got["video_grid_thw"], want["video_grid_thw"])

@@ -28,11 +28,17 @@ def check(ours, ref):
     assert diff <= GREY_LEVEL, f"{diff} exceeds one grey level ({GREY_LEVEL})"
 
 
-@pytest.mark.parametrize("suffix, codec, extra", [
-    ("mp4", "mpeg4", {}), ("mkv", "mpeg4", {"fps": 1.0}), ("avi", "mpeg4", {"nframes": 7}),
-    ("webm", "libvpx-vp9", {"max_pixels": 150000}), ("mp4", "mpeg4", {"video_start": 0.5, "video_end": 2.2}),
-    ("mp4", "mpeg4", {"min_frames": 8, "total_pixels": 800000}),
-])
+@pytest.mark.parametrize(
+    "suffix, codec, extra",
+    [
+        ("mp4", "mpeg4", {}),
+        ("mkv", "mpeg4", {"fps": 1.0}),
+        ("avi", "mpeg4", {"nframes": 7}),
+        ("webm", "libvpx-vp9", {"max_pixels": 150000}),
+        ("mp4", "mpeg4", {"video_start": 0.5, "video_end": 2.2}),
+        ("mp4", "mpeg4", {"min_frames": 8, "total_pixels": 800000}),
+    ],
+)
 def test_video_files_equal_reference(suffix, codec, extra, repo, proc, tmp_path):
     if codec not in av.codecs_available:
         pytest.fail(f"PyAV lacks the {codec} encoder needed to build this test's clip")
@@ -50,8 +56,13 @@ def test_variable_frame_rate(repo, proc, tmp_path):
 def test_sampled_indices_equal_reference():
     from qwen_vl_utils.vision_process import smart_nframes
 
-    for total, fps, ele in [(300, 30, {}), (301, 29.97, {"fps": 0.5}), (17, 24, {"nframes": 5}),
-                            (1000, 25, {"max_frames": 33}), (9, 30, {})]:
+    for total, fps, ele in [
+        (300, 30, {}),
+        (301, 29.97, {"fps": 0.5}),
+        (17, 24, {"nframes": 5}),
+        (1000, 25, {"max_frames": 33}),
+        (9, 30, {}),
+    ]:
         n = smart_nframes(ele, total, fps)
         assert sample_indices(ele, total, fps) == torch.linspace(0, total - 1, n).round().long().tolist()
 
@@ -79,8 +90,11 @@ def test_frame_list_with_odd_count_is_resized_once(repo, proc, tmp_path):
     from transformers import AutoProcessor
 
     hp = AutoProcessor.from_pretrained(repo)
-    text = hp.apply_chat_template(user({"type": "video", "video": paths}, {"type": "text", "text": "?"}),
-                                  tokenize=False, add_generation_prompt=True)
+    text = hp.apply_chat_template(
+        user({"type": "video", "video": paths}, {"type": "text", "text": "?"}),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ref = hp(text=[text], videos=[intended], return_tensors="pt")
     check(ours, ref)
 

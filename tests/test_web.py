@@ -19,16 +19,21 @@ from qwen2vl.serve.server import build_server, serve_in_thread
 from test_server import data_uri
 
 KEY = "sk-web"
-REPLY = ("The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(480,900)<|box_end|> sits by "
-         "<|object_ref_start|>two cups<|object_ref_end|><|box_start|>(500,100),(620,300)<|box_end|> and "
-         "<|box_start|>(700,50),(990,400)<|box_end|>, next to a sign <|quad_start|>(10,10),(300,20),(290,200),(5,190)"
-         "<|quad_end|>.")
+REPLY = (
+    "The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(120,250),(480,900)<|box_end|> sits by "
+    "<|object_ref_start|>two cups<|object_ref_end|><|box_start|>(500,100),(620,300)<|box_end|> and "
+    "<|box_start|>(700,50),(990,400)<|box_end|>, next to a sign <|quad_start|>(10,10),(300,20),(290,200),(5,190)"
+    "<|quad_end|>."
+)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    srv = build_server(ServerConfig(model=str(tiny_ckpt), api_key=KEY, served_model_name="tiny", max_model_len=1024,
-                                    kv_cache_memory="256MiB"))
+    srv = build_server(
+        ServerConfig(
+            model=str(tiny_ckpt), api_key=KEY, served_model_name="tiny", max_model_len=1024, kv_cache_memory="256MiB"
+        )
+    )
     uv, srv.base = serve_in_thread(srv)
     yield srv
     uv.should_exit = True
@@ -53,10 +58,16 @@ def test_page_and_its_files_are_served(server):
 
 
 def test_plan_endpoint_prices_each_item_as_the_processor_plans_it(server):
-    messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(300, 200, seed=1), "max_pixels": 50000}},
-        {"type": "image_url", "image_url": {"url": data_uri(97, 411, seed=2)}},
-        {"type": "text", "text": "Compare them."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(300, 200, seed=1), "max_pixels": 50000}},
+                {"type": "image_url", "image_url": {"url": data_uri(97, 411, seed=2)}},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
     body = {"model": "tiny", "messages": messages}
     assert post(server, "/v1/plan", body, key=None).status_code == 401
     got = post(server, "/v1/plan", body).json()
@@ -66,12 +77,33 @@ def test_plan_endpoint_prices_each_item_as_the_processor_plans_it(server):
     assert [tuple(i["source_size"]) for i in got["items"]] == [(300, 200), (97, 411)]
     assert got["prompt_tokens"] == want.prompt_tokens and got["context"] == 1024 and got["fits"]
     # what the chat endpoint would refuse, the plan refuses with the same message
-    huge = {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(900, 900), "min_pixels": 800000}}]}]}
+    huge = {
+        "model": "tiny",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_uri(900, 900), "min_pixels": 800000}}],
+            }
+        ],
+    }
     r = post(server, "/v1/plan", huge)
     assert r.status_code == 200 and not r.json()["fits"]
-    assert post(server, "/v1/plan", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}).status_code == 400
+    assert (
+        post(
+            server,
+            "/v1/plan",
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                    }
+                ],
+            },
+        ).status_code
+        == 400
+    )
 
 
 def test_boxes_endpoint_is_the_library_rule(server):
@@ -79,10 +111,13 @@ def test_boxes_endpoint_is_the_library_rule(server):
         got = post(server, "/v1/boxes", {"text": REPLY, "width": width, "height": height}).json()["boxes"]
         want = parse_boxes(REPLY, (width, height))
         assert len(got) == len(want) == 4
-        assert [(b["label"], [tuple(p) for p in b["pixels"]]) for b in got] == [(b.label, list(b.pixels))
-                                                                                  for b in want]
-    for bad in ({"text": 3, "width": 1, "height": 1}, {"text": "", "width": 0, "height": 1},
-                {"text": "", "width": True, "height": 1}, {"text": ""}):
+        assert [(b["label"], [tuple(p) for p in b["pixels"]]) for b in got] == [(b.label, list(b.pixels)) for b in want]
+    for bad in (
+        {"text": 3, "width": 1, "height": 1},
+        {"text": "", "width": 0, "height": 1},
+        {"text": "", "width": True, "height": 1},
+        {"text": ""},
+    ):
         assert post(server, "/v1/boxes", bad).status_code == 400
     assert post(server, "/v1/boxes", {"text": REPLY, "width": 9, "height": 9}, key=None).status_code == 401
 
@@ -113,8 +148,9 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         # CSP violations too; the one failed load expected is the key probe's 401
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "(Unauthorized)" not in m.text
-                else None)
+        page.on(
+            "console", lambda m: errors.append(m.text) if m.type == "error" and "(Unauthorized)" not in m.text else None
+        )
         page.goto(server.base + "/")
         page.wait_for_selector("#key-box:not([hidden])")  # the server has --api-key: the page asks for it
         page.fill("#key", KEY)
@@ -125,8 +161,14 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         page.set_input_files("#file", str(picture))
         page.fill("#text", "What is in this picture?")
         expect(page.locator(".item .cost")).to_contain_text("tokens")
-        want = server.processor.plan([{"role": "user", "content": [{"type": "image", "image": Image.open(picture)},
-                                                                   {"type": "text", "text": "?"}]}]).items[0]
+        want = server.processor.plan(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": Image.open(picture)}, {"type": "text", "text": "?"}],
+                }
+            ]
+        ).items[0]
         cost = page.text_content(".item .cost")
         assert f"320×240 → {want.resized_size[0]}×{want.resized_size[1]} · {want.tokens} tokens" == cost
         assert "of 1024 tokens" in page.text_content("#plan")
@@ -145,12 +187,15 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         assert not page.query_selector(".msg.error"), page.text_content(".msg.error")
 
         # grounding: a known reply's boxes drawn over the image, where the library puts them
-        drawn = page.evaluate("""async (text) => {
+        drawn = page.evaluate(
+            """async (text) => {
             const el = document.querySelectorAll('.msg.assistant')[0];
             const src = window.qwen2vl.state.history[0].content[0].image_url.url;
             await window.qwen2vl.renderBoxes(text, src, el);
             return [...el.querySelectorAll('polygon.box-shape')].map((p) => JSON.parse(p.dataset.pixels));
-        }""", REPLY)
+        }""",
+            REPLY,
+        )
         want_boxes = parse_boxes(REPLY, (320, 240))
         assert drawn == [[list(p) for p in b.pixels] for b in want_boxes]
         assert page.locator(".grounded svg text").all_text_contents() == ["cat", "two cups", "two cups"]
@@ -175,8 +220,10 @@ def test_drop_and_paste_attach_images_and_videos(server, tmp_path):
     picture = tmp_path / "p.png"
     noise_image(200, 150, seed=3).save(picture)
     clip = encode_video(tmp_path / "c.mp4", sharp_frames((160, 120), 8), (160, 120), fps=4, gop=None)
-    files = [{"name": "p.png", "type": "image/png", "data": base64.b64encode(picture.read_bytes()).decode()},
-             {"name": "c.mp4", "type": "video/mp4", "data": base64.b64encode(clip.read_bytes()).decode()}]
+    files = [
+        {"name": "p.png", "type": "image/png", "data": base64.b64encode(picture.read_bytes()).decode()},
+        {"name": "c.mp4", "type": "video/mp4", "data": base64.b64encode(clip.read_bytes()).decode()},
+    ]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page()
@@ -184,7 +231,8 @@ def test_drop_and_paste_attach_images_and_videos(server, tmp_path):
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
         expect(page.locator("#model")).to_contain_text("tiny ·")
-        page.evaluate("""(files) => {
+        page.evaluate(
+            """(files) => {
             const asFile = (f) => new File([Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0))], f.name,
                                            { type: f.type });
             const dropped = new DataTransfer();
@@ -194,15 +242,28 @@ def test_drop_and_paste_attach_images_and_videos(server, tmp_path):
             const pasted = new DataTransfer();
             pasted.items.add(asFile(files[1]));
             document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: pasted, bubbles: true }));
-        }""", files)
+        }""",
+            files,
+        )
         expect(page.locator(".item")).to_have_count(2)
         expect(page.locator(".item .cost").nth(1)).to_contain_text("frames")
         costs = page.locator(".item .cost").all_text_contents()
         kinds = sorted(page.evaluate("window.qwen2vl.state.draft.map((d) => d.kind)"))
         assert kinds == ["image", "video"]
         local = server.pipe.processor  # the server's own refuses local files; same sizing rules
-        plan = local.plan(server.limits.apply([{"role": "user", "content": [
-            {"type": "image", "image": Image.open(picture)}, {"type": "video", "video": str(clip)}]}]))
+        plan = local.plan(
+            server.limits.apply(
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": Image.open(picture)},
+                            {"type": "video", "video": str(clip)},
+                        ],
+                    }
+                ]
+            )
+        )
         order = page.evaluate("window.qwen2vl.state.draft.map((d) => d.kind)")
         by_kind = {i.kind: i for i in plan.items}
         for cost, kind in zip(costs, order):
@@ -211,8 +272,13 @@ def test_drop_and_paste_attach_images_and_videos(server, tmp_path):
         # a pixel budget on the image lowers its cost, as the planner says
         index = order.index("image")
         page.locator(".item input").nth(index).fill("20000")
-        low = server.processor.plan([{"role": "user", "content": [
-            {"type": "image", "image": Image.open(picture), "max_pixels": 20000}]}]).items[0].tokens
+        low = (
+            server.processor.plan(
+                [{"role": "user", "content": [{"type": "image", "image": Image.open(picture), "max_pixels": 20000}]}]
+            )
+            .items[0]
+            .tokens
+        )
         expect(page.locator(".item .cost").nth(index)).to_contain_text(f" {low} tokens")
         assert low < by_kind["image"].tokens
         browser.close()

@@ -29,8 +29,9 @@ def test_every_tensor_lands_where_the_file_says(tmp_path):
 
 def test_new_key_layout_and_shards_load_the_same_tensors(tmp_path):
     a = qwen2vl.load_model(write_checkpoint(tmp_path / "a", SMALL, tokenizer=False), progress=False)
-    b = qwen2vl.load_model(write_checkpoint(tmp_path / "b", SMALL, tokenizer=False, key_layout="transformers",
-                                            shards=4), progress=False)
+    b = qwen2vl.load_model(
+        write_checkpoint(tmp_path / "b", SMALL, tokenizer=False, key_layout="transformers", shards=4), progress=False
+    )
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -67,8 +68,12 @@ def test_missing_unused_and_misshaped_tensors_are_named(tmp_path):
         qwen2vl.load_model(d, progress=False)
     assert "model.layers.1.mlp.up_proj.weight" in str(e.value) and "lm_head.weight" in str(e.value)
 
-    d = write_checkpoint(tmp_path / "u", SMALL, tokenizer=False,
-                         extra_tensors={"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(3)})
+    d = write_checkpoint(
+        tmp_path / "u",
+        SMALL,
+        tokenizer=False,
+        extra_tensors={"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(3)},
+    )
     with pytest.raises(CheckpointError, match="unused.*rotary_emb.inv_freq"):
         qwen2vl.load_model(d, progress=False)
 
@@ -79,8 +84,9 @@ def test_missing_unused_and_misshaped_tensors_are_named(tmp_path):
 
 
 def test_both_layouts_at_once_is_an_error(tmp_path):
-    d = write_checkpoint(tmp_path, SMALL, tokenizer=False,
-                         extra_tensors={"model.language_model.norm.weight": torch.ones(72)})
+    d = write_checkpoint(
+        tmp_path, SMALL, tokenizer=False, extra_tensors={"model.language_model.norm.weight": torch.ones(72)}
+    )
     with pytest.raises(CheckpointError, match="given twice"):
         qwen2vl.load_model(d, progress=False)
 
@@ -102,8 +108,12 @@ def test_truncated_and_absent_files(tmp_path):
 
 def test_progress_bar_goes_to_stderr(tmp_path):
     d = write_checkpoint(tmp_path, SMALL, tokenizer=False)
-    out = subprocess.run([sys.executable, "-c", f"import qwen2vl; qwen2vl.load_model({str(d)!r})"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import qwen2vl; qwen2vl.load_model({str(d)!r})"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "Loading" in out.stderr and out.stdout == ""
 
 
@@ -124,12 +134,24 @@ PEAK_SCRIPT = textwrap.dedent("""
 def test_peak_memory_while_loading_stays_near_the_weights(tmp_path_factory, dtype, parity_report):
     d = tmp_path_factory.getbasetemp() / "peak_ckpt"
     if not (d / "config.json").exists():
-        text = {"vocab_size": 151936, "hidden_size": 512, "intermediate_size": 1400, "num_hidden_layers": 6,
-                "num_attention_heads": 8, "num_key_value_heads": 2,
-                "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
-        write_checkpoint(d, make_config(text, {"depth": 2, "embed_dim": 320, "num_heads": 4, "hidden_size": 512}),
-                         dtype=torch.bfloat16, tokenizer=False, shards=2)
+        text = {
+            "vocab_size": 151936,
+            "hidden_size": 512,
+            "intermediate_size": 1400,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        }
+        write_checkpoint(
+            d,
+            make_config(text, {"depth": 2, "embed_dim": 320, "num_heads": 4, "hidden_size": 512}),
+            dtype=torch.bfloat16,
+            tokenizer=False,
+            shards=2,
+        )
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(d), dtype], capture_output=True, text=True, check=True)
     m = json.loads(out.stdout)
-    parity_report(f"load peak RSS / weights size ({dtype}, {m['weights'] / 1e6:.0f} MB)",
-                  m["peak_over_base"] / m["weights"], 1.25)
+    parity_report(
+        f"load peak RSS / weights size ({dtype}, {m['weights'] / 1e6:.0f} MB)", m["peak_over_base"] / m["weights"], 1.25
+    )

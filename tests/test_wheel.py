@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_installs_and_runs_through_the_kernels(tmp_path):
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("qwen2vl-*.whl")
     assert wheel.name.startswith(f"qwen2vl-{qwen2vl.__version__}-")  # one version: qwen2vl.__version__
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -30,7 +33,8 @@ def test_the_wheel_installs_and_runs_through_the_kernels(tmp_path):
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
     env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # fresh kernel build
-    run = subprocess.run([sys.executable, str(ROOT / ".ci" / "wheel_smoke.py")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "wheel_smoke.py")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"from {site / 'qwen2vl'}" in run.stderr

@@ -174,15 +174,23 @@ class Engine:
         with self._lock:
             recent = [d for end, d in self._steps if end >= now - STEP_WINDOW_S]
             started, last_end = self._step_started, self._last_step_end
-        return {"waiting": len(self.waiting), "running": len(self.running), "prefilling": len(self.prefilling),
-                "kv_slots": self.pool.slots, "kv_slots_used": self.pool.slots - len(self.free_slots),
-                "kv_tokens_used": used, "kv_tokens_capacity": self.pool.slots * self.max_model_len,
-                "generated_tokens": self.generated_tokens, "prefix_tokens_reused": self.prefix_tokens_reused,
-                "vision_cache_hits": self.vision_cache.hits, "vision_cache_misses": self.vision_cache.misses,
-                "vision_pieces": self.vision_pieces,
-                "step_running_s": 0.0 if started is None else now - started,
-                "since_last_step_s": None if last_end is None else now - last_end,
-                "longest_step_s": max(recent, default=0.0)}
+        return {
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "prefilling": len(self.prefilling),
+            "kv_slots": self.pool.slots,
+            "kv_slots_used": self.pool.slots - len(self.free_slots),
+            "kv_tokens_used": used,
+            "kv_tokens_capacity": self.pool.slots * self.max_model_len,
+            "generated_tokens": self.generated_tokens,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+            "vision_cache_hits": self.vision_cache.hits,
+            "vision_cache_misses": self.vision_cache.misses,
+            "vision_pieces": self.vision_pieces,
+            "step_running_s": 0.0 if started is None else now - started,
+            "since_last_step_s": None if last_end is None else now - last_end,
+            "longest_step_s": max(recent, default=0.0),
+        }
 
     def fail_all(self, error: str) -> list[Output]:
         """End every request (after an internal failure), freeing all slots; the engine stays usable."""
@@ -290,8 +298,9 @@ class Engine:
             seq = self.waiting.popleft()
             items = vision_items(seq.request.prompt)
             seq.vision_pending = [(kind, pixels, grid, VisionCache.key(pixels, grid)) for kind, pixels, grid in items]
-            seq.prefix_key = prefix_key(seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending],
-                                        self.model.config)
+            seq.prefix_key = prefix_key(
+                seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending], self.model.config
+            )
             seq.slot, seq.prefilled = self._pick_slot(seq.prefix_key)
             seq.reused = seq.prefilled
             seq.processors = seq.request.processors
@@ -350,8 +359,13 @@ class Engine:
             seq.features = {}
         assert seq.positions is not None  # set with embeds, above
         length, end = seq.embeds.shape[1], self._chunk_end(seq)
-        hidden = model.model(seq.embeds[:, seq.prefilled:end], seq.positions[:, :, seq.prefilled:end].to(model.device),
-                             None, self.pool.view(seq.slot), seq.prefilled)
+        hidden = model.model(
+            seq.embeds[:, seq.prefilled : end],
+            seq.positions[:, :, seq.prefilled : end].to(model.device),
+            None,
+            self.pool.view(seq.slot),
+            seq.prefilled,
+        )
         seq.prefilled = end
         if end < length:
             return None
@@ -374,7 +388,7 @@ class Engine:
         logits = model.logits(hidden[:, -1]).float()
         outputs, still = [], []
         for i, seq in enumerate(seqs):
-            out = self._emit(seq, logits[i:i + 1])
+            out = self._emit(seq, logits[i : i + 1])
             outputs.append(out)
             if out.finish_reason is None:
                 still.append(seq)
@@ -384,8 +398,13 @@ class Engine:
         return outputs
 
     def _emit(self, seq: SequenceState, logits: torch.Tensor) -> Output:
-        seen = torch.cat([seq.request.prompt.input_ids.to(logits.device),
-                          torch.tensor([seq.generated], dtype=torch.long, device=logits.device)], dim=1)
+        seen = torch.cat(
+            [
+                seq.request.prompt.input_ids.to(logits.device),
+                torch.tensor([seq.generated], dtype=torch.long, device=logits.device),
+            ],
+            dim=1,
+        )
         scores = logits
         for processor in seq.processors:
             scores = processor(scores)
@@ -404,11 +423,13 @@ class Engine:
         reason = None
         if token in seq.request.stop_token_ids:
             reason = "stop"
-        elif (len(seq.generated) >= seq.request.max_new_tokens
-              or seq.prefilled + len(seq.generated) >= self.max_model_len):
+        elif (
+            len(seq.generated) >= seq.request.max_new_tokens or seq.prefilled + len(seq.generated) >= self.max_model_len
+        ):
             reason = "length"
-        return Output(seq.request_id, token, logprob, top, reason,
-                      cached_tokens=seq.reused if len(seq.generated) == 1 else 0)
+        return Output(
+            seq.request_id, token, logprob, top, reason, cached_tokens=seq.reused if len(seq.generated) == 1 else 0
+        )
 
 
 def _cat(parts: list | None) -> torch.Tensor | None:

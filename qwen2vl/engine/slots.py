@@ -23,14 +23,16 @@ def slot_bytes(cfg: TextConfig, max_model_len: int, dtype: torch.dtype) -> int:
 class SlotPool:
     def __init__(self, cfg: TextConfig, slots: int, max_model_len: int, dtype: torch.dtype, device="cpu") -> None:
         if slots < 1:
-            raise ValueError("the KV budget does not fit one request of max_model_len tokens; raise the budget "
-                             "or lower max_model_len")
+            raise ValueError(
+                "the KV budget does not fit one request of max_model_len tokens; raise the budget "
+                "or lower max_model_len"
+            )
         pool = KVCache(cfg, slots, max_model_len, dtype, device)  # one allocation path: a batch of `slots` rows
         self.k, self.v = pool.k, pool.v
         self.slots, self.max_model_len = slots, max_model_len
 
     def view(self, slot: int) -> KVCache:
-        return KVCache.backed_by(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
+        return KVCache.backed_by(self.k[:, slot : slot + 1], self.v[:, slot : slot + 1])
 
 
 class SlotAttend:
@@ -46,7 +48,10 @@ class SlotAttend:
         for b, (slot, pos) in enumerate(zip(self.slots, self.lengths)):
             kk[slot, :, pos] = k[b, :, 0]
             vv[slot, :, pos] = v[b, :, 0]
-            out[b:b + 1] = F.scaled_dot_product_attention(
-                q[b:b + 1], kk[slot:slot + 1, :, :pos + 1], vv[slot:slot + 1, :, :pos + 1],
-                enable_gqa=k.shape[1] != q.shape[1])
+            out[b : b + 1] = F.scaled_dot_product_attention(
+                q[b : b + 1],
+                kk[slot : slot + 1, :, : pos + 1],
+                vv[slot : slot + 1, :, : pos + 1],
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
         return out

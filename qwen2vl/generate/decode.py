@@ -35,8 +35,14 @@ class Prompt:
 
     @classmethod
     def from_batch(cls, batch, **extra) -> Prompt:
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                "video_grid_thw")
+        keys = (
+            "input_ids",
+            "attention_mask",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+        )
         fields = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
         fields.setdefault("attention_mask", torch.ones_like(fields["input_ids"]))
         return cls(**fields, **extra)
@@ -88,8 +94,10 @@ def generate_steps(
     if cache is None:
         cache = KVCache(model.config.text, batch, length + max_new_tokens, model.dtype, device)
     elif cache.max_len < length + max_new_tokens:
-        raise ValueError(f"the KV cache holds {cache.max_len} positions; the prompt ({length}) plus "
-                         f"max_new_tokens ({max_new_tokens}) needs {length + max_new_tokens}")
+        raise ValueError(
+            f"the KV cache holds {cache.max_len} positions; the prompt ({length}) plus "
+            f"max_new_tokens ({max_new_tokens}) needs {length + max_new_tokens}"
+        )
     if not 0 <= reuse < length:
         raise ValueError(f"reuse={reuse} must be below the prompt length {length}")
 

@@ -117,17 +117,19 @@ def openai_penalties(logits: torch.Tensor, generated: torch.Tensor, p: SamplingP
     return scores
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, prompt_len: int | None = None
-                   ) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, prompt_len: int | None = None
+) -> torch.Tensor:
     """(B, V) float32 logits and the (B, S) ids so far -> the scores transformers' processor list gives.
     `prompt_len`: where the generated ids start in `seen` (only OpenAI's penalties need it; None: nothing was
     generated)."""
     if logits.dim() != 2 or seen.dim() != 2 or seen.shape[0] != logits.shape[0]:
-        raise ValueError(f"expected logits (B, V) and seen ids (B, S), "
-                         f"got {tuple(logits.shape)} and {tuple(seen.shape)}")
+        raise ValueError(
+            f"expected logits (B, V) and seen ids (B, S), got {tuple(logits.shape)} and {tuple(seen.shape)}"
+        )
     scores = logits
     if p.logit_bias or p.presence_penalty or p.frequency_penalty:
-        scores = openai_penalties(scores, seen[:, seen.shape[1] if prompt_len is None else prompt_len:], p)
+        scores = openai_penalties(scores, seen[:, seen.shape[1] if prompt_len is None else prompt_len :], p)
     if p.repetition_penalty != 1.0:
         # duplicates in `seen` scatter the same value twice, so each id is penalised once
         picked = scores.gather(1, seen)
@@ -179,5 +181,3 @@ def chooser(p: SamplingParams, device: str | torch.device = "cpu") -> Chooser:
         return sample(process_logits(logits, seen, p, prompt_len[0]), p, generator)
 
     return choose
-
-

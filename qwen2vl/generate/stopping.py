@@ -31,7 +31,7 @@ class StopMatcher:
             out, self.held = self.held[:cut], ""
             return out
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out
 
     def flush(self) -> str:

@@ -96,8 +96,10 @@ class Grammars:
         try:
             import xgrammar as xgr
         except ImportError:
-            raise GrammarError("constrained output needs the xgrammar package, which is not installed: pip install "
-                               "'qwen2vl[structured]'") from None
+            raise GrammarError(
+                "constrained output needs the xgrammar package, which is not installed: pip install "
+                "'qwen2vl[structured]'"
+            ) from None
 
         self.xgr = xgr
         vocab = tokenizer.vocab()
@@ -107,8 +109,13 @@ class Grammars:
             # would drop them, so the text could miss what the grammar counted); stop tokens are allowed by id
             encoded[i] = "" if i in tokenizer.special_ids else token
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
-                                      stop_token_ids=list(stop_token_ids), add_prefix_space=False)
+        self.info = xgr.TokenizerInfo(
+            encoded,
+            xgr.VocabType.BYTE_LEVEL,
+            vocab_size=vocab_size,
+            stop_token_ids=list(stop_token_ids),
+            add_prefix_space=False,
+        )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
 
     def compile(self, c: Constraint):

@@ -17,15 +17,16 @@ from .decode import Prompt, require_grid
 def vision_items(prompt: Prompt) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(kind, pixel rows, grid (1, 3)) for each image, then each video, whose features the prompt does not carry."""
     items = []
-    for kind, pixels, grids, features in (("image", prompt.pixel_values, prompt.image_grid_thw, prompt.image_features),
-                                          ("video", prompt.pixel_values_videos, prompt.video_grid_thw,
-                                           prompt.video_features)):
+    for kind, pixels, grids, features in (
+        ("image", prompt.pixel_values, prompt.image_grid_thw, prompt.image_features),
+        ("video", prompt.pixel_values_videos, prompt.video_grid_thw, prompt.video_features),
+    ):
         if features is not None or pixels is None:
             continue
         start = 0
         for grid in require_grid(grids, kind):
             n = int(grid.prod())
-            items.append((kind, pixels[start:start + n], grid[None]))
+            items.append((kind, pixels[start : start + n], grid[None]))
             start += n
     return items
 
@@ -72,13 +73,15 @@ def prefix_key(prompt: Prompt, items: list[tuple[str, torch.Tensor, str]], confi
     """The prompt's token ids (row 0), each image/video placeholder replaced by (content hash, index): two prompts
     share a prefix only if their pictures are the same too. `items`: (kind, grid (1, 3), VisionCache.key) in order
     for the pictures given as pixels; features given instead count as one item per kind."""
-    merge = config.vision.spatial_merge_size ** 2
+    merge = config.vision.spatial_merge_size**2
     pads: dict[int, list[tuple[str, int]]] = {config.image_token_id: [], config.video_token_id: []}
     for kind, grid, key in items:  # per placeholder token: [(key, tokens), ...] in order
         token = config.image_token_id if kind == "image" else config.video_token_id
         pads[token].append((key, int(grid.prod()) // merge))
-    for token, feats in ((config.image_token_id, prompt.image_features),
-                         (config.video_token_id, prompt.video_features)):
+    for token, feats in (
+        (config.image_token_id, prompt.image_features),
+        (config.video_token_id, prompt.video_features),
+    ):
         if feats is not None:  # precomputed features: one key covering all of them
             pads[token] = [(VisionCache.key(feats, torch.tensor(feats.shape)), feats.shape[0])]
     out: list = []

@@ -46,8 +46,12 @@ class Variant:
 
 
 VARIANTS = (  # best first
-    Variant("avx512", "gemv_avx512.c", frozenset({"avx512f", "avx512bw", "avx2", "fma"}),
-            ("-mavx512f", "-mavx512bw", "-mavx2")),
+    Variant(
+        "avx512",
+        "gemv_avx512.c",
+        frozenset({"avx512f", "avx512bw", "avx2", "fma"}),
+        ("-mavx512f", "-mavx512bw", "-mavx2"),
+    ),
     Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mf16c")),
 )
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
@@ -125,8 +129,9 @@ def _build(name: str) -> ctypes.CDLL | None:
     try:
         return _build_and_load(next(v for v in VARIANTS if v.name == name))
     except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: a symbol is missing
-        log.warning("qwen2vl kernels: %s unavailable (%s: %s); using the slower PyTorch path", name,
-                    type(e).__name__, e)
+        log.warning(
+            "qwen2vl kernels: %s unavailable (%s: %s); using the slower PyTorch path", name, type(e).__name__, e
+        )
         return None
 
 
@@ -181,19 +186,26 @@ class WeightOnlyMatmul:
     """Y = X @ W.T (+ bias) for W stored as bf16, or as int8 with a float32 scale per row; X (M <= MAX_ROWS, K)
     float32. The matrix is validated once here, so a call costs one ctypes call (decoding makes ~200 per token)."""
 
-    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 variant: str | None = None) -> None:
+    def __init__(
+        self,
+        w: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        variant: str | None = None,
+    ) -> None:
         lib = _build(variant) if variant else _library()
         if lib is None:
             raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
         storage = torch.bfloat16 if scale is None else torch.int8
         if w.dtype != storage or w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.shape[1] % 8:
-            raise ValueError(f"weight must be a contiguous CPU {storage} matrix with K % 8 == 0, "
-                             f"got {w.dtype} {tuple(w.shape)}")
+            raise ValueError(
+                f"weight must be a contiguous CPU {storage} matrix with K % 8 == 0, got {w.dtype} {tuple(w.shape)}"
+            )
         for name, v in (("scale", scale), ("bias", bias)):
             if v is not None and (v.dtype != torch.float32 or v.shape != (w.shape[0],) or not v.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous float32 vector of {w.shape[0]}, "
-                                 f"got {v.dtype} {tuple(v.shape)}")
+                raise ValueError(
+                    f"{name} must be a contiguous float32 vector of {w.shape[0]}, got {v.dtype} {tuple(v.shape)}"
+                )
         self.n, self.k = w.shape
         self.tensors = (w, scale, bias)  # kept alive: the kernel reads them through raw pointers
         self.ptr = w.data_ptr()
@@ -210,8 +222,15 @@ class Q4Product:
     exactly the reference weight float16((q - z) * s), in float32. X (M <= MAX_ROWS, K) float32; K and G multiples
     of 32 (`supports`)."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 bias: torch.Tensor | None = None, variant: str | None = None) -> None:
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group: int,
+        bias: torch.Tensor | None = None,
+        variant: str | None = None,
+    ) -> None:
         lib = _build(variant) if variant else _library()
         if lib is None:
             raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
@@ -219,14 +238,18 @@ class Q4Product:
         if not self.supports(k, group):
             raise ValueError(f"the 4-bit kernel needs K and the group size to be multiples of 32, got {k}, {group}")
         groups = -(-k // group)
-        for name, t, dtype, shape in (("qweight", qweight, torch.uint8, (n, k // 2)),
-                                      ("scales", scales, torch.float16, (n, groups)),
-                                      ("zeros", zeros, torch.int16, (n, groups)),
-                                      ("bias", bias, torch.float32, (n,))):
-            if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()
-                                  or t.device.type != "cpu"):
-                raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
+        for name, t, dtype, shape in (
+            ("qweight", qweight, torch.uint8, (n, k // 2)),
+            ("scales", scales, torch.float16, (n, groups)),
+            ("zeros", zeros, torch.int16, (n, groups)),
+            ("bias", bias, torch.float32, (n,)),
+        ):
+            if t is not None and (
+                t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu"
+            ):
+                raise ValueError(
+                    f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} {tuple(t.shape)}"
+                )
         self.n, self.k, self.group = n, k, group
         self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
         self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)

@@ -104,8 +104,11 @@ def batch_mrope_positions(
     for b in range(batch):
         row_mask = mask[b].cpu()
         pos, delta = mrope_positions(
-            input_ids[b].cpu()[row_mask], grids, image_token_id=image_token_id,
-            video_token_id=video_token_id, merge=merge,
+            input_ids[b].cpu()[row_mask],
+            grids,
+            image_token_id=image_token_id,
+            video_token_id=video_token_id,
+            merge=merge,
         )
         positions[:, b, row_mask] = pos
         deltas[b] = delta + int(row_mask.sum()) - length

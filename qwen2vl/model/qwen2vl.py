@@ -27,8 +27,11 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(config.vision)
         self.model = TextModel(config.text)
         # tied checkpoints (2B) reuse the embedding matrix as the output projection
-        self.lm_head = None if config.text.tie_word_embeddings else nn.Linear(
-            config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.text.tie_word_embeddings
+            else nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        )
         # dtype of activations and of the KV cache; None: the weights' dtype. A transform such as
         # qwen2vl.cpu.use_cpu_kernels sets float32 while the weights stay bf16/int8.
         self.compute_dtype: torch.dtype | None = None
@@ -59,8 +62,10 @@ class Qwen2VL(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings (B, L, H) with vision features written at their placeholder tokens."""
         x = self.model.embed_tokens(input_ids.to(self.device)).to(self.dtype)
-        for token, feats, name in ((self.config.image_token_id, image_features, "image"),
-                                   (self.config.video_token_id, video_features, "video")):
+        for token, feats, name in (
+            (self.config.image_token_id, image_features, "image"),
+            (self.config.video_token_id, video_features, "video"),
+        ):
             mask = input_ids.to(x.device) == token
             count = int(mask.sum())
             have = 0 if feats is None else feats.shape[0]
@@ -83,8 +88,14 @@ class Qwen2VL(nn.Module):
         """(positions (3, B, L), deltas (B,)) by the trained M-RoPE rule; see positions.batch_mrope_positions."""
         cfg = self.config
         return batch_mrope_positions(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw, image_token_id=cfg.image_token_id,
-            video_token_id=cfg.video_token_id, merge=cfg.vision.spatial_merge_size)
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            video_grid_thw,
+            image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id,
+            merge=cfg.vision.spatial_merge_size,
+        )
 
     def forward(
         self,
@@ -97,8 +108,11 @@ class Qwen2VL(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab) for a whole prompt; with `cache`, its keys/values are written at slots 0..L-1."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                              pixel_values_videos, video_grid_thw, cache))
+        return self.logits(
+            self.hidden_states(
+                input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cache
+            )
+        )
 
     def hidden_states(
         self,

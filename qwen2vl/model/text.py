@@ -96,8 +96,9 @@ class Attend:
         if self.cache is not None:
             k, v = self.cache.write(layer, self.start, k, v)
         causal = self.mask is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=causal,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 class TextModel(nn.Module):
@@ -106,8 +107,9 @@ class TextModel(nn.Module):
         self.cfg = cfg
         # weights always come from a checkpoint: pass an uninitialised matrix, because nn.Embedding's own normal_()
         # init on the meta device imports ~900 decomposition modules (+158 MB resident) for nothing
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -36,15 +36,18 @@ class VisionAttention(nn.Module):
         k = apply_rope(k.float(), cos, sin).to(x.dtype)
         return q, k, v
 
-    def attend(self, q, k, v, out, start: int, count: int, length: int, segs=slice(None), heads=slice(None),
-               rows=slice(None)) -> None:
+    def attend(
+        self, q, k, v, out, start: int, count: int, length: int, segs=slice(None), heads=slice(None), rows=slice(None)
+    ) -> None:
         """Attention within `count` segments of `length` rows from row `start`, written into out (N, heads, hd);
         only segments `segs`, heads `heads` and query rows `rows` of each segment (every query row attends over its
         whole segment, so any split gives the same rows)."""
         end = start + count * length
         # (count*length, heads, hd) -> (count, heads, length, hd)
-        qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)[segs, heads]
-                      for t in (q, k, v))
+        qs, ks, vs = (
+            t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)[segs, heads]
+            for t in (q, k, v)
+        )
         o = F.scaled_dot_product_attention(qs[:, :, rows], ks, vs)
         out[start:end].view(count, length, self.num_heads, self.head_dim)[segs, rows, heads] = o.transpose(1, 2)
 
@@ -85,8 +88,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merge_dim = cfg.merge_dim
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(cfg.merge_dim, cfg.merge_dim), nn.GELU(),
-                                 nn.Linear(cfg.merge_dim, cfg.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.merge_dim, cfg.merge_dim), nn.GELU(), nn.Linear(cfg.merge_dim, cfg.hidden_size)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.merge_dim))
@@ -172,7 +176,7 @@ class VisionTransformer(nn.Module):
         hidden = x.new_empty(n // merge, md)
 
         def merge_fc1(r):
-            hidden[r] = merger.mlp[0](merger.ln_q(x[r.start * merge:r.stop * merge]).view(-1, md))
+            hidden[r] = merger.mlp[0](merger.ln_q(x[r.start * merge : r.stop * merge]).view(-1, md))
 
         yield from pace.rows(n // merge, 2 * md * md, merge_fc1)
         if pace.due(hidden.numel() * ELEMENTWISE_FLOPS):

@@ -3,6 +3,16 @@
 from .launch import TensorParallelError, free_port, join_launcher_group, load_rank_model, require_group, run_ranks
 from .shard import RankTextConfig, Share, check_world_size, shard_decoder, share
 
-__all__ = ["RankTextConfig", "Share", "TensorParallelError", "check_world_size", "free_port", "join_launcher_group",
-           "load_rank_model",
-           "require_group", "run_ranks", "shard_decoder", "share"]
+__all__ = [
+    "RankTextConfig",
+    "Share",
+    "TensorParallelError",
+    "check_world_size",
+    "free_port",
+    "join_launcher_group",
+    "load_rank_model",
+    "require_group",
+    "run_ranks",
+    "shard_decoder",
+    "share",
+]

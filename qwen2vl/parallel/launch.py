@@ -36,13 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn: Callable, world: int, args: tuple = (), device: str = "cpu",
-              timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def run_ranks(
+    fn: Callable, world: int, args: tuple = (), device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
     """Run fn(rank, world, device, *args) in `world` processes, each inside the default process group; return when
     all have. `fn` must be importable (a module-level function). On CUDA, rank r uses cuda:r and NCCL."""
     port = free_port()
-    ctx = mp.start_processes(_rank_main, args=(fn, world, port, device, timeout_s, args), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_main, args=(fn, world, port, device, timeout_s, args), nprocs=world, join=False, start_method="spawn"
+    )
     try:
         while not ctx.join(grace_period=5.0):  # a failed rank: the others get 5 s to fail on their own
             pass
@@ -69,8 +71,11 @@ def _failures(ctx, world: int) -> str:
             found.append((0, f"rank {rank} of {world} died ({how})"))
     if not found:
         found = [(0, f"a rank of {world} was stopped by SIGTERM")]
-    return "tensor-parallel " + "; ".join(text for _, text in sorted(found, key=lambda f: f[0])) + \
-        "; the other ranks were stopped"
+    return (
+        "tensor-parallel "
+        + "; ".join(text for _, text in sorted(found, key=lambda f: f[0]))
+        + "; the other ranks were stopped"
+    )
 
 
 def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, timeout_s: float, args: tuple) -> None:
@@ -78,8 +83,13 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, time
     if cuda:
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
     try:
         fn(rank, world, device, *args)
     finally:
@@ -102,17 +112,34 @@ def join_launcher_group(world: int, device: str, timeout_s: float = DEFAULT_TIME
 def require_group(world: int) -> None:
     """Refuse a tensor-parallel load outside a process group of `world` ranks."""
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(f"tensor_parallel_size={world} needs an initialised torch.distributed process group (run "
-                         "every rank under torchrun, or use `qwen2vl run --tensor-parallel-size N`)")
+        raise ValueError(
+            f"tensor_parallel_size={world} needs an initialised torch.distributed process group (run "
+            "every rank under torchrun, or use `qwen2vl run --tensor-parallel-size N`)"
+        )
     if dist.get_world_size() != world:
         raise ValueError(f"tensor_parallel_size={world}, but the process group has {dist.get_world_size()} ranks")
 
 
-def load_rank_model(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False,
-                    cpu_kernels: bool | None = None, cpu_matmul: str = "auto", group: dist.ProcessGroup | None = None,
-                    quantize: str | None = None):
+def load_rank_model(
+    path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    cpu_kernels: bool | None = None,
+    cpu_matmul: str = "auto",
+    group: dist.ProcessGroup | None = None,
+    quantize: str | None = None,
+):
     """This rank's share of the model (weights.load_model with shard_decoder), inside an initialised process group:
     only the rank's slices of the sharded tensors are read. (load_model refuses quantization with a shard.)"""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    return load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize, cpu_kernels=cpu_kernels,
-                      cpu_matmul=cpu_matmul, shard=lambda model: shard_decoder(model, rank, world, group))
+    return load_model(
+        path,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        quantize=quantize,
+        cpu_kernels=cpu_kernels,
+        cpu_matmul=cpu_matmul,
+        shard=lambda model: shard_decoder(model, rank, world, group),
+    )

@@ -67,7 +67,8 @@ def check_world_size(cfg: TextConfig, world: int) -> None:
         raise ValueError(
             f"tensor_parallel_size={world} does not split this model: {cfg.num_attention_heads} query heads, "
             f"{cfg.num_key_value_heads} KV heads (replicated only when the size is a multiple of them) and "
-            f"intermediate_size {cfg.intermediate_size} must divide evenly; sizes that work: {sizes}")
+            f"intermediate_size {cfg.intermediate_size} must divide evenly; sizes that work: {sizes}"
+        )
 
 
 def share(cfg: TextConfig, rank: int, world: int) -> Share:
@@ -81,8 +82,9 @@ def share(cfg: TextConfig, rank: int, world: int) -> Share:
     return Share(rank, world, rank * q, q, kv0, kv, rank * m, m)
 
 
-def shard_decoder(model: Qwen2VL, rank: int, world: int, group: dist.ProcessGroup | None = None
-                  ) -> dict[str, TensorSlice]:
+def shard_decoder(
+    model: Qwen2VL, rank: int, world: int, group: dist.ProcessGroup | None = None
+) -> dict[str, TensorSlice]:
     """Cut a meta-device model down to rank `rank`'s share of the decoder and attach the all-reduces over `group`.
 
     Returns the slice of its checkpoint tensor each sharded parameter reads (for weights.load_weights).
@@ -121,8 +123,9 @@ def shard_decoder(model: Qwen2VL, rank: int, world: int, group: dist.ProcessGrou
         # Linear layers keep them.
         for module in (layer.self_attn, layer.mlp):
             module.register_forward_hook(_all_reduce_hook(group))
-    rank_cfg = RankTextConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TextConfig)},
-                              full_head_dim=hd)
+    rank_cfg = RankTextConfig(
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TextConfig)}, full_head_dim=hd
+    )
     rank_cfg = dataclasses.replace(rank_cfg, num_attention_heads=s.q, num_key_value_heads=s.kv)
     model.config = dataclasses.replace(model.config, text=rank_cfg)
     model.model.cfg = rank_cfg

@@ -28,7 +28,8 @@ def _raise(message: str):
 def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
+    )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
@@ -58,8 +59,9 @@ def normalize_part(part, where: str) -> dict:
         return {**part, "type": "video"}
     if kind == "text" or "text" in part:
         return {**part, "type": "text"}
-    raise InputError(f"unsupported content part type {kind!r} (expected text, image, image_url, video, video_url)",
-                     where)
+    raise InputError(
+        f"unsupported content part type {kind!r} (expected text, image, image_url, video, video_url)", where
+    )
 
 
 def normalize_messages(messages) -> list[dict]:

@@ -24,8 +24,14 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28, variant: str = "qwen-vl-utils") -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 16384 * 28 * 28,
+    variant: str = "qwen-vl-utils",
+) -> tuple[int, int]:
     """(h, w), multiples of `factor`, close to the input aspect ratio, with h*w within [min_pixels, max_pixels].
 
     Only the qwen-vl-utils variant refuses max_pixels < min_pixels (it asserts); transformers' resizes anyway."""
@@ -95,8 +101,10 @@ def array_to_image(array, what: str = "image") -> Image.Image:
     if arr.ndim == 3 and arr.shape[0] in (1, 3):
         arr = arr.transpose(1, 2, 0)
     elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
-        raise InputError(f"array of shape {tuple(arr.shape)} is not (H, W), (C, H, W) or (H, W, C) with C = 1 or 3 "
-                         f"(or 4, last)", what)
+        raise InputError(
+            f"array of shape {tuple(arr.shape)} is not (H, W), (C, H, W) or (H, W, C) with C = 1 or 3 (or 4, last)",
+            what,
+        )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.dtype != np.uint8:
@@ -108,8 +116,7 @@ def array_to_image(array, what: str = "image") -> Image.Image:
         elif 0 <= low and high <= 1:
             arr = (arr.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
         else:
-            raise InputError(f"array values span [{low}, {high}]; expected [0, 1] floats or 0..255 whole numbers",
-                             what)
+            raise InputError(f"array values span [{low}, {high}]; expected [0, 1] floats or 0..255 whole numbers", what)
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
@@ -125,8 +132,9 @@ def normalize_rows_(rows: torch.Tensor, temporal: int = 2, patch: int = 14) -> t
     return rows.sub_(mean).div_(std)
 
 
-def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2,
-             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[int]]:
+def patchify(
+    frames: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, list[int]]:
     """Frames (T, 3, H, W), T a multiple of `temporal` -> rows (T/2 * H/14 * W/14, 3*2*14*14) of `dtype`, grid.
 
     Rows come in 2x2 merge windows, windows in raster order, temporal patches outermost; a row is (c, t, y, x).

@@ -105,8 +105,9 @@ def _data_uri(source: str, policy: MediaPolicy, what: str) -> bytes:
     if not header.lower().endswith(";base64"):
         raise InputError("only base64 data: URIs are supported", what)
     if len(payload) // 4 * 3 > policy.max_bytes:  # 4 base64 characters carry 3 bytes: refuse before decoding
-        raise InputError(f"base64 payload of about {len(payload) // 4 * 3} bytes exceeds the limit of "
-                         f"{policy.max_bytes}", what)
+        raise InputError(
+            f"base64 payload of about {len(payload) // 4 * 3} bytes exceeds the limit of {policy.max_bytes}", what
+        )
     try:  # validate: characters outside the alphabet are an error, not silently dropped; line breaks are fine
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -155,9 +156,11 @@ def _read_file(path: Path, policy: MediaPolicy, what: str) -> bytes:
 _REDIRECTS = (301, 302, 303, 307, 308)
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # after IDNA encoding; underscores occur in real names
 # IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at: judge that address instead
-_IPV4_INSIDE_IPV6 = (ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
-                     ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64
-                     ipaddress.IPv6Network("::/96"))  # IPv4-compatible (deprecated, still routable on some hosts)
+_IPV4_INSIDE_IPV6 = (
+    ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64
+    ipaddress.IPv6Network("::/96"),
+)  # IPv4-compatible (deprecated, still routable on some hosts)
 
 
 @dataclass(frozen=True)
@@ -316,8 +319,11 @@ def _fetch_once(url: str, policy: MediaPolicy, deadline: float, what: str) -> tu
     conn = _PinnedConnection(parsed, _check_host(parsed, policy, what), deadline)
     try:
         # identity: a compressed body would be a second size to bound, and we never asked for one
-        conn.request("GET", parsed.target, headers={"User-Agent": "qwen2vl", "Accept-Encoding": "identity",
-                                                    "Connection": "close"})
+        conn.request(
+            "GET",
+            parsed.target,
+            headers={"User-Agent": "qwen2vl", "Accept-Encoding": "identity", "Connection": "close"},
+        )
         r = conn.getresponse()
         if r.status in _REDIRECTS:
             if not r.getheader("Location"):
@@ -351,6 +357,7 @@ def _fetch_once(url: str, policy: MediaPolicy, deadline: float, what: str) -> tu
 
 
 # -- images ------------------------------------------------------------------------------------------------------
+
 
 def load_image(source, policy: MediaPolicy, what: str = "image") -> Image.Image:
     """A fully decoded PIL image (any mode) from any supported source; arrays and tensors as `array_to_image`."""

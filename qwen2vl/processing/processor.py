@@ -64,17 +64,30 @@ class Budget:
 class OverBudget(InputError):
     """A conversation's plan exceeds its budget; raised before decoding, with the numbers."""
 
-    def __init__(self, message: str, item: str | None = None, tokens: int = 0, limit: int = 0,
-                 at_least: bool = False, resource: str = "tokens") -> None:
+    def __init__(
+        self,
+        message: str,
+        item: str | None = None,
+        tokens: int = 0,
+        limit: int = 0,
+        at_least: bool = False,
+        resource: str = "tokens",
+    ) -> None:
         super().__init__(message, item)
         self.tokens, self.limit, self.at_least = tokens, limit, at_least  # at_least: tokens is a lower bound
         self.resource = resource  # "tokens" (the context) or "pixels" (source pixels); tokens/limit count it
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, bounds: ProcessorBounds | None = None,
-                 policy: MediaPolicy | None = None, max_context: int = 32768,
-                 video_defaults: dict | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str,
+        bounds: ProcessorBounds | None = None,
+        policy: MediaPolicy | None = None,
+        max_context: int = 32768,
+        video_defaults: dict | None = None,
+    ) -> None:
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.bounds = bounds or ProcessorBounds()
         self.policy = policy or MediaPolicy()
@@ -84,8 +97,15 @@ class Processor:
         self.image_pad_id, self.video_pad_id = tokenizer.token_id(IMAGE_PAD), tokenizer.token_id(VIDEO_PAD)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
-                        size: dict | None = None, overrides_reach_videos: bool = False, **overrides) -> Processor:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        size: dict | None = None,
+        overrides_reach_videos: bool = False,
+        **overrides,
+    ) -> Processor:
         """Read tokenizer.json, the chat template, preprocessor_config.json (and video_preprocessor_config.json)
         from a checkpoint directory or hub id.
 
@@ -115,21 +135,33 @@ class Processor:
             raise InputError(f"{path}: no tokenizer.json")
         config = _read_json(path / "config.json", required=False)
         bounds = ProcessorBounds.from_configs(pre, video_pre, min_pixels, max_pixels, size, overrides_reach_videos)
-        kwargs = {"bounds": bounds,
-                  "max_context": config.get("max_position_embeddings", (config.get("text_config") or {}).get(
-                      "max_position_embeddings", tok_cfg.get("model_max_length", 32768)))}
+        kwargs = {
+            "bounds": bounds,
+            "max_context": config.get(
+                "max_position_embeddings",
+                (config.get("text_config") or {}).get(
+                    "max_position_embeddings", tok_cfg.get("model_max_length", 32768)
+                ),
+            ),
+        }
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(Tokenizer(path / "tokenizer.json"), template, **kwargs)
 
     # -- text ----------------------------------------------------------------------------------------------------
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
-        return render(self.chat_template, normalize_messages(conversation), add_generation_prompt,
-                      add_vision_id=add_vision_id)
+        return render(
+            self.chat_template, normalize_messages(conversation), add_generation_prompt, add_vision_id=add_vision_id
+        )
 
     # -- media ---------------------------------------------------------------------------------------------------
     def vision_items(self, messages: list[dict]) -> list[dict]:
-        return [p for m in messages if isinstance(m["content"], list) for p in m["content"]
-                if p["type"] in ("image", "video")]
+        return [
+            p
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] in ("image", "video")
+        ]
 
     def image(self, item: dict, what: str) -> tuple[torch.Tensor, list[int]]:
         image = to_rgb(load_image(item["image"], self.policy, what))
@@ -148,8 +180,15 @@ class Processor:
         return normalize_rows_(rows), grid
 
     # -- the whole batch -----------------------------------------------------------------------------------------
-    def __call__(self, conversations, add_generation_prompt: bool = True, add_vision_id: bool = False,
-                 budget: Budget | None = None, fit: bool = False, progress: bool = False) -> dict:
+    def __call__(
+        self,
+        conversations,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+        budget: Budget | None = None,
+        fit: bool = False,
+        progress: bool = False,
+    ) -> dict:
         """Each conversation is planned from cheap facts (image headers, video containers' headers) and checked
         against `budget` and the model's context before any picture is decoded: a prompt that cannot fit costs
         milliseconds. URL and data: sources are fetched once, so the plan and the decode see the same bytes.
@@ -204,14 +243,17 @@ class Processor:
                 at, pad = min(cut)
                 grid = next(queues[pad], None)
                 if grid is None:
-                    raise InputError(f"the prompt has more {pad} placeholders than {pad[2:7]} items",
-                                     f"conversation {c}")
+                    raise InputError(
+                        f"the prompt has more {pad} placeholders than {pad[2:7]} items", f"conversation {c}"
+                    )
                 pieces.append(rest[:at] + pad * (grid[0] * grid[1] * grid[2] // MERGE_SIZE**2))
-                rest = rest[at + len(pad):]
+                rest = rest[at + len(pad) :]
             ids = self.tokenizer.encode("".join(pieces))
             if len(ids) > self.max_context:
-                raise InputError(f"the prompt has {len(ids)} tokens, more than the model's context of "
-                                 f"{self.max_context}", f"conversation {c}")
+                raise InputError(
+                    f"the prompt has {len(ids)} tokens, more than the model's context of {self.max_context}",
+                    f"conversation {c}",
+                )
             out.append(ids)
         for pad, q in queues.items():
             if next(q, None) is not None:
@@ -219,8 +261,9 @@ class Processor:
         return out
 
     # -- planning ------------------------------------------------------------------------------------------------
-    def plan(self, conversation, add_generation_prompt: bool = True, budget: Budget | None = None,
-             fit: bool = False) -> Plan:
+    def plan(
+        self, conversation, add_generation_prompt: bool = True, budget: Budget | None = None, fit: bool = False
+    ) -> Plan:
         """Sizes, token counts and frame choices of every item and the whole prompt, decoding no picture; with
         `fit`, after fitting the videos to `budget` (see `__call__`), each item's `fitted` naming what changed."""
         messages = self._fetch(normalize_messages(conversation))
@@ -250,17 +293,30 @@ class Processor:
     def _check_tokens(self, tokens: int, budget: Budget, what: str, at_least: bool = False) -> None:
         limit = self._token_limit(budget)
         if tokens > limit:
-            allowed = (f"the model's context of {limit}" if limit == self.max_context else
-                       f"the {limit} this request allows (the model's context is {self.max_context})")
-            raise OverBudget(f"the prompt has {'at least ' if at_least else ''}{tokens} tokens, more than {allowed}",
-                             what, tokens, limit, at_least)
+            allowed = (
+                f"the model's context of {limit}"
+                if limit == self.max_context
+                else f"the {limit} this request allows (the model's context is {self.max_context})"
+            )
+            raise OverBudget(
+                f"the prompt has {'at least ' if at_least else ''}{tokens} tokens, more than {allowed}",
+                what,
+                tokens,
+                limit,
+                at_least,
+            )
 
     def _check(self, plan: Plan, budget: Budget, what: str) -> None:
         self._check_tokens(plan.prompt_tokens, budget, what)
         if budget.source_pixels is not None and plan.source_pixels > budget.source_pixels:
-            raise OverBudget(f"its images and video frames hold {plan.source_pixels} pixels before resizing, more "
-                             f"than the {budget.source_pixels} allowed", what, plan.source_pixels,
-                             budget.source_pixels, resource="pixels")
+            raise OverBudget(
+                f"its images and video frames hold {plan.source_pixels} pixels before resizing, more "
+                f"than the {budget.source_pixels} allowed",
+                what,
+                plan.source_pixels,
+                budget.source_pixels,
+                resource="pixels",
+            )
 
     def _plan(self, messages: list[dict], text: str, facts: dict | None = None) -> Plan:
         """The plan of a rendered conversation; `facts` (item index -> VideoPlan) receives what each video's
@@ -272,25 +328,53 @@ class Processor:
                 vp = replan_video({**self.video_defaults, **item}, facts[i], what)
                 count = self._video_tokens(vp)
                 h, w = processor_size(*vp.resized, self.bounds.video)
-                items.append(ItemPlan("video", describe(item["video"]), (vp.width, vp.height), (w, h), count,
-                                      vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels,
-                                      {k: item[k] for k in FIT_FIELDS if k in item}))
+                items.append(
+                    ItemPlan(
+                        "video",
+                        describe(item["video"]),
+                        (vp.width, vp.height),
+                        (w, h),
+                        count,
+                        vp.indices,
+                        [round(t, 3) for t in vp.timestamps],
+                        vp.source_pixels,
+                        {k: item[k] for k in FIT_FIELDS if k in item},
+                    )
+                )
                 extra += count - 1
                 continue
             if kind == "image":
                 image = _lazy_image(item["image"], self.policy, what)
                 _, (h, w) = image_sizes(item, image.height, image.width, self.bounds.image)
                 count = tokens(1, h, w)
-                items.append(ItemPlan("image", describe(item["image"]), image.size, (w, h), count,
-                                      source_pixels=image.width * image.height))
+                items.append(
+                    ItemPlan(
+                        "image",
+                        describe(item["image"]),
+                        image.size,
+                        (w, h),
+                        count,
+                        source_pixels=image.width * image.height,
+                    )
+                )
             else:
                 vp = plan_video({**self.video_defaults, **item}, self.policy, what)
                 if facts is not None:
                     facts[i] = vp
                 h, w = processor_size(*vp.resized, self.bounds.video)
                 count = self._video_tokens(vp)
-                items.append(ItemPlan("video", describe(item["video"]), (vp.width, vp.height), (w, h), count,
-                                      vp.indices, [round(t, 3) for t in vp.timestamps], vp.source_pixels))
+                items.append(
+                    ItemPlan(
+                        "video",
+                        describe(item["video"]),
+                        (vp.width, vp.height),
+                        (w, h),
+                        count,
+                        vp.indices,
+                        [round(t, 3) for t in vp.timestamps],
+                        vp.source_pixels,
+                    )
+                )
             extra += count - 1
         total = len(self.tokenizer.encode(text)) + extra
         return Plan(items, total, self.max_context)
@@ -346,8 +430,13 @@ class Processor:
         pixel = largest(lambda s: cost(s, 1.0) <= room)
         rate = 1.0 if pixel is not None else largest(lambda r: cost(0.0, r) <= room, lo=1e-6)
         if pixel is None and rate is None:
-            raise OverBudget(f"the prompt has {plan.prompt_tokens} tokens; even at their fewest frames and smallest "
-                             f"size its videos leave more than the {limit} allowed", what, plan.prompt_tokens, limit)
+            raise OverBudget(
+                f"the prompt has {plan.prompt_tokens} tokens; even at their fewest frames and smallest "
+                f"size its videos leave more than the {limit} allowed",
+                what,
+                plan.prompt_tokens,
+                limit,
+            )
         if pixel is None:  # frames at their smallest: name the budget that gives exactly that, not a token 1
             pixel = 0.0
             for i in facts:

@@ -45,9 +45,15 @@ class ProcessorBounds:
     video: Bounds = Bounds(3136, 12845056)
 
     @classmethod
-    def from_configs(cls, image_config: dict, video_config: dict | None = None, min_pixels: int | None = None,
-                     max_pixels: int | None = None, size: dict | None = None,
-                     overrides_reach_videos: bool = False) -> ProcessorBounds:
+    def from_configs(
+        cls,
+        image_config: dict,
+        video_config: dict | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        size: dict | None = None,
+        overrides_reach_videos: bool = False,
+    ) -> ProcessorBounds:
         """As `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=..., size=...)` leaves them.
 
         `image_config` is preprocessor_config.json; `video_config` is video_preprocessor_config.json when the
@@ -79,13 +85,17 @@ def _loaded_size(config: dict, default: Bounds, size_keyword: dict | None) -> tu
     if size_keyword is not None and "size" not in config:
         return _edges(size_keyword, "the size keyword")
     size = size_keyword if size_keyword is not None else config.get("size")
-    lo, hi = (default.min_pixels, default.max_pixels) if size is None else (
-        size.get("shortest_edge"), size.get("longest_edge"))
+    lo, hi = (
+        (default.min_pixels, default.max_pixels)
+        if size is None
+        else (size.get("shortest_edge"), size.get("longest_edge"))
+    )
     lo = config["min_pixels"] if config.get("min_pixels") is not None else lo
     hi = config["max_pixels"] if config.get("max_pixels") is not None else hi
     if lo is None or hi is None:
-        raise InputError(f"the processor's size {size} needs shortest_edge and longest_edge (or min_pixels and "
-                         f"max_pixels beside it)")
+        raise InputError(
+            f"the processor's size {size} needs shortest_edge and longest_edge (or min_pixels and max_pixels beside it)"
+        )
     return lo, hi
 
 
@@ -104,8 +114,13 @@ def image_size(item: dict, height: int, width: int) -> tuple[int, int]:
     """Step 1 for an image (qwen-vl-utils fetch_image): exact `resized_*` or the item's bounds, else its defaults."""
     if "resized_height" in item and "resized_width" in item:
         return smart_resize(int(item["resized_height"]), int(item["resized_width"]), FACTOR)
-    return smart_resize(height, width, FACTOR, int(item.get("min_pixels", IMAGE_MIN_PIXELS)),
-                        int(item.get("max_pixels", IMAGE_MAX_PIXELS)))
+    return smart_resize(
+        height,
+        width,
+        FACTOR,
+        int(item.get("min_pixels", IMAGE_MIN_PIXELS)),
+        int(item.get("max_pixels", IMAGE_MAX_PIXELS)),
+    )
 
 
 def image_sizes(item: dict, height: int, width: int, bounds: Bounds) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -59,16 +59,16 @@ class IncrementalDetokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
-        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix :], self.skip)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end is shown as U+FFFD)."""
-        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
-        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix :], self.skip)
         self.prefix = self.read = len(self.ids)
-        return now[len(before):]
+        return now[len(before) :]

@@ -24,11 +24,15 @@ from dataclasses import dataclass
 from .errors import InputError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the Qwen2-VL template's system turn when a conversation has none
-TOOLS_HEADER = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-                "<args-json-object>}\n</tool_call>")
+TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>"
+)
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -45,7 +49,7 @@ def _call_text(call: dict) -> str:
             args = json.loads(args)
         except json.JSONDecodeError:
             raise InputError(f"tool call {fn.get('name')!r}: arguments are not valid JSON") from None
-    return f"{CALL_OPEN}\n{{\"name\": \"{fn['name']}\", \"arguments\": {_dumps(args)}}}\n{CALL_CLOSE}"
+    return f'{CALL_OPEN}\n{{"name": "{fn["name"]}", "arguments": {_dumps(args)}}}\n{CALL_CLOSE}'
 
 
 def render_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
@@ -132,8 +136,8 @@ class ToolCallParser:
                 end = self.held.find(CALL_CLOSE)
                 if end < 0:
                     break
-                inner, block = self.held[:end], CALL_OPEN + self.held[:end + len(CALL_CLOSE)]
-                self.held, self.inside = self.held[end + len(CALL_CLOSE):], False
+                inner, block = self.held[:end], CALL_OPEN + self.held[: end + len(CALL_CLOSE)]
+                self.held, self.inside = self.held[end + len(CALL_CLOSE) :], False
                 call = _parse_call(inner.strip())
                 if call is None:
                     shown.append(block)
@@ -144,11 +148,11 @@ class ToolCallParser:
             start = self.held.find(CALL_OPEN)
             if start >= 0:
                 shown.append(self.held[:start])
-                self.held, self.inside = self.held[start + len(CALL_OPEN):], True
+                self.held, self.inside = self.held[start + len(CALL_OPEN) :], True
                 continue
             keep = max((k for k in range(1, len(CALL_OPEN)) if self.held.endswith(CALL_OPEN[:k])), default=0)
             shown.append(self.held[: len(self.held) - keep])
-            self.held = self.held[len(self.held) - keep:]
+            self.held = self.held[len(self.held) - keep :]
             break
         text = "".join(shown)
         if self.calls and not text.strip():
@@ -183,14 +187,28 @@ def tool_call_grammar(tools: list[dict], choice: str | dict, parallel: bool = Tr
         tools = [t for t in tools if t["function"]["name"] == name]
         if not tools:
             raise InputError(f"tool_choice names the function {name!r}, which is not in tools")
-    tags = [{"type": "tag", "begin": f"{CALL_OPEN}\n{{\"name\": \"{t['function']['name']}\", \"arguments\": ",
-             # at most one whitespace character in a row, as in the compact JSON of response_format
-             "content": {"type": "json_schema", "max_whitespace_cnt": 1,
-                         "json_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}},
-             "end": f"}}\n{CALL_CLOSE}"} for t in tools]
+    tags = [
+        {
+            "type": "tag",
+            "begin": f'{CALL_OPEN}\n{{"name": "{t["function"]["name"]}", "arguments": ',
+            # at most one whitespace character in a row, as in the compact JSON of response_format
+            "content": {
+                "type": "json_schema",
+                "max_whitespace_cnt": 1,
+                "json_schema": t["function"].get("parameters") or {"type": "object", "properties": {}},
+            },
+            "end": f"}}\n{CALL_CLOSE}",
+        }
+        for t in tools
+    ]
     if choice == "auto":
         fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags, "stop_after_first": not parallel}
     else:
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-               "stop_after_first": not parallel}
+        fmt = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        }
     return json.dumps({"type": "structural_tag", "format": fmt})

@@ -66,8 +66,9 @@ def smart_nframes(ele: dict, total_frames: int, video_fps: float, what: str = "v
         n = min(min(max(n, lo), hi), total_frames)
         n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= n <= total_frames:
-        raise InputError(f"{n} frames requested from a video of {total_frames} decodable frames; "
-                         f"need 2..{total_frames}", what)
+        raise InputError(
+            f"{n} frames requested from a video of {total_frames} decodable frames; need 2..{total_frames}", what
+        )
     return int(n)
 
 
@@ -133,16 +134,19 @@ def _rgb_graph(frame, size: tuple[int, int]):
             full = frame.color_range == _RANGE_JPEG
         else:
             full = fmt.name.startswith("yuvj")
-        options += [f"in_color_matrix={_MATRICES.get(frame.colorspace, 'bt601')}",
-                    f"in_range={'full' if full else 'limited'}"]
+        options += [
+            f"in_color_matrix={_MATRICES.get(frame.colorspace, 'bt601')}",
+            f"in_range={'full' if full else 'limited'}",
+        ]
         # sws_getContext's default siting (-513) is the centre: (128 << log2 subsampling) - 128 in 1/256 luma pixels
         plane = av.VideoFormat(fmt.name, 1024, 1024).components[1]  # a chroma plane of a 1024x1024 picture
         for axis, chroma in (("h", plane.width), ("v", plane.height)):
             if chroma < 1024:
                 options.append(f"in_{axis}_chr_pos={(128 * 1024 // chroma) - 128}")
     graph = av.filter.Graph()
-    source = graph.add_buffer(width=frame.width, height=frame.height, format=fmt,
-                              time_base=frame.time_base or Fraction(1, 1000))
+    source = graph.add_buffer(
+        width=frame.width, height=frame.height, format=fmt, time_base=frame.time_base or Fraction(1, 1000)
+    )
     nodes = [source, graph.add("scale", ":".join(options)), graph.add("format", "rgb24"), graph.add("buffersink")]
     for a, b in itertools.pairwise(nodes):
         a.link_to(b)
@@ -158,16 +162,18 @@ def _open(source, policy: MediaPolicy, what: str):
         # protocol_whitelist "none": the demuxer reads these bytes and may open nothing else. Playlist and list
         # formats (hls, concat) otherwise open the files and URLs they name, past local_root and the address checks.
         # metadata_errors: a tag that is not UTF-8 is not a reason to refuse the video.
-        container = av.open(io.BytesIO(data), container_options={"protocol_whitelist": "none"},
-                            metadata_errors="replace")
+        container = av.open(
+            io.BytesIO(data), container_options={"protocol_whitelist": "none"}, metadata_errors="replace"
+        )
     except Exception as e:  # FFmpeg reports hostile data under many exception types
         raise InputError(f"cannot open as a video ({e})", what) from None
     video = container.streams.video
     context = video[0].codec_context if video else None
     if context is not None and context.width * context.height > policy.max_image_pixels:  # the image bomb cap
         container.close()
-        raise InputError(f"frames of {context.width}x{context.height} exceed the limit of {policy.max_image_pixels} "
-                         "pixels", what)
+        raise InputError(
+            f"frames of {context.width}x{context.height} exceed the limit of {policy.max_image_pixels} pixels", what
+        )
     return container
 
 
@@ -194,8 +200,14 @@ def probe(container, what: str) -> tuple[int, float, int, int]:
     return int(total), fps, height, width
 
 
-def decode_frames(container, indices: list[int], what: str, size: tuple[int, int],
-                  chunk_bytes: int = 32 * 2**20, progress: bool = False) -> torch.Tensor:
+def decode_frames(
+    container,
+    indices: list[int],
+    what: str,
+    size: tuple[int, int],
+    chunk_bytes: int = 32 * 2**20,
+    progress: bool = False,
+) -> torch.Tensor:
     """The frames at `indices` (repeats allowed), resized to `size` (h, w), as uint8 (T, 3, h, w).
 
     Decoding runs in order and converts to RGB only the wanted frames; those are resized a chunk at a time (about
@@ -218,7 +230,7 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
     def flush() -> None:
         nonlocal filled
         if targets:
-            resized = resize_frames(chunk[:len(targets)].permute(0, 3, 1, 2), *size).contiguous()
+            resized = resize_frames(chunk[: len(targets)].permute(0, 3, 1, 2), *size).contiguous()
             for frame, slots_of_frame in zip(resized.numpy(), targets):
                 out_np[slots_of_frame] = frame
             filled = targets[-1][-1] + 1
@@ -226,8 +238,9 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
 
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding on every core
-    bar = tqdm(total=last + 1, desc=f"decoding {what}", unit="frame", disable=not progress, leave=False,
-               mininterval=0.5)
+    bar = tqdm(
+        total=last + 1, desc=f"decoding {what}", unit="frame", disable=not progress, leave=False, mininterval=0.5
+    )
     try:
         for n, frame in enumerate(container.decode(stream)):
             bar.update()
@@ -236,8 +249,9 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
                     source_size = (frame.height, frame.width)
                     # frames as decoded (H, W, 3): seen as (N, 3, H, W) in channels-last strides, which the
                     # resize reads as they are (same bytes out; a planar copy per frame cost 5 ms)
-                    chunk = torch.empty(max(1, chunk_bytes // (3 * frame.height * frame.width)), *source_size, 3,
-                                        dtype=torch.uint8)
+                    chunk = torch.empty(
+                        max(1, chunk_bytes // (3 * frame.height * frame.width)), *source_size, 3, dtype=torch.uint8
+                    )
                 # a stream that changes size midway is scaled to its first size on the way
                 chunk.numpy()[len(targets)] = to_rgb(frame, source_size)  # numpy: a plain memcpy, no threads
                 targets.append(slots[n])
@@ -258,8 +272,9 @@ def decode_frames(container, indices: list[int], what: str, size: tuple[int, int
     return out
 
 
-def load_video(ele: dict, policy: MediaPolicy, what: str = "video",
-               progress: bool = False) -> tuple[torch.Tensor, VideoPlan]:
+def load_video(
+    ele: dict, policy: MediaPolicy, what: str = "video", progress: bool = False
+) -> tuple[torch.Tensor, VideoPlan]:
     """Resized uint8 frames (T, 3, h, w), T even, and the plan that produced them."""
     source = ele["video"]
     if isinstance(source, (list, tuple)):
@@ -269,8 +284,12 @@ def load_video(ele: dict, policy: MediaPolicy, what: str = "video",
     if isinstance(source, np.ndarray):
         if source.ndim != 4 or source.shape[3] != 3 or source.dtype != np.uint8:
             raise InputError(f"array video must be uint8 (T, H, W, 3), got {source.dtype} {source.shape}", what)
-        return _from_frames(ele, list(torch.from_numpy(source.copy()).permute(0, 3, 1, 2)),
-                            fps=float(ele.get("sample_fps", FPS)), what=what)
+        return _from_frames(
+            ele,
+            list(torch.from_numpy(source.copy()).permute(0, 3, 1, 2)),
+            fps=float(ele.get("sample_fps", FPS)),
+            what=what,
+        )
     container = _open(source if isinstance(source, Fetched) else str(source), policy, what)
     with container:
         total, fps, height, width = probe(container, what)
@@ -292,10 +311,15 @@ def plan_video(ele: dict, policy: MediaPolicy, what: str = "video") -> VideoPlan
             raise InputError("a video given as frames needs at least one frame", what)
         width, height = sizes[0]
         n = len(source) + len(source) % 2
-        return VideoPlan(len(source), float(ele.get("sample_fps", FPS)), height, width,
-                         list(range(len(source))) + [len(source) - 1] * (len(source) % 2),
-                         frame_size(ele, n, height, width),
-                         tuple(w * h for w, h in sizes))
+        return VideoPlan(
+            len(source),
+            float(ele.get("sample_fps", FPS)),
+            height,
+            width,
+            list(range(len(source))) + [len(source) - 1] * (len(source) % 2),
+            frame_size(ele, n, height, width),
+            tuple(w * h for w, h in sizes),
+        )
     with _open(source if isinstance(source, Fetched) else str(source), policy, what) as container:
         total, fps, height, width = probe(container, what)
     indices = sample_indices(ele, total, fps, what)

@@ -25,8 +25,17 @@ from .linear import QuantLinear
 # the only layers the official releases quantize: the decoder's attention and MLP projections
 QUANTIZABLE = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 
-__all__ = ["QUANTIZABLE", "QuantLinear", "QuantScheme", "QuantizationError", "layer_tensors",
-           "parse_quantization_config", "quantized_layers", "read_layer", "release_freed_memory"]
+__all__ = [
+    "QUANTIZABLE",
+    "QuantLinear",
+    "QuantScheme",
+    "QuantizationError",
+    "layer_tensors",
+    "parse_quantization_config",
+    "quantized_layers",
+    "read_layer",
+    "release_freed_memory",
+]
 
 
 def _libc_malloc_trim():
@@ -55,7 +64,9 @@ def quantized_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]
             continue
         prefix = name[: -len(".qweight")]
         if not QUANTIZABLE.fullmatch(prefix):
-            raise QuantizationError(f"{name}: this layer is quantized in the checkpoint, but only the decoder's "
-                                    "q/k/v/o and gate/up/down projections may be")
+            raise QuantizationError(
+                f"{name}: this layer is quantized in the checkpoint, but only the decoder's "
+                "q/k/v/o and gate/up/down projections may be"
+            )
         layers[prefix] = model.get_submodule(prefix)
     return layers

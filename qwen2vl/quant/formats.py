@@ -23,15 +23,52 @@ AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 # quantization_config keys that describe how the quantizer ran, or which GPU kernel to pick: they do not change
 # what the tensors on disk mean. Every other key must be understood below, or the config is refused.
-_AWQ_INERT = {"quant_method", "bits", "group_size", "zero_point", "version", "backend", "do_fuse",
-              "fuse_max_seq_len", "modules_to_fuse", "modules_to_not_convert", "exllama_config"}
-_GPTQ_INERT = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "damp_percent",
-               "true_sequential", "static_groups", "model_name_or_path", "model_file_base_name", "is_marlin_format",
-               "tokenizer", "dataset", "meta", "backend", "use_cuda_fp16", "model_seqlen", "block_name_to_quantize",
-               "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama", "max_input_length",
-               "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "quantizer",
-               "damp_auto_increment",
-               "lm_head", "mse"}
+_AWQ_INERT = {
+    "quant_method",
+    "bits",
+    "group_size",
+    "zero_point",
+    "version",
+    "backend",
+    "do_fuse",
+    "fuse_max_seq_len",
+    "modules_to_fuse",
+    "modules_to_not_convert",
+    "exllama_config",
+}
+_GPTQ_INERT = {
+    "quant_method",
+    "bits",
+    "group_size",
+    "desc_act",
+    "sym",
+    "checkpoint_format",
+    "damp_percent",
+    "true_sequential",
+    "static_groups",
+    "model_name_or_path",
+    "model_file_base_name",
+    "is_marlin_format",
+    "tokenizer",
+    "dataset",
+    "meta",
+    "backend",
+    "use_cuda_fp16",
+    "model_seqlen",
+    "block_name_to_quantize",
+    "module_name_preceding_first_block",
+    "batch_size",
+    "pad_token_id",
+    "use_exllama",
+    "max_input_length",
+    "exllama_config",
+    "cache_block_outputs",
+    "modules_in_block_to_quantize",
+    "quantizer",
+    "damp_auto_increment",
+    "lm_head",
+    "mse",
+}
 
 
 if sys.byteorder != "little":  # the readers take int32 fields byte by byte (see _fields)
@@ -86,8 +123,9 @@ def parse_quantization_config(q: Any) -> QuantScheme:
         raise QuantizationError(f"quant_method {q.get('quant_method')!r} is not supported (AWQ and GPTQ are)")
     unknown = sorted(set(q) - known)
     if unknown:
-        raise QuantizationError(f"{method.upper()} quantization_config has settings this package does not know: "
-                                f"{unknown}")
+        raise QuantizationError(
+            f"{method.upper()} quantization_config has settings this package does not know: {unknown}"
+        )
     bits = q.get("bits")
     if bits not in bits_ok:
         raise QuantizationError(f"{method.upper()} bits={bits!r} is not supported (supported: {list(bits_ok)})")
@@ -138,8 +176,9 @@ def _expect(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: to
     if t is None:
         raise QuantizationError(f"{name} is missing")
     if tuple(t.shape) != shape or t.dtype != dtype:
-        raise QuantizationError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; the config needs "
-                                f"{shape} {dtype}")
+        raise QuantizationError(
+            f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; the config needs {shape} {dtype}"
+        )
     return t
 
 
@@ -149,16 +188,26 @@ def layer_tensors(prefix: str, scheme: QuantScheme, k: int, n: int) -> dict[str,
     g, ng = scheme.groups(k)
     if scheme.method == "awq":
         if k % g or n % 8:
-            raise QuantizationError(f"{prefix}: AWQ needs in_features ({k}) divisible by group_size ({g}) and "
-                                    f"out_features ({n}) divisible by 8")
-        return {"qweight": ((k, n // 8), torch.int32), "qzeros": ((ng, n // 8), torch.int32),
-                "scales": ((ng, n), torch.float16)}
+            raise QuantizationError(
+                f"{prefix}: AWQ needs in_features ({k}) divisible by group_size ({g}) and "
+                f"out_features ({n}) divisible by 8"
+            )
+        return {
+            "qweight": ((k, n // 8), torch.int32),
+            "qzeros": ((ng, n // 8), torch.int32),
+            "scales": ((ng, n), torch.float16),
+        }
     pf = 32 // scheme.bits
     if k % pf or n % pf:
-        raise QuantizationError(f"{prefix}: GPTQ {scheme.bits}-bit needs in_features ({k}) and out_features ({n}) "
-                                f"divisible by {pf}")
-    return {"qweight": ((k // pf, n), torch.int32), "qzeros": ((ng, n // pf), torch.int32),
-            "scales": ((ng, n), torch.float16), "g_idx": ((k,), torch.int32)}
+        raise QuantizationError(
+            f"{prefix}: GPTQ {scheme.bits}-bit needs in_features ({k}) and out_features ({n}) divisible by {pf}"
+        )
+    return {
+        "qweight": ((k // pf, n), torch.int32),
+        "qzeros": ((ng, n // pf), torch.int32),
+        "scales": ((ng, n), torch.float16),
+        "g_idx": ((k,), torch.int32),
+    }
 
 
 def read_awq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: int, n: int) -> LayerStorage:
@@ -222,8 +271,10 @@ def read_gptq(prefix: str, t: dict[str, torch.Tensor], scheme: QuantScheme, k: i
         # act-order: put each group's inputs side by side (stable, so a group keeps its inputs' order)
         perm = torch.sort(g_idx, stable=True).indices
         if not torch.equal(g_idx[perm], trivial):
-            raise QuantizationError(f"{prefix}.g_idx gives groups of unequal sizes; only g_idx that assign "
-                                    f"group_size ({g}) inputs to each group are supported")
+            raise QuantizationError(
+                f"{prefix}.g_idx gives groups of unequal sizes; only g_idx that assign "
+                f"group_size ({g}) inputs to each group are supported"
+            )
         q = pack_nibbles(unpack_nibbles(q, k)[:, perm]) if bits == 4 else q[:, perm].contiguous()
     return LayerStorage(q, s.t().contiguous(), zeros, perm)
 
@@ -232,5 +283,3 @@ def read_layer(prefix: str, tensors: dict[str, torch.Tensor], scheme: QuantSchem
     """One quantized linear's checkpoint tensors (suffix -> tensor) -> its storage."""
     reader = read_awq if scheme.method == "awq" else read_gptq
     return reader(prefix, tensors, scheme, k, n)
-
-

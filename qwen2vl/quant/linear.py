@@ -36,8 +36,16 @@ from .formats import LayerStorage, unpack_nibbles
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 permuted: bool = False, bias_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        permuted: bool = False,
+        bias_dtype: torch.dtype = torch.float16,
+    ) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
@@ -52,8 +60,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, act_order={self.perm is not None}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, act_order={self.perm is not None}, bias={self.bias is not None}"
+        )
 
     @staticmethod
     def state_from(storage: LayerStorage) -> dict[str, torch.Tensor]:
@@ -100,19 +110,30 @@ class QuantLinear(nn.Module):
 
     def _cpu_product(self) -> kernels.Q4Product | None:
         if "_q4cpu" not in self.__dict__:
-            fits = (self.bits == 4 and kernels.available() and self.qweight.device.type == "cpu"
-                    and kernels.Q4Product.supports(self.in_features, self.group_size))
+            fits = (
+                self.bits == 4
+                and kernels.available()
+                and self.qweight.device.type == "cpu"
+                and kernels.Q4Product.supports(self.in_features, self.group_size)
+            )
             bias = None if self.bias is None else self.bias.float().contiguous()
-            self.__dict__["_q4cpu"] = (kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias)
-                                       if fits else None)
+            self.__dict__["_q4cpu"] = (
+                kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias) if fits else None
+            )
         return self.__dict__["_q4cpu"]
 
     # -- CUDA: torch's int4 kernel --
 
     def _fused_cuda_fits(self, x: torch.Tensor) -> bool:
         k, g = self.in_features, self.group_size
-        return (self.bits == 4 and x.dtype == torch.bfloat16 and g in (32, 64, 128, 256) and k % g == 0
-                and k % 32 == 0 and self.out_features % 8 == 0)
+        return (
+            self.bits == 4
+            and x.dtype == torch.bfloat16
+            and g in (32, 64, 128, 256)
+            and k % g == 0
+            and k % 32 == 0
+            and self.out_features % 8 == 0
+        )
 
     def _fused_cuda(self, rows: torch.Tensor) -> torch.Tensor:
         packed = self.__dict__.get("_int4pack")
@@ -120,8 +141,10 @@ class QuantLinear(nn.Module):
             # the kernel's byte order is the other way round: even column in the high nibble
             swapped = (self.qweight << 4) | (self.qweight >> 4)
             tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
-            packed = (torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles),
-                      int4pack_scales_and_zeros(self.scales, self.zeros, torch.bfloat16))
+            packed = (
+                torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles),
+                int4pack_scales_and_zeros(self.scales, self.zeros, torch.bfloat16),
+            )
             self.__dict__["_int4pack"] = packed
         return torch.ops.aten._weight_int4pack_mm(rows.contiguous(), packed[0], self.group_size, packed[1])
 

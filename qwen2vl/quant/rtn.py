@@ -25,14 +25,15 @@ def quantize_rtn(weight: torch.Tensor, group: int = GROUP) -> LayerStorage:
     groups = -(-k // group)
     w = torch.nn.functional.pad(weight.float(), (0, groups * group - k)).view(n, groups, group)
     if k % group:  # the padding of a short last group must not widen its range
-        w[:, -1, k % group:] = w[:, -1, :1]
+        w[:, -1, k % group :] = w[:, -1, :1]
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range includes 0, so 0 stays exact-ish
     scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.float16)
     s = scales.float()
     zeros = torch.round(-lo / s).clamp_(0, 15)
     q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8).view(n, -1)[:, :k]
-    return LayerStorage(qweight=pack_nibbles(q), scales=scales.contiguous(),
-                        zeros=zeros.to(torch.int16).contiguous(), perm=None)
+    return LayerStorage(
+        qweight=pack_nibbles(q), scales=scales.contiguous(), zeros=zeros.to(torch.int16).contiguous(), perm=None
+    )
 
 
 def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
@@ -45,8 +46,9 @@ def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
             continue
         storage = quantize_rtn(module.weight.data, group)
         bias = module.bias
-        layer = QuantLinear(module.in_features, module.out_features, 4, group, bias=bias is not None,
-                            bias_dtype=torch.float32)
+        layer = QuantLinear(
+            module.in_features, module.out_features, 4, group, bias=bias is not None, bias_dtype=torch.float32
+        )
         state = QuantLinear.state_from(storage)
         if bias is not None:
             state["bias"] = bias.data.float()

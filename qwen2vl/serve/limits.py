@@ -35,8 +35,10 @@ class Limits:
         """Messages with every media item's fields within the limits; counts over them raise `LimitExceeded`."""
         items = [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] != "text"]
         if len(items) > self.max_media_items:
-            raise LimitExceeded(f"the request has {len(items)} images and videos; this server takes at most "
-                                f"{self.max_media_items}", "too_many_media_items")
+            raise LimitExceeded(
+                f"the request has {len(items)} images and videos; this server takes at most {self.max_media_items}",
+                "too_many_media_items",
+            )
         out = []
         for m in messages:
             if isinstance(m["content"], list):
@@ -50,20 +52,22 @@ class Limits:
         item = dict(item)
         if "resized_height" in item and "resized_width" in item:
             if item["resized_height"] * item["resized_width"] > bound:
-                raise LimitExceeded(f"{kind} resized_height x resized_width = "
-                                    f"{item['resized_height'] * item['resized_width']} pixels, over this server's "
-                                    f"limit of {bound}")
+                raise LimitExceeded(
+                    f"{kind} resized_height x resized_width = "
+                    f"{item['resized_height'] * item['resized_width']} pixels, over this server's "
+                    f"limit of {bound}"
+                )
         item["max_pixels"] = min(item.get("max_pixels", bound), bound)
         if "min_pixels" in item:
             item["min_pixels"] = min(item["min_pixels"], bound)
         if kind == "video":
             frames = item["video"]
             if isinstance(frames, list) and len(frames) > self.max_video_frames:
-                raise LimitExceeded(f"a video of {len(frames)} frames; this server takes at most "
-                                    f"{self.max_video_frames}")
+                raise LimitExceeded(
+                    f"a video of {len(frames)} frames; this server takes at most {self.max_video_frames}"
+                )
             if item.get("nframes", 0) > self.max_video_frames:
-                raise LimitExceeded(f"nframes {item['nframes']} is over this server's limit of "
-                                    f"{self.max_video_frames}")
+                raise LimitExceeded(f"nframes {item['nframes']} is over this server's limit of {self.max_video_frames}")
             # an absent max_frames means min(768, frames in the video) to qwen-vl-utils; the smaller bound gives
             # the same count within the limit
             item["max_frames"] = min(item.get("max_frames", self.max_video_frames), self.max_video_frames)

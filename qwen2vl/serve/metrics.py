@@ -7,12 +7,74 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class Latency:
@@ -20,12 +82,24 @@ class Latency:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.ttft = Histogram("qwen2vl_time_to_first_token_seconds", "Time from arrival to the first token",
-                              buckets=TTFT_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("qwen2vl_time_per_output_token_seconds", "Mean time per output token after the first",
-                              buckets=TPOT_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("qwen2vl_e2e_request_latency_seconds", "Time from arrival to the last token",
-                             buckets=E2E_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "qwen2vl_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "qwen2vl_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "qwen2vl_e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
 
     def observe(self, started: float, first: float | None, tokens: int, ended: float | None = None) -> None:
         """One finished choice: arrival time, its first token's time (None if it produced none), token count."""

@@ -39,15 +39,33 @@ from ..processing.errors import InputError
 from ..processing.tools import tool_call_grammar
 
 # per-item fields of qwen-vl-utils' `fetch_image` / `fetch_video` that a content part may carry
-ITEM_FIELDS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
-               "max_frames", "total_pixels", "video_start", "video_end")
+ITEM_FIELDS = (
+    "min_pixels",
+    "max_pixels",
+    "resized_height",
+    "resized_width",
+    "fps",
+    "nframes",
+    "min_frames",
+    "max_frames",
+    "total_pixels",
+    "video_start",
+    "video_end",
+)
 # below this a temperature overflows float32 logits (30 / 1e-40 = inf); vLLM's _SAMPLING_EPS treats it as greedy too
 GREEDY_BELOW = 1e-5
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers or {}
 
@@ -160,16 +178,20 @@ class Message(BaseModel):
     @classmethod
     def _refuse_function_call(cls, value: Any) -> Any:
         if isinstance(value, dict) and value.get("function_call"):
-            raise ValueError("'function_call' in a message is not supported (the deprecated functions API): use "
-                             "tool_calls")
+            raise ValueError(
+                "'function_call' in a message is not supported (the deprecated functions API): use tool_calls"
+            )
         return value
 
     @model_validator(mode="after")
     def _roles(self) -> Message:
         if self.tool_calls and self.role != "assistant":
             raise ValueError(f"'tool_calls' belong to assistant messages, not {self.role!r} ones")
-        if self.role == "tool" and isinstance(self.content, list) and any(
-                not isinstance(p, TextPart) for p in self.content):
+        if (
+            self.role == "tool"
+            and isinstance(self.content, list)
+            and any(not isinstance(p, TextPart) for p in self.content)
+        ):
             raise ValueError("a 'tool' message's content must be text")
         return self
 
@@ -214,11 +236,21 @@ class StreamOptions(BaseModel):
 
 # fields that change what is generated, that this server does not implement, and their no-op values
 UNSUPPORTED = {
-    "functions": (None, []), "function_call": (None, "none"),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "web_search_options": (None,), "reasoning_effort": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
-    "min_p": (None, 0), "min_tokens": (None, 0), "ignore_eos": (None, False), "echo": (None, False),
-    "prompt_logprobs": (None,), "length_penalty": (None, 1),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "echo": (None, False),
+    "prompt_logprobs": (None,),
+    "length_penalty": (None, 1),
 }
 Penalty = Annotated[Number, Field(ge=-2, le=2)]  # OpenAI's range for presence_penalty and frequency_penalty
 
@@ -242,8 +274,9 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None \
-        = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = (
+        None
+    )
     response_format: dict | None = None
     guided_json: dict | StrictStr | None = None  # vLLM's extra fields for constrained output
     guided_regex: StrictStr | None = None
@@ -262,8 +295,9 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(value, dict):
             for key, no_ops in UNSUPPORTED.items():
                 if key in value and value[key] not in no_ops:
-                    raise ApiError(400, f"'{key}' is not supported by this server", param=key,
-                                   code="unsupported_parameter")
+                    raise ApiError(
+                        400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter"
+                    )
         return value
 
 
@@ -280,8 +314,9 @@ class CompletionRequest(BaseModel):
     repetition_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None \
-        = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = (
+        None
+    )
     seed: Annotated[Count, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
     n: Annotated[Count, Field(ge=1, le=8)] = 1
@@ -302,11 +337,19 @@ class CompletionRequest(BaseModel):
             unsupported = {**UNSUPPORTED, "logprobs": (None,), "suffix": (None, ""), "echo": (None, False)}
             for key, no_ops in unsupported.items():
                 if key in value and value[key] not in no_ops:
-                    raise ApiError(400, f"'{key}' is not supported by this server's /v1/completions", param=key,
-                                   code="unsupported_parameter")
+                    raise ApiError(
+                        400,
+                        f"'{key}' is not supported by this server's /v1/completions",
+                        param=key,
+                        code="unsupported_parameter",
+                    )
             if isinstance(value.get("prompt"), list) and len(value["prompt"]) > 1:
-                raise ApiError(400, "'prompt' as a list of several prompts is not supported: send one prompt per "
-                                    "request", param="prompt", code="unsupported_parameter")
+                raise ApiError(
+                    400,
+                    "'prompt' as a list of several prompts is not supported: send one prompt per request",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
         return value
 
 
@@ -339,8 +382,9 @@ def _conversation(messages: list[Message]) -> list[dict]:
         # 'developer' is OpenAI's newer name for the system role
         message = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
-            message["tool_calls"] = [{"function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                     for c in m.tool_calls]
+            message["tool_calls"] = [
+                {"function": {"name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls
+            ]
         out.append(message)
     return out
 
@@ -371,22 +415,28 @@ def _constraint(r: ChatCompletionRequest | CompletionRequest) -> tuple[Constrain
         asked.append(("guided_grammar", Constraint("grammar", r.guided_grammar)))
     so = r.structured_outputs
     if so is not None:
-        given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
-                                      ("grammar", so.grammar)) if v is not None]
+        given = [
+            (k, v)
+            for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar))
+            if v is not None
+        ]
         if len(given) != 1:
-            raise ApiError(400, "structured_outputs needs exactly one of json, regex, choice, grammar",
-                           param="structured_outputs")
+            raise ApiError(
+                400, "structured_outputs needs exactly one of json, regex, choice, grammar", param="structured_outputs"
+            )
         kind, value = given[0]
         if kind == "json":
-            asked.append(("structured_outputs", Constraint.json_schema(
-                json.loads(value) if isinstance(value, str) else value)))
+            asked.append(
+                ("structured_outputs", Constraint.json_schema(json.loads(value) if isinstance(value, str) else value))
+            )
         elif kind == "choice":
             asked.append(("structured_outputs", Constraint.choice(value)))
         else:
             asked.append(("structured_outputs", Constraint(kind, value)))
     if len(asked) > 1:
-        raise ApiError(400, f"{' and '.join(k for k, _ in asked)} each constrain the output; give one",
-                       param=asked[1][0])
+        raise ApiError(
+            400, f"{' and '.join(k for k, _ in asked)} each constrain the output; give one", param=asked[1][0]
+        )
     return (asked[0][1], asked[0][0]) if asked else (None, None)
 
 
@@ -448,8 +498,7 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
         tools = None  # not rendered: the model answers in text
     else:
         if constraint is not None:
-            raise ApiError(400, f"{field} cannot be combined with tools unless tool_choice is \"none\"",
-                           param=field)
+            raise ApiError(400, f'{field} cannot be combined with tools unless tool_choice is "none"', param=field)
         try:
             grammar = tool_call_grammar(tools, choice, r.parallel_tool_calls is not False)
             constraint = None if grammar is None else Constraint("structural_tag", grammar)
@@ -458,9 +507,23 @@ def parse_request(body: Any, generation_config: dict) -> ChatRequest:
         field = "tools"
     max_tokens = r.max_completion_tokens or r.max_tokens
     params = _sampling(r, generation_config, max_tokens or 512)
-    return ChatRequest(r.model, _conversation(r.messages), params, max_tokens is not None, r.fit, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), r.logprobs, r.top_logprobs or 0,
-                       r.skip_special_tokens, constraint, tools, choice, field)
+    return ChatRequest(
+        r.model,
+        _conversation(r.messages),
+        params,
+        max_tokens is not None,
+        r.fit,
+        r.n,
+        r.stream,
+        bool(r.stream_options and r.stream_options.include_usage),
+        r.logprobs,
+        r.top_logprobs or 0,
+        r.skip_special_tokens,
+        constraint,
+        tools,
+        choice,
+        field,
+    )
 
 
 def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
@@ -473,10 +536,18 @@ def _sampling(r, generation_config: dict, max_tokens: int) -> SamplingParams:
     temperature = 0.0 if r.temperature is not None and r.temperature < GREEDY_BELOW else r.temperature
     try:
         return SamplingParams.from_generation_config(
-            generation_config, max_new_tokens=max_tokens, temperature=temperature, top_p=r.top_p,
-            top_k=0 if r.top_k == -1 else r.top_k, repetition_penalty=r.repetition_penalty, seed=r.seed,
-            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()), presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty, logit_bias=bias)
+            generation_config,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=r.top_p,
+            top_k=0 if r.top_k == -1 else r.top_k,
+            repetition_penalty=r.repetition_penalty,
+            seed=r.seed,
+            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()),
+            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+            logit_bias=bias,
+        )
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
 
@@ -485,9 +556,24 @@ def parse_completion_request(body: Any, generation_config: dict) -> ChatRequest:
     """/v1/completions: the same request shape as a chat's, with `prompt` set and no messages."""
     r, constraint, field = _validated(body, CompletionRequest)
     prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
-    return ChatRequest(r.model, [], _sampling(r, generation_config, r.max_tokens), True, False, r.n, r.stream,
-                       bool(r.stream_options and r.stream_options.include_usage), False, 0, r.skip_special_tokens,
-                       constraint, None, "none", field, prompt)
+    return ChatRequest(
+        r.model,
+        [],
+        _sampling(r, generation_config, r.max_tokens),
+        True,
+        False,
+        r.n,
+        r.stream,
+        bool(r.stream_options and r.stream_options.include_usage),
+        False,
+        0,
+        r.skip_special_tokens,
+        constraint,
+        None,
+        "none",
+        field,
+        prompt,
+    )
 
 
 def completion_id() -> str:

@@ -151,13 +151,24 @@ class EngineLoop:
 
 
 class Server:
-    def __init__(self, pipe: Pipeline, engine: Engine, model_name: str, api_key: str | None = None,
-                 policy: MediaPolicy | None = None, max_request_bytes: int = 64 * 2**20, workers: int = 4,
-                 limits: Limits | None = None, body_timeout_s: float = 30.0, stall_after_s: float = 60.0,
-                 allowed_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        engine: Engine,
+        model_name: str,
+        api_key: str | None = None,
+        policy: MediaPolicy | None = None,
+        max_request_bytes: int = 64 * 2**20,
+        workers: int = 4,
+        limits: Limits | None = None,
+        body_timeout_s: float = 30.0,
+        stall_after_s: float = 60.0,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
-        self.processor = pipe.processor.with_policy(policy or MediaPolicy(allow_private_addresses=False,
-                                                                          allow_local=False))
+        self.processor = pipe.processor.with_policy(
+            policy or MediaPolicy(allow_private_addresses=False, allow_local=False)
+        )
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
         self.stall_after_s = stall_after_s
         self.limits = limits or Limits()
@@ -194,8 +205,9 @@ class Server:
             # unknown routes (404), wrong methods (405)
             what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
             kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-            return error(ApiError(e.status_code, what.get(e.status_code, str(e.detail)), kind,
-                                  headers=dict(e.headers or {})))
+            return error(
+                ApiError(e.status_code, what.get(e.status_code, str(e.detail)), kind, headers=dict(e.headers or {}))
+            )
 
         @app.exception_handler(RequestValidationError)
         async def _validation(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
@@ -223,8 +235,18 @@ class Server:
         @app.get("/v1/models")
         async def models(request: HttpRequest) -> dict:
             self._auth(request)
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
-                                                "owned_by": "qwen2vl", "max_model_len": self.engine.max_model_len}]}
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": now(),
+                        "owned_by": "qwen2vl",
+                        "max_model_len": self.engine.max_model_len,
+                    }
+                ],
+            }
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
@@ -239,8 +261,14 @@ class Server:
             return await self._serve(request, parse_completion_request)
 
         if self.allowed_origins:  # CORS: browsers on these origins may call the API (preflight answered here)
-            app.add_middleware(CORSMiddleware, allow_origins=list(self.allowed_origins), allow_credentials=False,
-                               allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(self.allowed_origins),
+                allow_credentials=False,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                max_age=600,
+            )
 
         add_web_routes(app, self)  # the chat page at / and the two endpoints it uses
         return app
@@ -252,8 +280,12 @@ class Server:
         # requests still being read or prepared are bounded like the engine's queue: each may hold a body of
         # up to --max-request-bytes and its decoded media, so a flood must not queue for the worker pool
         if self.preparing >= self.engine.max_waiting:
-            raise ApiError(429, f"the server is busy ({self.preparing} requests are being prepared); retry "
-                                f"shortly", "rate_limit_error", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"the server is busy ({self.preparing} requests are being prepared); retry shortly",
+                "rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         self.preparing += 1
         try:
             req = await self._parse(request, parse)
@@ -293,13 +325,18 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def _parse(self, request: HttpRequest,
-                     parse: Callable[[object, dict], ChatRequest] = parse_request) -> ChatRequest:
+    async def _parse(
+        self, request: HttpRequest, parse: Callable[[object, dict], ChatRequest] = parse_request
+    ) -> ChatRequest:
         body = read_json(await self._read_body(request))
         req = parse(body, self.pipe.generation_config)
         if req.model != self.model_name:
-            raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def _prepare(self, req: ChatRequest) -> Prepared:
@@ -309,8 +346,9 @@ class Server:
         vocab = self.pipe.model.config.text.vocab_size
         bad = [i for i, _ in req.params.logit_bias if i >= vocab]
         if bad:
-            raise ApiError(400, f"logit_bias names token {bad[0]}, outside this model's vocabulary of {vocab}",
-                           param="logit_bias")
+            raise ApiError(
+                400, f"logit_bias names token {bad[0]}, outside this model's vocabulary of {vocab}", param="logit_bias"
+            )
         compiled = None
         if req.constraint is not None:  # before any media work: a schema the engine cannot compile is a 400
             try:
@@ -319,34 +357,55 @@ class Server:
                 raise ApiError(400, str(e), param=req.constraint_param) from None
         completion = req.params.max_new_tokens if req.max_tokens_given else 1
         if completion >= context:
-            raise ApiError(400, f"max_tokens is {completion}, but this model's maximum context length is {context} "
-                                f"tokens, prompt included", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"max_tokens is {completion}, but this model's maximum context length is {context} "
+                f"tokens, prompt included",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         try:
             if req.prompt is not None:  # /v1/completions: the text as it is, no chat template
                 batch = self._text_batch(req.prompt, context - completion)
             else:
                 messages = self.limits.apply(render_tools(req.messages, req.tools))
-                batch = self.processor(messages, budget=Budget(context - completion, self.limits.max_source_pixels),
-                                       fit=req.fit)
+                batch = self.processor(
+                    messages, budget=Budget(context - completion, self.limits.max_source_pixels), fit=req.fit
+                )
         except LimitExceeded as e:
             raise ApiError(400, str(e), param="messages", code=e.code) from None
         except OverBudget as e:
             if e.resource == "pixels":
                 raise ApiError(400, str(e), param="messages") from None
-            asked = (f"{'at least ' if e.at_least else ''}{e.tokens} in the messages" +
-                     (f" + {completion} in the completion" if req.max_tokens_given else ""))
-            raise ApiError(400, f"this model's maximum context length is {context} tokens; the request needs more "
-                                f"({asked})", param="messages", code="context_length_exceeded") from None
+            asked = f"{'at least ' if e.at_least else ''}{e.tokens} in the messages" + (
+                f" + {completion} in the completion" if req.max_tokens_given else ""
+            )
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {context} tokens; the request needs more ({asked})",
+                param="messages",
+                code="context_length_exceeded",
+            ) from None
         except InputError as e:
             raise ApiError(400, str(e), param="messages") from None
         prompt_tokens = batch["input_ids"].shape[1]
         if prompt_tokens + completion > context:  # the plan counted the same tokens; this guards the rule's one home
-            raise ApiError(400, f"this model's maximum context length is {context} tokens; the messages take "
-                                f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {context} tokens; the messages take {prompt_tokens} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         room = context - prompt_tokens
-        merge = self.pipe.model.config.vision.spatial_merge_size ** 2
-        return Prepared(batch, prompt_tokens, min(req.params.max_new_tokens, room),
-                        _placeholders(batch, "image", merge), _placeholders(batch, "video", merge), compiled)
+        merge = self.pipe.model.config.vision.spatial_merge_size**2
+        return Prepared(
+            batch,
+            prompt_tokens,
+            min(req.params.max_new_tokens, room),
+            _placeholders(batch, "image", merge),
+            _placeholders(batch, "video", merge),
+            compiled,
+        )
 
     def _text_batch(self, text: str, room: int) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
@@ -362,8 +421,9 @@ class Server:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def _grammars(self) -> Grammars:
-        return grammars_for(self.processor.tokenizer, self.pipe.model.config.text.vocab_size,
-                            tuple(self.pipe.params().stop_token_ids))
+        return grammars_for(
+            self.processor.tokenizer, self.pipe.model.config.text.vocab_size, tuple(self.pipe.params().stop_token_ids)
+        )
 
     # -- one request, n choices ----------------------------------------------------------------------------------
     def _submit(self, req: ChatRequest, prepared: Prepared) -> Submission:
@@ -377,23 +437,36 @@ class Server:
             params = req.params if req.params.seed is None else req.params.with_(seed=req.params.seed + i)
             self.loop.route(rid, loop, submission.queue)
             detokenizer = IncrementalDetokenizer(self.processor.tokenizer, req.skip_special_tokens)
-            submission.states[rid] = ChoiceState(i, detokenizer, StopMatcher(params.stop),
-                                                 ToolCallParser() if req.tools else None)
-            processors = () if prepared.grammar is None else \
-                (GrammarProcessor(self._grammars(), prepared.grammar),)  # each choice has its own matcher
+            submission.states[rid] = ChoiceState(
+                i, detokenizer, StopMatcher(params.stop), ToolCallParser() if req.tools else None
+            )
+            processors = (
+                () if prepared.grammar is None else (GrammarProcessor(self._grammars(), prepared.grammar),)
+            )  # each choice has its own matcher
             try:
-                self.engine.add(Request(rid, prompt, chooser(params), prepared.max_new, params.stop_token_ids,
-                                        req.top_logprobs if req.logprobs else None, processors))
+                self.engine.add(
+                    Request(
+                        rid,
+                        prompt,
+                        chooser(params),
+                        prepared.max_new,
+                        params.stop_token_ids,
+                        req.top_logprobs if req.logprobs else None,
+                        processors,
+                    )
+                )
             except QueueFull as e:
                 for r in ids:
                     self.engine.abort(r)
                     self.loop.unroute(r)
-                raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
-                               headers={"Retry-After": "1"}) from None
+                raise ApiError(
+                    429, f"the server is busy ({e}); retry shortly", "rate_limit_error", headers={"Retry-After": "1"}
+                ) from None
         return submission
 
-    async def _choices(self, req: ChatRequest, submission: Submission,
-                       started: float | None = None) -> AsyncIterator[tuple[int, dict]]:
+    async def _choices(
+        self, req: ChatRequest, submission: Submission, started: float | None = None
+    ) -> AsyncIterator[tuple[int, dict]]:
         """Yields (choice index, event) with event = {"text", "tool_calls", "logprobs", "finish_reason", "tokens",
         "cached"}. With tools, `<tool_call>` blocks leave the text and arrive as parsed calls; a choice that called
         a tool finishes with "tool_calls". Cancelling the consumer (the client went away) aborts every open choice
@@ -410,8 +483,14 @@ class Server:
                     continue
                 state = submission.states[out.request_id]
                 index, detok, stop = state.index, state.detokenizer, state.stop
-                event: dict = {"text": "", "tool_calls": [], "logprobs": None, "finish_reason": out.finish_reason,
-                               "tokens": 0, "cached": out.cached_tokens}
+                event: dict = {
+                    "text": "",
+                    "tool_calls": [],
+                    "logprobs": None,
+                    "finish_reason": out.finish_reason,
+                    "tokens": 0,
+                    "cached": out.cached_tokens,
+                }
                 if out.token is not None:
                     event["tokens"] = 1
                     counts[out.request_id] += 1
@@ -450,18 +529,24 @@ class Server:
             text = tok.decode([token], skip_special_tokens=False)
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-        return {**entry(out.token, out.logprob),
-                "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
+        return {**entry(out.token, out.logprob), "top_logprobs": [entry(t, lp) for t, lp in out.top_logprobs]}
 
     def _usage(self, prepared: Prepared, completion: int, cached: int = 0) -> dict:
         """`cached_tokens`: prompt tokens whose keys/values came from the prefix cache (the most of any choice)."""
-        return {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prepared.prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": prepared.image_tokens,
-                                          "video_tokens": prepared.video_tokens}}
+        return {
+            "prompt_tokens": prepared.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prepared.prompt_tokens + completion,
+            "prompt_tokens_details": {
+                "cached_tokens": cached,
+                "image_tokens": prepared.image_tokens,
+                "video_tokens": prepared.video_tokens,
+            },
+        }
 
-    async def _complete(self, http: HttpRequest, req: ChatRequest, prepared: Prepared,
-                        submission: Submission) -> Response:
+    async def _complete(
+        self, http: HttpRequest, req: ChatRequest, prepared: Prepared, submission: Submission
+    ) -> Response:
         """The whole answer, or nothing if the client goes away first: a task waits for the disconnect message
         while the choices are collected, and whichever ends first cancels the other."""
         answer = asyncio.ensure_future(self._answer(req, prepared, submission))
@@ -494,15 +579,35 @@ class Server:
                 reasons[index] = ev["finish_reason"]
         self.requests_total["ok"] += 1
         if req.prompt is not None:
-            texts_only = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
-                          for i in range(req.n)]
-            return {"id": "cmpl-" + completion_id()[9:], "object": "text_completion", "created": now(),
-                    "model": self.model_name, "choices": texts_only, "usage": self._usage(prepared, completion, cached)}
-        choices = [{"index": i, "message": _message(texts[i], calls[i]),
-                    "logprobs": {"content": logprobs[i]} if req.logprobs else None,
-                    "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
-        return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_name,
-                "choices": choices, "usage": self._usage(prepared, completion, cached)}
+            texts_only = [
+                {"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i] or "stop"}
+                for i in range(req.n)
+            ]
+            return {
+                "id": "cmpl-" + completion_id()[9:],
+                "object": "text_completion",
+                "created": now(),
+                "model": self.model_name,
+                "choices": texts_only,
+                "usage": self._usage(prepared, completion, cached),
+            }
+        choices = [
+            {
+                "index": i,
+                "message": _message(texts[i], calls[i]),
+                "logprobs": {"content": logprobs[i]} if req.logprobs else None,
+                "finish_reason": reasons[i] or "stop",
+            }
+            for i in range(req.n)
+        ]
+        return {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": self._usage(prepared, completion, cached),
+        }
 
     async def _sse(self, req: ChatRequest, prepared: Prepared, submission: Submission) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
@@ -511,15 +616,24 @@ class Server:
             cid = "cmpl-" + cid[9:]
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            body = {"id": cid, "object": "text_completion" if text_completion else "chat.completion.chunk",
-                    "created": created, "model": self.model_name, "choices": choices}
+            body = {
+                "id": cid,
+                "object": "text_completion" if text_completion else "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         if not text_completion:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(req.n)])
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(req.n)
+                ]
+            )
         completion = cached = 0
         called = [0] * req.n  # tool calls streamed so far, per choice (each call's delta index)
         try:
@@ -531,12 +645,20 @@ class Server:
                     delta["tool_calls"] = [c.openai(called[index] + k) for k, c in enumerate(ev["tool_calls"])]
                     called[index] += len(ev["tool_calls"])
                 if text_completion and (ev["text"] or ev["finish_reason"]):
-                    yield chunk([{"index": index, "text": ev["text"], "logprobs": None,
-                                  "finish_reason": ev["finish_reason"]}])
+                    yield chunk(
+                        [{"index": index, "text": ev["text"], "logprobs": None, "finish_reason": ev["finish_reason"]}]
+                    )
                 elif not text_completion and (delta or ev["finish_reason"] or ev["logprobs"]):
-                    yield chunk([{"index": index, "delta": delta,
-                                  "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
-                                  "finish_reason": ev["finish_reason"]}])
+                    yield chunk(
+                        [
+                            {
+                                "index": index,
+                                "delta": delta,
+                                "logprobs": {"content": [ev["logprobs"]]} if ev["logprobs"] else None,
+                                "finish_reason": ev["finish_reason"],
+                            }
+                        ]
+                    )
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         if req.include_usage:
@@ -550,23 +672,55 @@ class Server:
             ("qwen2vl_requests_waiting", "gauge", "Requests in the queue", s["waiting"]),
             ("qwen2vl_requests_running", "gauge", "Requests decoding", s["running"] + s["prefilling"]),
             ("qwen2vl_kv_slots_used", "gauge", "KV cache slots in use", s["kv_slots_used"]),
-            ("qwen2vl_kv_cache_usage", "gauge", "Fraction of KV positions holding live tokens",
-             s["kv_tokens_used"] / max(1, s["kv_tokens_capacity"])),
-            ("qwen2vl_generation_tokens_per_second", "gauge", "Generated tokens per second, last 10 s",
-             self.loop.tokens_per_second()),
+            (
+                "qwen2vl_kv_cache_usage",
+                "gauge",
+                "Fraction of KV positions holding live tokens",
+                s["kv_tokens_used"] / max(1, s["kv_tokens_capacity"]),
+            ),
+            (
+                "qwen2vl_generation_tokens_per_second",
+                "gauge",
+                "Generated tokens per second, last 10 s",
+                self.loop.tokens_per_second(),
+            ),
             ("qwen2vl_generation_tokens_total", "counter", "Generated tokens", s["generated_tokens"]),
-            ("qwen2vl_prefix_tokens_reused_total", "counter", "Prompt tokens served from cached KV",
-             s["prefix_tokens_reused"]),
-            ("qwen2vl_vision_cache_hits_total", "counter", "Vision encodings served from the cache",
-             s["vision_cache_hits"]),
-            ("qwen2vl_requests_prefilling", "gauge", "Requests in prompt work: vision encodes and prefill (the "
-             "vision-encode queue)", s["prefilling"]),
-            ("qwen2vl_vision_pieces_total", "counter", "Pieces of vision encodes run (each a bounded unit of work)",
-             s["vision_pieces"]),
-            ("qwen2vl_engine_longest_step_seconds", "gauge", "Longest engine step of the last minute: the worst gap "
-             "between tokens of running requests", s["longest_step_s"]),
-            ("qwen2vl_engine_step_running_seconds", "gauge", "How long the step in progress has run",
-             s["step_running_s"]),
+            (
+                "qwen2vl_prefix_tokens_reused_total",
+                "counter",
+                "Prompt tokens served from cached KV",
+                s["prefix_tokens_reused"],
+            ),
+            (
+                "qwen2vl_vision_cache_hits_total",
+                "counter",
+                "Vision encodings served from the cache",
+                s["vision_cache_hits"],
+            ),
+            (
+                "qwen2vl_requests_prefilling",
+                "gauge",
+                "Requests in prompt work: vision encodes and prefill (the vision-encode queue)",
+                s["prefilling"],
+            ),
+            (
+                "qwen2vl_vision_pieces_total",
+                "counter",
+                "Pieces of vision encodes run (each a bounded unit of work)",
+                s["vision_pieces"],
+            ),
+            (
+                "qwen2vl_engine_longest_step_seconds",
+                "gauge",
+                "Longest engine step of the last minute: the worst gap between tokens of running requests",
+                s["longest_step_s"],
+            ),
+            (
+                "qwen2vl_engine_step_running_seconds",
+                "gauge",
+                "How long the step in progress has run",
+                s["step_running_s"],
+            ),
             ("qwen2vl_requests_ok_total", "counter", "Requests completed", self.requests_total["ok"]),
             ("qwen2vl_requests_error_total", "counter", "Requests refused or failed", self.requests_total["error"]),
         ]
@@ -603,8 +757,18 @@ def parse_bytes(text: str, free: int) -> int:
     value, unit = float(m.group(1)), (m.group(2) or "").upper()
     if not unit and value <= 1:
         return int(value * free)
-    scale = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-             "TIB": 2**40}[unit]
+    scale = {
+        "": 1,
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return int(value * scale)
 
 
@@ -648,16 +812,25 @@ def http_protocol(header_timeout_s: float) -> type:
     return Protocol
 
 
-def uvicorn_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 10.0,
-                   drain_s: float = 30.0) -> uvicorn.Config:
+def uvicorn_config(
+    app: FastAPI, host: str, port: int, header_timeout_s: float = 10.0, drain_s: float = 30.0
+) -> uvicorn.Config:
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=http_protocol(header_timeout_s),
-                          timeout_graceful_shutdown=int(drain_s), h11_max_incomplete_event_size=64 * 1024)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=http_protocol(header_timeout_s),
+        timeout_graceful_shutdown=int(drain_s),
+        h11_max_incomplete_event_size=64 * 1024,
+    )
 
 
-def serve_in_thread(server: Server, host: str = "127.0.0.1",
-                    header_timeout_s: float = 10.0) -> tuple[uvicorn.Server, str]:
+def serve_in_thread(
+    server: Server, host: str = "127.0.0.1", header_timeout_s: float = 10.0
+) -> tuple[uvicorn.Server, str]:
     """Start uvicorn on a free port in a daemon thread (tests, benchmarks); returns (uvicorn server, base URL).
     Stop it with `uv.should_exit = True`."""
     import socket
@@ -682,18 +855,43 @@ def build_server(config: ServerConfig) -> Server:
     from ..pipeline import load
 
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-    pipe = load(config.model, dtype=dtype, device=config.device, quantize=config.quantize,
-                cpu_matmul=config.cpu_matmul, adapter=config.adapter)
+    pipe = load(
+        config.model,
+        dtype=dtype,
+        device=config.device,
+        quantize=config.quantize,
+        cpu_matmul=config.cpu_matmul,
+        adapter=config.adapter,
+    )
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
     kv = parse_bytes(str(config.kv_cache_memory), _free_memory(pipe.model.device))
-    engine = Engine(pipe.model, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
-                    kv_cache_bytes=kv, prefill_chunk=config.prefill_chunk, max_waiting=config.max_waiting)
+    engine = Engine(
+        pipe.model,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+        kv_cache_bytes=kv,
+        prefill_chunk=config.prefill_chunk,
+        max_waiting=config.max_waiting,
+    )
     local = config.allowed_local_media_path
-    policy = MediaPolicy(allow_private_addresses=False, allowed_domains=config.allowed_media_domains or None,
-                         allow_local=local is not None, local_root=Path(local) if local else None)
-    return Server(pipe, engine, config.model_name, config.api_key, policy, config.max_request_bytes,
-                  limits=config.limits, body_timeout_s=config.body_timeout, allowed_origins=config.allowed_origins)
+    policy = MediaPolicy(
+        allow_private_addresses=False,
+        allowed_domains=config.allowed_media_domains or None,
+        allow_local=local is not None,
+        local_root=Path(local) if local else None,
+    )
+    return Server(
+        pipe,
+        engine,
+        config.model_name,
+        config.api_key,
+        policy,
+        config.max_request_bytes,
+        limits=config.limits,
+        body_timeout_s=config.body_timeout,
+        allowed_origins=config.allowed_origins,
+    )
 
 
 def main(config: ServerConfig) -> int:
@@ -701,7 +899,10 @@ def main(config: ServerConfig) -> int:
 
     server = build_server(config)
     s = server.engine.stats()
-    print(f"qwen2vl serving {server.model_name} on http://{config.host}:{config.port} ({s['kv_slots']} KV slots "
-          f"of {server.engine.max_model_len} tokens)", flush=True)
+    print(
+        f"qwen2vl serving {server.model_name} on http://{config.host}:{config.port} ({s['kv_slots']} KV slots "
+        f"of {server.engine.max_model_len} tokens)",
+        flush=True,
+    )
     uvicorn.Server(uvicorn_config(server.app, config.host, config.port, config.header_timeout)).run()
     return 0

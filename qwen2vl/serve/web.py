@@ -25,8 +25,11 @@ from .protocol import ApiError, ChatRequest, read_json
 
 # the page loads nothing from elsewhere; attachments are data: URLs (shown as images and videos, sent as JSON)
 CSP = "default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; base-uri 'none'"
-PAGES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-         "style.css": "text/css; charset=utf-8"}
+PAGES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
 
 
 def page(name: str) -> Response:
@@ -77,7 +80,20 @@ def plan_request(server, req: ChatRequest) -> dict:
         raise ApiError(400, str(e), param="messages", code=e.code) from None
     except (OverBudget, InputError) as e:
         raise ApiError(400, str(e), param="messages") from None
-    items = [{"kind": i.kind, "source_size": i.source_size, "resized_size": i.resized_size, "tokens": i.tokens,
-              "frames": len(i.frame_indices), "fitted": i.fitted} for i in p.items]
-    return {"items": items, "prompt_tokens": p.prompt_tokens, "context": context,
-            "fits": p.prompt_tokens + completion <= context}
+    items = [
+        {
+            "kind": i.kind,
+            "source_size": i.source_size,
+            "resized_size": i.resized_size,
+            "tokens": i.tokens,
+            "frames": len(i.frame_indices),
+            "fitted": i.fitted,
+        }
+        for i in p.items
+    ]
+    return {
+        "items": items,
+        "prompt_tokens": p.prompt_tokens,
+        "context": context,
+        "fits": p.prompt_tokens + completion <= context,
+    }

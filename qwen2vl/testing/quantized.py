@@ -31,23 +31,46 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a packed AWQ int32 holds col
 
 def awq_config(group_size: int = 128) -> dict[str, Any]:
     """quantization_config as Qwen/Qwen2-VL-*-Instruct-AWQ's config.json has it."""
-    return {"bits": 4, "group_size": group_size, "modules_to_not_convert": ["visual"], "quant_method": "awq",
-            "version": "gemm", "zero_point": True}
+    return {
+        "bits": 4,
+        "group_size": group_size,
+        "modules_to_not_convert": ["visual"],
+        "quant_method": "awq",
+        "version": "gemm",
+        "zero_point": True,
+    }
 
 
 def gptq_config(bits: int = 4, group_size: int = 128, desc_act: bool = False, sym: bool = True) -> dict[str, Any]:
     """quantization_config as Qwen/Qwen2-VL-*-Instruct-GPTQ-Int{4,8}'s config.json has it (transformers'
     GPTQConfig.to_dict after an optimum/AutoGPTQ run)."""
-    return {"bits": bits, "damp_percent": 0.01, "desc_act": desc_act, "group_size": group_size,
-            "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": sym, "true_sequential": True,
-            "batch_size": 1, "block_name_to_quantize": None, "cache_block_outputs": True, "dataset": None,
-            "exllama_config": {"version": 1}, "max_input_length": None, "model_seqlen": None,
-            "module_name_preceding_first_block": None, "pad_token_id": None, "tokenizer": None,
-            "use_cuda_fp16": False, "use_exllama": False}
+    return {
+        "bits": bits,
+        "damp_percent": 0.01,
+        "desc_act": desc_act,
+        "group_size": group_size,
+        "modules_in_block_to_quantize": None,
+        "quant_method": "gptq",
+        "sym": sym,
+        "true_sequential": True,
+        "batch_size": 1,
+        "block_name_to_quantize": None,
+        "cache_block_outputs": True,
+        "dataset": None,
+        "exllama_config": {"version": 1},
+        "max_input_length": None,
+        "model_seqlen": None,
+        "module_name_preceding_first_block": None,
+        "pad_token_id": None,
+        "tokenizer": None,
+        "use_cuda_fp16": False,
+        "use_exllama": False,
+    }
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_of: torch.Tensor, n_groups: int, sym: bool,
-                    zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(
+    w: torch.Tensor, bits: int, group_of: torch.Tensor, n_groups: int, sym: bool, zero_min: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest group-wise quantization of W (N, K): q (N, K) int64, scales float16 (N, n_groups),
     zeros (N, n_groups) int64 in zero_min..2^bits-1. `group_of[k]` is input k's group."""
     maxq = 2**bits - 1
@@ -82,16 +105,21 @@ def _int32(x: torch.Tensor) -> torch.Tensor:
 
 def pack_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
     """AutoAWQ GEMM tensors from q (N, K), scales/zeros (N, n_groups)."""
+
     def pack(x: torch.Tensor) -> torch.Tensor:  # (R, N) -> (R, N/8), along N, interleaved
         x = x.view(x.shape[0], -1, 8)
         return _int32(sum(x[:, :, AWQ_ORDER[p]] << (4 * p) for p in range(8)))
 
-    return {"qweight": pack(q.t().contiguous()), "qzeros": pack(zeros.t().contiguous()),
-            "scales": scales.t().contiguous()}
+    return {
+        "qweight": pack(q.t().contiguous()),
+        "qzeros": pack(zeros.t().contiguous()),
+        "scales": scales.t().contiguous(),
+    }
 
 
-def pack_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-              bits: int) -> dict[str, torch.Tensor]:
+def pack_gptq(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
     """AutoGPTQ v1 tensors from q (N, K), scales/zeros (N, n_groups), g_idx (K,)."""
     pf, mask = 32 // bits, 2**bits - 1
     qk = q.t().contiguous().view(-1, pf, q.shape[0])  # (K/pf, pf, N): along K
@@ -127,8 +155,9 @@ def write_quantized(
     config = make_config() if config is None else config
     qcfg = awq_config(group_size) if method == "awq" else gptq_config(bits, group_size, desc_act, sym)
     gen = torch.Generator().manual_seed(seed)
-    dense = {name: random_tensor(name, shape, gen, torch.float32).half()
-             for name, shape in tensor_shapes(config).items()}
+    dense = {
+        name: random_tensor(name, shape, gen, torch.float32).half() for name, shape in tensor_shapes(config).items()
+    }
     quantized: dict[str, torch.Tensor] = {}
     for name in list(dense):
         if not QUANTIZED.fullmatch(name):
@@ -163,8 +192,9 @@ def write_quantized(
     return directory
 
 
-def write_random_packed(directory: str | Path, config: dict[str, Any], quantization_config: dict[str, Any],
-                        seed: int = 0) -> tuple[Path, int]:
+def write_random_packed(
+    directory: str | Path, config: dict[str, Any], quantization_config: dict[str, Any], seed: int = 0
+) -> tuple[Path, int]:
     """A quantized checkpoint of random packed bits (fast at any size: nothing is quantized), for memory and load-time
     measurements where the numbers do not matter; returns (directory, bytes of packed tensors)."""
     from ..quant import layer_tensors, parse_quantization_config
@@ -181,7 +211,7 @@ def write_random_packed(directory: str | Path, config: dict[str, Any], quantizat
             if suffix == "g_idx":
                 t = (torch.arange(shape[1]) // scheme.groups(shape[1])[0]).to(torch.int32)
             elif dtype == torch.int32:
-                t = torch.randint(-2**31, 2**31, packed_shape, generator=gen, dtype=torch.int64).to(torch.int32)
+                t = torch.randint(-(2**31), 2**31, packed_shape, generator=gen, dtype=torch.int64).to(torch.int32)
             else:
                 t = (torch.rand(packed_shape, generator=gen) * 0.01).half()
             tensors[f"{prefix}.{suffix}"] = t

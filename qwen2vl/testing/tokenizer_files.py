@@ -17,14 +17,27 @@ import os
 from pathlib import Path
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 FIRST_SPECIAL_ID = 151643
 
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # the hub's chat_template.json (Qwen2-VL-2B/7B-Instruct), verbatim
 CHAT_TEMPLATE = (
@@ -41,9 +54,15 @@ CHAT_TEMPLATE = (
 )
 
 PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2VLProcessor",
 }
 
 
@@ -89,14 +108,20 @@ def build_tokenizer_json() -> str:
         for left, right in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]])):
             merges.append((rank, text[left], text[right]))
     merges.sort(key=lambda m: m[0])
-    bpe = models.BPE(vocab={text[t]: r for t, r in ranks.items()}, merges=[(a, b) for _, a, b in merges],
-                     fuse_unk=False, byte_fallback=False)
+    bpe = models.BPE(
+        vocab={text[t]: r for t, r in ranks.items()},
+        merges=[(a, b) for _, a, b in merges],
+        fuse_unk=False,
+        byte_fallback=False,
+    )
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     assert tok.token_to_id(SPECIAL_TOKENS[0]) == FIRST_SPECIAL_ID, "special tokens must follow the 151643 ranks"
@@ -113,14 +138,31 @@ def write_tokenizer_files(directory: str | Path, chat_template: str | None = Non
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.json").write_text(build_tokenizer_json())
     template = CHAT_TEMPLATE if chat_template is None else chat_template
-    decoder = {str(FIRST_SPECIAL_ID + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                           "single_word": False, "special": True}
-               for i, t in enumerate(SPECIAL_TOKENS)}
+    decoder = {
+        str(FIRST_SPECIAL_ID + i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
     config = {
-        "add_prefix_space": False, "added_tokens_decoder": decoder, "additional_special_tokens": SPECIAL_TOKENS[1:],
-        "bos_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "bos_token": None,
+        "chat_template": template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (directory / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))

@@ -10,9 +10,18 @@ from pathlib import Path
 import numpy as np
 
 
-def encode_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int,
-                 codec: str = "libx264", gop: int | None = 250, vfr: bool = False, pix_fmt: str = "yuv420p",
-                 colorspace: int | None = None, color_range: int | None = None) -> Path:
+def encode_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    size: tuple[int, int],
+    fps: int,
+    codec: str = "libx264",
+    gop: int | None = 250,
+    vfr: bool = False,
+    pix_fmt: str = "yuv420p",
+    colorspace: int | None = None,
+    color_range: int | None = None,
+) -> Path:
     """RGB frames (H, W, 3) uint8 of `size` (width, height) written as a `pix_fmt` clip at `fps`. `codec` falls back
     from libx264 to MPEG-4 Part 2 where PyAV lacks it; `gop` None keeps the codec's own; `vfr` gives irregular frame
     times (a variable frame rate); `colorspace` and `color_range` (AVColorSpace, AVColorRange numbers) tag the
@@ -48,8 +57,15 @@ def encode_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int
     return path
 
 
-def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (640, 360), fps: int = 24,
-                     codec: str = "libx264", gop: int = 250, vfr: bool = False) -> Path:
+def write_test_video(
+    path: str | Path,
+    seconds: float,
+    size: tuple[int, int] = (640, 360),
+    fps: int = 24,
+    codec: str = "libx264",
+    gop: int = 250,
+    vfr: bool = False,
+) -> Path:
     """A `seconds`-long clip of `size` (width, height) at `fps`: scrolling bars, a moving square, a frame-number
     stripe (see `encode_video` for the other arguments)."""
     width, height = size
@@ -60,9 +76,9 @@ def write_test_video(path: str | Path, seconds: float, size: tuple[int, int] = (
     def frame(n: int) -> np.ndarray:
         img = np.roll(bars, n * 2, axis=1)
         sx, sy = (n * 3) % max(1, width - side), (n * 2) % max(1, height - side)
-        img[sy:sy + side, sx:sx + side] = 255
+        img[sy : sy + side, sx : sx + side] = 255
         for b in range(min(16, width // max(1, stripe))):
-            img[height - max(1, height // 12):, b * stripe:(b + 1) * stripe] = 255 * ((n >> b) & 1)
+            img[height - max(1, height // 12) :, b * stripe : (b + 1) * stripe] = 255 * ((n >> b) & 1)
         return img
 
     return encode_video(path, (frame(n) for n in range(round(seconds * fps))), size, fps, codec, gop, vfr)

@@ -77,8 +77,13 @@ def _resolve_paths(messages, base: Path, where: str) -> list[dict]:
         if isinstance(m["content"], list):
             for part in m["content"]:
                 kind = part["type"]
-                if kind in ("image", "video") and isinstance(part[kind], str) and "://" not in part[kind] \
-                        and not part[kind].startswith("data:") and not Path(part[kind]).is_absolute():
+                if (
+                    kind in ("image", "video")
+                    and isinstance(part[kind], str)
+                    and "://" not in part[kind]
+                    and not part[kind].startswith("data:")
+                    and not Path(part[kind]).is_absolute()
+                ):
                     part[kind] = str(base / part[kind])
     return messages
 
@@ -91,7 +96,7 @@ def assistant_labels(ids: list[int], im_start: int, assistant: list[int], im_end
     head = [im_start, *assistant]
     i = 0
     while i < len(ids):
-        if ids[i:i + len(head)] == head:
+        if ids[i : i + len(head)] == head:
             start = i + len(head) + 1
             end = start
             while end < len(ids) and ids[end] != im_end:
@@ -127,8 +132,14 @@ def encode(processor: Processor, messages: list[dict], where: str = "conversatio
     labels = assistant_labels(ids, tok.token_id("<|im_start|>"), tok.encode("assistant"), tok.token_id("<|im_end|>"))
     if all(label == IGNORE for label in labels):
         raise InputError("no assistant tokens to train on (the chat template shows no assistant turn)", where)
-    return Example(torch.tensor(ids), torch.tensor(labels), batch.get("pixel_values"), batch.get("image_grid_thw"),
-                   batch.get("pixel_values_videos"), batch.get("video_grid_thw"))
+    return Example(
+        torch.tensor(ids),
+        torch.tensor(labels),
+        batch.get("pixel_values"),
+        batch.get("image_grid_thw"),
+        batch.get("pixel_values_videos"),
+        batch.get("video_grid_thw"),
+    )
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

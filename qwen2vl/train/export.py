@@ -19,8 +19,9 @@ _SKIP = {"model.safetensors.index.json", "adapter_config.json", "adapter_model.s
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def save_checkpoint(model: nn.Module, source: str | Path, directory: str | Path,
-                    dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, source: str | Path, directory: str | Path, dtype: torch.dtype | None = None
+) -> Path:
     """Write `model` (merged if it carries LoRA) as a checkpoint in `directory`, in `dtype` (default: the source
     config's torch_dtype). The source directory supplies every non-weight file."""
     from safetensors.torch import save_file

@@ -31,8 +31,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | 
     """logits (B, L, V), labels (B, L) with IGNORE where untrained -> scalar loss (see the module docstring)."""
     logits = logits.float()
     targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(logits.device)  # token i predicts label i+1
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="mean" if num_items is None else "sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="mean" if num_items is None else "sum",
+    )
     return loss if num_items is None else loss / num_items
 
 

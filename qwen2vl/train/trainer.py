@@ -87,8 +87,15 @@ class TrainResult:
 class Trainer:
     """The training state of one run: model, processor, data, optimizer, schedule and where it stands."""
 
-    def __init__(self, model_path: str | Path, data, output: str | Path, config: TrainConfig = TrainConfig(),
-                 eval_data=None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        data,
+        output: str | Path,
+        config: TrainConfig = TrainConfig(),
+        eval_data=None,
+        progress: bool = True,
+    ) -> None:
         self.config, self.output, self.progress = config, Path(output), progress
         self.model_path = Path(model_path)
         if not self.model_path.is_dir():
@@ -96,14 +103,16 @@ class Trainer:
 
             self.model_path = Path(resolve_model_path(str(model_path)))
         self.train_set = data if isinstance(data, list) else read_jsonl(data)
-        self.eval_set = None if eval_data is None else (
-            eval_data if isinstance(eval_data, list) else read_jsonl(eval_data))
+        self.eval_set = (
+            None if eval_data is None else (eval_data if isinstance(eval_data, list) else read_jsonl(eval_data))
+        )
         self.processor = Processor.from_pretrained(self.model_path)
         for name, conversations in (("training data", self.train_set), ("eval data", self.eval_set or [])):
             for i, conversation in enumerate(conversations):
                 check(self.processor, conversation, f"{name}, conversation {i}")
-        self.model = load_model(self.model_path, dtype=config.dtype, device=config.device, progress=progress,
-                                cpu_kernels=False)
+        self.model = load_model(
+            self.model_path, dtype=config.dtype, device=config.device, progress=progress, cpu_kernels=False
+        )
         self._set_trainable()
         if config.gradient_checkpointing:
             gradient_checkpointing(self.model)
@@ -112,12 +121,16 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]  # biases and norms, as transformers' Trainer
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas, eps=config.eps)
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+        )
         per_epoch = math.ceil(math.ceil(len(self.train_set) / config.batch_size) / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_lambda(config.schedule, warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
+        )
         self.step = 0
         self.history: list[dict] = []
         self.tokens = 0
@@ -145,7 +158,7 @@ class Trainer:
         while True:
             epoch, k = divmod(index, per_epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
-            yield index, [self.train_set[i] for i in order[k * size:(k + 1) * size]]
+            yield index, [self.train_set[i] for i in order[k * size : (k + 1) * size]]
             index += 1
 
     def _batch(self, conversations: list, where: str) -> dict:
@@ -160,14 +173,22 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         batches = self.micro_batches(self.step * cfg.grad_accum)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", file=sys.stderr,
-                   disable=not self.progress)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="finetune",
+            unit="step",
+            file=sys.stderr,
+            disable=not self.progress,
+        )
         loss_value, eval_loss = float("nan"), None
         try:
             while self.step < self.total_steps:
                 step_t0 = time.perf_counter()
-                micro = [self._batch(convs, f"micro-batch {i}") for i, convs in
-                         (next(batches) for _ in range(cfg.grad_accum))]
+                micro = [
+                    self._batch(convs, f"micro-batch {i}")
+                    for i, convs in (next(batches) for _ in range(cfg.grad_accum))
+                ]
                 num_items = sum(trained_tokens(b["labels"]) for b in micro)
                 loss_value = 0.0
                 for batch in micro:
@@ -198,8 +219,9 @@ class Trainer:
             if self.history:
                 self.history[-1]["eval_loss"] = eval_loss
         self.save_final()
-        return TrainResult(self.step, loss_value, eval_loss, self.tokens, time.perf_counter() - t0, self.output,
-                           self.history)
+        return TrainResult(
+            self.step, loss_value, eval_loss, self.tokens, time.perf_counter() - t0, self.output, self.history
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -209,7 +231,7 @@ class Trainer:
         total, count = 0.0, 0
         size = self.config.batch_size
         for start in range(0, len(self.eval_set), size):
-            batch = self._batch(self.eval_set[start:start + size], f"eval batch {start // size}")
+            batch = self._batch(self.eval_set[start : start + size], f"eval batch {start // size}")
             n = trained_tokens(batch["labels"])
             total += float(model_loss(self.model, batch, num_items=1))
             count += n
@@ -233,24 +255,41 @@ class Trainer:
         else:
             from safetensors.torch import save_file
 
-            save_file({n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad},
-                      directory / "trainable.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.random.get_rng_state()}, directory / "optimizer.pt")
+            save_file(
+                {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad},
+                directory / "trainable.safetensors",
+            )
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.random.get_rng_state(),
+            },
+            directory / "optimizer.pt",
+        )
         self._write_state(directory)
 
     def _write_state(self, directory: Path) -> None:
-        config = {k: (v if not isinstance(v, torch.dtype) else str(v).removeprefix("torch."))
-                  for k, v in asdict(self.config).items()}
-        state = {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens, "history": self.history,
-                 "config": config}
+        config = {
+            k: (v if not isinstance(v, torch.dtype) else str(v).removeprefix("torch."))
+            for k, v in asdict(self.config).items()
+        }
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "history": self.history,
+            "config": config,
+        }
         (directory / STATE).write_text(json.dumps(state, indent=2))
 
     def resume(self, directory: str | Path | None = None) -> bool:
         """Continue from `directory`, or the latest DIR/checkpoint-STEP; False when there is none."""
         if directory is None:
-            found = sorted(self.output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-                           if p.name.split("-")[1].isdigit() else -1)
+            found = sorted(
+                self.output.glob("checkpoint-*"),
+                key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1,
+            )
             if not found:
                 return False
             directory = found[-1]
@@ -276,8 +315,15 @@ class Trainer:
         return True
 
 
-def finetune(model_path, data, output, config: TrainConfig = TrainConfig(), eval_data=None, resume: bool = False,
-             progress: bool = True) -> TrainResult:
+def finetune(
+    model_path,
+    data,
+    output,
+    config: TrainConfig = TrainConfig(),
+    eval_data=None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune the checkpoint at `model_path` on `data` (a JSONL path or a list of conversations); see Trainer."""
     trainer = Trainer(model_path, data, output, config, eval_data, progress)
     if resume and not trainer.resume():
