@@ -6,22 +6,25 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 
 from qwen2vl.engine.engine import Output
 from qwen2vl.serve.server import EngineLoop
 
 
 def test_no_token_is_lost_while_the_rate_is_read():
-    # thread switches every 10 us instead of 5 ms: without the lock, a few of the 50,000 tokens go missing every run
+    # thread switches every 10 us instead of 5 ms, so the engine thread's record and the event loop's expiry
+    # interleave as finely as they can: the window's running count must stay the sum of what it holds
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
-        _count_tokens_while_reading(50_000)
+        _count_tokens_while_reading(50_000, window=1e6)  # nothing expires: every token is counted
+        _count_tokens_while_reading(50_000, window=1e-4)  # the reader expires entries as the writer adds them
     finally:
         sys.setswitchinterval(old)
 
 
-def _count_tokens_while_reading(steps: int) -> None:
+def _count_tokens_while_reading(steps: int, window: float) -> None:
     loop = EngineLoop(engine=None)  # the thread is not started: deliver() is called the way the engine thread does
 
     def engine_thread() -> None:
@@ -31,9 +34,13 @@ def _count_tokens_while_reading(steps: int) -> None:
     writer = threading.Thread(target=engine_thread)
     writer.start()
     while writer.is_alive():  # the event loop reading /metrics as fast as it can
-        loop.tokens_per_second(window=1e6)
+        loop.tokens_per_second(window=window)
     writer.join()
-    assert round(loop.tokens_per_second(window=1e6) * 1e6) == steps
+    if window > 1e3:
+        assert round(loop.tokens_per_second(window=window) * window) == steps
+    else:  # once everything has expired, nothing may be left over in the running count
+        time.sleep(2 * window)
+        assert loop.tokens_per_second(window=window) == 0
 
 
 def test_outputs_reach_their_routes_while_routes_change():

@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -98,7 +99,8 @@ class EngineLoop:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._window: list[tuple[float, int]] = []  # (time, tokens produced by one step)
+        self._window: deque[tuple[float, int]] = deque()  # (time, tokens produced by one step), oldest first
+        self._window_tokens = 0  # the sum of the window's counts, kept as it changes
         self._lock = threading.Lock()
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
@@ -123,6 +125,7 @@ class EngineLoop:
         with self._lock:
             if produced:
                 self._window.append((time.monotonic(), produced))
+                self._window_tokens += produced
             targets = [(self._routes.get(out.request_id), out) for out in outputs]
         for route, out in targets:
             if route is not None:
@@ -146,8 +149,9 @@ class EngineLoop:
     def tokens_per_second(self, window: float = 10.0) -> float:
         cutoff = time.monotonic() - window
         with self._lock:
-            self._window = [(t, n) for t, n in self._window if t >= cutoff]
-            return sum(n for _, n in self._window) / window
+            while self._window and self._window[0][0] < cutoff:  # expire from the old end: O(1) per step
+                self._window_tokens -= self._window.popleft()[1]
+            return self._window_tokens / window
 
 
 class Server:
