@@ -66,6 +66,9 @@ class WeightOnlyLinear(nn.Module):
         w = self.weight.float()
         return w if self.scale is None else w * self.scale[:, None]
 
+    def _bf16_weight(self) -> torch.Tensor:
+        return self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] <= kernels.MAX_ROWS and x.dtype == torch.float32:
@@ -73,11 +76,9 @@ class WeightOnlyLinear(nn.Module):
             if kernel is not None:
                 return kernel(rows).view(*x.shape[:-1], -1)
         if x.dtype == torch.bfloat16:  # bf16 activations (vision blocks under bf16 products): bf16 out, bias fused
-            w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
-            return F.linear(x, w, None if self.bias is None else self.bias.to(torch.bfloat16))
+            return F.linear(x, self._bf16_weight(), None if self.bias is None else self.bias.to(torch.bfloat16))
         if self.matmul == "bf16" and x.dtype == torch.float32:  # native bf16 GEMM, float32 activations around it
-            w = self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
-            y = F.linear(x.to(torch.bfloat16), w).float()
+            y = F.linear(x.to(torch.bfloat16), self._bf16_weight()).float()
             return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

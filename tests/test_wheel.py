@@ -25,7 +25,7 @@ def test_the_wheel_installs_and_runs_through_the_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("qwen2vl-*.whl")
     assert wheel.name.startswith(f"qwen2vl-{qwen2vl.__version__}-")  # one version: qwen2vl.__version__
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in (ROOT / "qwen2vl" / "kernels").glob("*.c"):
+    for source in [*(ROOT / "qwen2vl" / "kernels").glob("*.c"), *(ROOT / "qwen2vl" / "kernels").glob("*.h")]:
         assert f"qwen2vl/kernels/{source.name}" in names
     assert f"qwen2vl-{qwen2vl.__version__}.dist-info/licenses/LICENSE" in names
     assert "Apache License" in (ROOT / "LICENSE").read_text()

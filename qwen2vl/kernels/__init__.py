@@ -142,7 +142,8 @@ def _sources(spec: Variant) -> tuple[Path, Path]:
 def _built_path(spec: Variant) -> Path:
     """Where the library built from these sources and flags lives (raises OSError where a source is missing)."""
     flags = [*_COMMON, *spec.cc_flags]
-    digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in _sources(spec))).hexdigest()
+    files = (*_sources(spec), _HERE / "gemv_common.h")
+    digest = hashlib.sha256(" ".join(flags).encode() + b"".join(f.read_bytes() for f in files)).hexdigest()
     return _cache_dir() / f"qwen2vl-kernels-{spec.name}-{digest[:16]}.so"
 
 
@@ -193,24 +194,19 @@ class WeightOnlyMatmul:
         bias: torch.Tensor | None = None,
         variant: str | None = None,
     ) -> None:
-        lib = _build(variant) if variant else _library()
-        if lib is None:
-            raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
-        storage = torch.bfloat16 if scale is None else torch.int8
-        if w.dtype != storage or w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu" or w.shape[1] % 8:
-            raise ValueError(
-                f"weight must be a contiguous CPU {storage} matrix with K % 8 == 0, got {w.dtype} {tuple(w.shape)}"
-            )
-        for name, v in (("scale", scale), ("bias", bias)):
-            if v is not None and (v.dtype != torch.float32 or v.shape != (w.shape[0],) or not v.is_contiguous()):
-                raise ValueError(
-                    f"{name} must be a contiguous float32 vector of {w.shape[0]}, got {v.dtype} {tuple(v.shape)}"
-                )
+        lib = _loaded(variant)
+        if w.dim() != 2 or w.shape[1] % 8:
+            raise ValueError(f"weight must be a matrix with K % 8 == 0, got {tuple(w.shape)}")
+        n = w.shape[0]
+        _check(
+            ("weight", w, torch.bfloat16 if scale is None else torch.int8, tuple(w.shape)),
+            ("scale", scale, torch.float32, (n,)),
+            ("bias", bias, torch.float32, (n,)),
+        )
         self.n, self.k = w.shape
         self.tensors = (w, scale, bias)  # kept alive: the kernel reads them through raw pointers
-        self.ptr = w.data_ptr()
         self._fn = lib.gemm_bf16 if scale is None else lib.gemm_i8
-        self._head = (self.ptr, None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr())
+        self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _call(self._fn, self._head, (), x, self.n, self.k)
@@ -231,25 +227,17 @@ class Q4Product:
         bias: torch.Tensor | None = None,
         variant: str | None = None,
     ) -> None:
-        lib = _build(variant) if variant else _library()
-        if lib is None:
-            raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
+        lib = _loaded(variant)
         n, k = qweight.shape[0], qweight.shape[1] * 2
         if not self.supports(k, group):
             raise ValueError(f"the 4-bit kernel needs K and the group size to be multiples of 32, got {k}, {group}")
         groups = -(-k // group)
-        for name, t, dtype, shape in (
+        _check(
             ("qweight", qweight, torch.uint8, (n, k // 2)),
             ("scales", scales, torch.float16, (n, groups)),
             ("zeros", zeros, torch.int16, (n, groups)),
             ("bias", bias, torch.float32, (n,)),
-        ):
-            if t is not None and (
-                t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu"
-            ):
-                raise ValueError(
-                    f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} {tuple(t.shape)}"
-                )
+        )
         self.n, self.k, self.group = n, k, group
         self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
         self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
@@ -261,6 +249,25 @@ class Q4Product:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _call(self._fn, self._head, (self.group,), x, self.n, self.k)
+
+
+def _loaded(variant: str | None) -> ctypes.CDLL:
+    """The library of `variant` (default: the one in use), or RuntimeError where it is not available."""
+    lib = _build(variant) if variant else _library()
+    if lib is None:
+        raise RuntimeError("qwen2vl kernels are not available on this machine (see kernels.available())")
+    return lib
+
+
+def _check(*specs: tuple[str, torch.Tensor | None, torch.dtype, tuple[int, ...]]) -> None:
+    """Each (name, tensor or None, dtype, shape): a contiguous CPU tensor of that dtype and shape, or ValueError."""
+    for name, t, dtype, shape in specs:
+        if t is not None and (
+            t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"{name} must be a contiguous CPU {dtype} tensor of {shape}, got {t.dtype} {tuple(t.shape)}"
+            )
 
 
 def _call(fn, head: tuple, extra: tuple, x: torch.Tensor, n: int, k: int) -> torch.Tensor:

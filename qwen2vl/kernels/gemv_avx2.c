@@ -15,23 +15,9 @@
    row's result does not depend on which other rows share the call: batched decoding gives bit-identical results
    to decoding alone. Output rows are split across threads with OpenMP. K must be a multiple of 8. The
    plain-PyTorch path in qwen2vl/cpu.py is the reference these functions are tested against. */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define GROUP 128 /* int8 path: inputs per int16 scale; 128 * 2 * 127 * 32767 < 2^31, so int32 sums are exact */
-/* Weights are prefetched 1 KB ahead as non-temporal, so the stream does not evict everything else from the
-   caches between products (decode runs ~1,500 small operations between them): measured 75% -> 81% of the
-   bandwidth bound per decode step; 2 KB ahead was worse, 512 bytes no better. Prefetches never fault. */
-#define AHEAD 1024 /* bytes */
-#define CHUNK 16  /* output rows per task: they stay in L1 while every x row passes over them */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
+#include "gemv_common.h"
 
 /* ---- bf16 ---------------------------------------------------------------------------------------------- */
 
@@ -71,7 +57,7 @@ static inline float dot_bf16(const uint16_t *w, const float *xp, int64_t k) {
         __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
         a2 = _mm256_fmadd_ps(f, _mm256_loadu_ps(xp + j), a2);
     }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 int gemm_bf16(const uint16_t *w, const float *unused_scale, const float *bias, const float *x, float *y, int64_t n,
@@ -92,22 +78,6 @@ int gemm_bf16(const uint16_t *w, const float *unused_scale, const float *bias, c
 }
 
 /* ---- int8 ---------------------------------------------------------------------------------------------- */
-
-/* x (k floats) -> xq (k int16) and one scale per group of GROUP (the last group may be shorter):
-   xq = round(x / s), s = max |x| / 32767 over the group (1 for an all-zero group). */
-static void quantize_x(const float *x, int16_t *xq, float *xs, int64_t k) {
-    for (int64_t g = 0; g < k; g += GROUP) {
-        int64_t end = k - g < GROUP ? k : g + GROUP;
-        float amax = 0.0f;
-        for (int64_t j = g; j < end; j++) amax = x[j] > amax ? x[j] : (-x[j] > amax ? -x[j] : amax);
-        float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
-        for (int64_t j = g; j < end; j++) {
-            float q = __builtin_nearbyintf(x[j] * inv);
-            xq[j] = (int16_t)(q > 32767.0f ? 32767.0f : (q < -32767.0f ? -32767.0f : q));
-        }
-        xs[g / GROUP] = s;
-    }
-}
 
 static inline float dot_i8(const int8_t *w, const int16_t *xq, const float *xs, int64_t k) {
     __m256 acc = _mm256_setzero_ps();
@@ -133,7 +103,7 @@ static inline float dot_i8(const int8_t *w, const int16_t *xq, const float *xs, 
         }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(xs[g / GROUP]), acc);
     }
-    return hsum(acc);
+    return hsum256(acc);
 }
 
 int gemm_i8(const int8_t *w, const float *scale, const float *bias, const float *x, float *y, int64_t n,
@@ -202,7 +172,7 @@ static inline float dot_q4(const uint8_t *w, const uint16_t *scales, const int16
                                  _mm256_loadu_ps(xp + j + 24), a3);
         }
     }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias, const float *x,

@@ -15,23 +15,13 @@
    Every (n, m) pair is summed in the same order whatever M is and whichever rows share a pass, so batched decoding
    gives bit-identical results to decoding alone. The summation order differs from gemv_avx2.c's (16 lanes, not
    8): the two variants agree to float32 rounding, not bit for bit; each is tested against the PyTorch path. */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define GROUP 128 /* int8 path: inputs per int16 scale (must match GROUP in gemv_avx2.c and kernels/__init__.py) */
-#define AHEAD 1024 /* bytes of weights prefetched ahead, non-temporal (see gemv_avx2.c) */
-#define CHUNK 16  /* output rows per task */
+#include "gemv_common.h"
+
 #define ROWS 4    /* rows of x per pass over a weight row: 4 x 4 accumulators + temporaries fit 32 registers */
 
 #define INLINE static inline __attribute__((always_inline))
-
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
 
 /* ---- bf16 ---------------------------------------------------------------------------------------------- */
 
@@ -117,23 +107,6 @@ int gemm_bf16(const uint16_t *w, const float *unused_scale, const float *bias, c
 }
 
 /* ---- int8 ---------------------------------------------------------------------------------------------- */
-
-/* x (k floats) -> xq (k int16) and one scale per group of GROUP: xq = round(x / s), s = max |x| / 32767 over the
-   group (1 for an all-zero group). The same rounding as gemv_avx2.c's quantize_x, so both variants see the same
-   integers. */
-static void quantize_x(const float *x, int16_t *xq, float *xs, int64_t k) {
-    for (int64_t g = 0; g < k; g += GROUP) {
-        int64_t end = k - g < GROUP ? k : g + GROUP;
-        float amax = 0.0f;
-        for (int64_t j = g; j < end; j++) amax = x[j] > amax ? x[j] : (-x[j] > amax ? -x[j] : amax);
-        float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
-        for (int64_t j = g; j < end; j++) {
-            float q = __builtin_nearbyintf(x[j] * inv);
-            xq[j] = (int16_t)(q > 32767.0f ? 32767.0f : (q < -32767.0f ? -32767.0f : q));
-        }
-        xs[g / GROUP] = s;
-    }
-}
 
 INLINE void dot_i8(const int8_t *w, const int16_t *xq, const float *xs, int64_t k, int64_t groups, float *y,
                    int64_t ystride, int R) {

@@ -324,25 +324,6 @@ class Processor:
         items, extra = [], 0
         for i, item in enumerate(self.vision_items(messages)):
             kind, what = item["type"], f"{item['type']} {i} ({describe(item[item['type']])})"
-            if facts is not None and i in facts:  # already probed: arithmetic only
-                vp = replan_video({**self.video_defaults, **item}, facts[i], what)
-                count = self._video_tokens(vp)
-                h, w = processor_size(*vp.resized, self.bounds.video)
-                items.append(
-                    ItemPlan(
-                        "video",
-                        describe(item["video"]),
-                        (vp.width, vp.height),
-                        (w, h),
-                        count,
-                        vp.indices,
-                        [round(t, 3) for t in vp.timestamps],
-                        vp.source_pixels,
-                        {k: item[k] for k in FIT_FIELDS if k in item},
-                    )
-                )
-                extra += count - 1
-                continue
             if kind == "image":
                 image = _lazy_image(item["image"], self.policy, what)
                 _, (h, w) = image_sizes(item, image.height, image.width, self.bounds.image)
@@ -358,11 +339,16 @@ class Processor:
                     )
                 )
             else:
-                vp = plan_video({**self.video_defaults, **item}, self.policy, what)
-                if facts is not None:
-                    facts[i] = vp
+                refit = facts is not None and i in facts
+                if refit:  # already probed: arithmetic only
+                    vp = replan_video({**self.video_defaults, **item}, facts[i], what)
+                else:
+                    vp = plan_video({**self.video_defaults, **item}, self.policy, what)
+                    if facts is not None:
+                        facts[i] = vp
                 h, w = processor_size(*vp.resized, self.bounds.video)
                 count = self._video_tokens(vp)
+                fitted = {k: item[k] for k in FIT_FIELDS if k in item} if refit else {}
                 items.append(
                     ItemPlan(
                         "video",
@@ -373,6 +359,7 @@ class Processor:
                         vp.indices,
                         [round(t, 3) for t in vp.timestamps],
                         vp.source_pixels,
+                        fitted,
                     )
                 )
             extra += count - 1
