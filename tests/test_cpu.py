@@ -170,6 +170,9 @@ def test_plain_bf16_path_still_available(bf16_ckpt, hf_model_factory, parity_rep
     )
 
 
+# int4's limits guard against a broken quantizer (a wrong zero point, scale or nibble order sends the relative
+# difference above 1 and the agreement towards 0), not a quality promise: 4 bits on random weights measured 0.61 and
+# 0.63 (docs/model.md), int8 0.039 and 0.094
 @pytest.mark.parametrize("bits, max_rel, max_disagree", [("int8", 0.05, 0.25), ("int4", 0.8, 0.75)])
 def test_quantized_drift_and_greedy_agreement(bf16_ckpt, parity_report, bits, max_rel, max_disagree):
     from qwen2vl.quant import QuantLinear
