@@ -256,8 +256,11 @@ class Pipeline:
     def chat(self, conversation, **sampling) -> str:
         return "".join(self.stream(conversation, **sampling))
 
-    def generate(self, conversations: list, fit: bool = False, **sampling) -> list[str]:
-        """Answers for a batch of conversations (left-padded, decoded together; each equals its own run)."""
+    def generate(
+        self, conversations: list, fit: bool = False, skip_special_tokens: bool = True, **sampling
+    ) -> list[str]:
+        """Answers for a batch of conversations (left-padded, decoded together; each equals its own run).
+        `skip_special_tokens=False` keeps the grounding markers (`parse_boxes` reads them)."""
         params = self.params(**sampling)
         ids: list[list[int]] = [[] for _ in conversations]
         for step in self._timed_steps(conversations, params, fit=fit):
@@ -268,7 +271,8 @@ class Pipeline:
         for row in ids:
             row = [t for t in row if t not in params.stop_token_ids]
             stop = StopMatcher(params.stop)  # the whole answer at once: cut before the earliest stop string
-            texts.append(stop.feed(self.processor.tokenizer.decode(row, skip_special_tokens=True)) + stop.flush())
+            text = self.processor.tokenizer.decode(row, skip_special_tokens=skip_special_tokens)
+            texts.append(stop.feed(text) + stop.flush())
         return texts
 
     def ground(self, conversation, **sampling) -> tuple[str, list[Box]]:

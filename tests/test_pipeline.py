@@ -106,6 +106,17 @@ def test_mixed_batch_equals_reference_and_rows_alone(pipe, media, tiny_ckpt, hf_
     assert texts == [pipe.generate([c], max_new_tokens=12)[0] for c in convs]
 
 
+def test_generate_keeps_special_tokens_when_asked(pipe, media):
+    """`skip_special_tokens=False` keeps markers such as the grounding ones (a logit bias makes the model emit
+    <|box_start|>, id 151648, at every step); the default drops them, as the reference's decode does."""
+    conv = conversations(media)["one image"]
+    kept, dropped = (
+        pipe.generate([conv], max_new_tokens=3, logit_bias={151648: 100.0}, skip_special_tokens=skip)[0]
+        for skip in (False, True)
+    )
+    assert kept == "<|box_start|>" * 3 and dropped == ""
+
+
 def test_stream_chat_and_stop_strings(pipe, media):
     conv = conversations(media)["one image"]
     pieces = list(pipe.stream(conv, max_new_tokens=20))
