@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_inputs import build
 from processing_fixtures import make_video, noise_image
@@ -230,6 +231,35 @@ def test_trained_rows_loss_equals_the_plain_loss(tiny_tied_ckpt, parity_report):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     worst = max(_rel(g, grads[0][n]) for n, g in grads[1].items())
     parity_report("train: trained-rows loss vs plain loss, gradients (rel.)", worst, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_restricted_output_vocabulary_is_the_cross_entropy_of_those_logits(tiny_tied_ckpt, tiny_ckpt, tied):
+    """`model_loss(vocab=...)` (the demo model's warm start) equals cross entropy over the plain path's logits of
+    those tokens only, gradients included; a label outside the vocabulary is refused by name."""
+    batch = build([[14, ("image", (1, 4, 6)), 9], [25]], seed=9)
+    labels = torch.where(torch.arange(batch["input_ids"].shape[1]) % 3 == 1, batch["input_ids"], IGNORE)
+    labels[:, :10] = IGNORE
+    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    vocab = torch.tensor(sorted({*targets[targets != IGNORE].tolist(), 0, 5, 151643}))
+    grads, losses = [], []
+    for fast in (False, True):
+        model = _ours(tiny_tied_ckpt if tied else tiny_ckpt).requires_grad_(True)
+        if fast:
+            loss = model_loss(model, {**batch, "labels": labels}, 7, vocab=vocab)
+        else:
+            logits = model(**batch)[..., vocab].float()
+            rows = targets != IGNORE
+            remapped = torch.searchsorted(vocab, targets[rows])
+            loss = F.cross_entropy(logits[rows], remapped, reduction="sum") / 7
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert max(_rel(g, grads[0][n]) for n, g in grads[1].items()) <= GRAD_RTOL
+    short = vocab[vocab != int(targets[targets != IGNORE][0])]
+    with pytest.raises(ValueError, match="outside the output vocabulary"):
+        model_loss(model, {**batch, "labels": labels}, vocab=short)
 
 
 def test_checkpointing_and_accumulation_keep_the_gradients(tiny_tied_ckpt, parity_report):

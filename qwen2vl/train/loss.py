@@ -45,17 +45,35 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE).sum())
 
 
-def model_loss(model: nn.Module, batch: dict, num_items: int | None = None) -> torch.Tensor:
+def model_loss(
+    model: nn.Module, batch: dict, num_items: int | None = None, vocab: torch.Tensor | None = None
+) -> torch.Tensor:
     """`causal_lm_loss` of the model on `batch`, projecting only the positions that are trained to the vocabulary:
     the same loss and gradients as the plain path (`causal_lm_loss(model(...), labels)`, which the tests compare),
     without the (B, L, vocab) logits, most of them of image and prompt tokens (a 2,000-token prompt of the 2B model
-    has 1.2 GB of float32 logits)."""
+    has 1.2 GB of float32 logits).
+
+    `vocab` (sorted token ids) restricts the softmax to those tokens: the cross entropy of the logits of `vocab`
+    only, which every trained label must be in. Not the reference's loss; a cheap warm start for a model whose
+    answers use few tokens of a large vocabulary (the demo model's), to be followed by full-vocabulary steps."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.hidden_states(**inputs)  # (B, L, H)
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
     rows = targets != IGNORE
-    logits = model.logits(hidden[rows]).float()  # (trained positions, vocab)
-    loss = F.cross_entropy(logits, targets[rows], reduction="mean" if num_items is None else "sum")
+    if vocab is None:
+        logits = model.logits(hidden[rows]).float()  # (trained positions, vocab)
+        targets = targets[rows]
+    else:
+        weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        logits = F.linear(hidden[rows], weight[vocab]).float()  # (trained positions, len(vocab))
+        where = torch.searchsorted(vocab, targets[rows])
+        found = where < len(vocab)
+        found[found.clone()] = vocab[where[found]] == targets[rows][found]
+        if not bool(found.all()):
+            missing = sorted(set(targets[rows][~found].tolist()))[:5]
+            raise ValueError(f"trained tokens {missing} are outside the output vocabulary of this run")
+        targets = where
+    loss = F.cross_entropy(logits, targets, reduction="mean" if num_items is None else "sum")
     return loss if num_items is None else loss / num_items
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     save_steps: int | None = None  # a checkpoint every this many optimizer steps
     eval_steps: int | None = None  # evaluate every this many steps (and at the end, with eval data)
     seed: int = 0
+    # the softmax over these token ids only (`model_loss`); None: the whole vocabulary, the reference's loss
+    output_vocab: tuple[int, ...] | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
 
@@ -131,6 +133,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
         )
+        self.vocab = (
+            None
+            if config.output_vocab is None
+            else torch.tensor(sorted(set(config.output_vocab)), dtype=torch.long, device=config.device)
+        )
         self.step = 0
         self.history: list[dict] = []
         self.tokens = 0
@@ -192,7 +199,7 @@ class Trainer:
                 num_items = sum(trained_tokens(b["labels"]) for b in micro)
                 loss_value = 0.0
                 for batch in micro:
-                    loss = model_loss(self.model, batch, num_items)
+                    loss = model_loss(self.model, batch, num_items, self.vocab)
                     loss.backward()
                     loss_value += loss.item()
                 if cfg.max_grad_norm is not None:
@@ -233,7 +240,7 @@ class Trainer:
         for start in range(0, len(self.eval_set), size):
             batch = self._batch(self.eval_set[start : start + size], f"eval batch {start // size}")
             n = trained_tokens(batch["labels"])
-            total += float(model_loss(self.model, batch, num_items=1))
+            total += float(model_loss(self.model, batch, num_items=1, vocab=self.vocab))
             count += n
         self.model.train(was_training)
         return total / max(1, count)
