@@ -360,14 +360,40 @@ def test_run_keeps_the_order_of_images_and_videos(tiny, pipe, media):
 
 
 def test_chat_prompts_and_takes_media_mid_conversation(tiny, media):
-    script = f"Hello\n/image {media / 'missing.png'}\n/image {media / 'a.png'}\nWhat is this?\n/quit\n"
+    script = (
+        f"Hello\n/image {media / 'missing.png'}\n/image {media / 'a.png'}\nWhat is this?\nAnd the colours?\n"
+        "/reset\nHello\n/quit\n"
+    )
     out = cli("chat", "--model", tiny, "--max-new-tokens", "3", "-v", stdin=script)
     assert out.returncode == 0, out.stderr
-    assert len(lines(out.stdout)) == 2  # two answers, nothing else on stdout
-    assert out.stderr.count("> ") >= 5  # a prompt before each line read
+    assert len(lines(out.stdout)) == 4  # four answers, nothing else on stdout
+    assert out.stderr.count("> ") >= 8  # a prompt before each line read
     assert "error: image" in out.stderr and "missing.png: no such file" in out.stderr  # said at /image, not later
     turns = [t for t in out.stderr.split("> ") if "prompt tokens run" in t]
-    assert len(turns) == 2 and "image: " not in turns[0] and "image: " in turns[1]  # the image joined turn 2
+    assert len(turns) == 4 and "image: " not in turns[0] and "image: " in turns[1]  # the image joined turn 2
+    run, total = zip(*(map(int, re.search(r"\((\d+) of (\d+) prompt tokens run\)", t).groups()) for t in turns))
+    assert run[2] < run[1] and run[2] < total[2] / 2  # turn 3 runs only its new tokens: the rest is cached
+    assert run[3] == total[3] and total[3] == total[0]  # /reset: a fresh conversation, the same as the first
+
+
+def test_run_draws_the_boxes_of_its_answer(tiny, media, tmp_path):
+    out = cli(
+        "run",
+        "--model",
+        tiny,
+        "--image",
+        media / "a.png",
+        "--prompt",
+        "Where?",
+        "--max-new-tokens",
+        "3",
+        "--draw-boxes",
+        tmp_path / "boxes.png",
+    )
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "boxes.png").size == (200, 150)  # drawn on a copy of the image, at its size
 
 
 # -- 8. the offline trial exercises the default path -------------------------------------------------------------

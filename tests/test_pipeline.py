@@ -3,9 +3,6 @@ generation config included), streaming, batching, chat sessions with cache reuse
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from PIL import Image
@@ -184,88 +181,3 @@ def test_hub_resolution_offline(tmp_path, monkeypatch, tiny_ckpt):
     (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs").mkdir()
     (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs" / "main").write_text("a" * 40)
     assert resolve_model_path("Qwen/Tiny") == snap
-
-
-def test_cli_run_plan_and_errors(tiny_ckpt, media, tmp_path):
-    d, _ = media
-    run = lambda *a: subprocess.run([sys.executable, "-m", "qwen2vl.cli", *a], capture_output=True, text=True)  # noqa: E731
-    out = run(
-        "run",
-        "--model",
-        str(tiny_ckpt),
-        "--image",
-        str(d / "a.png"),
-        "--prompt",
-        "Describe.",
-        "--max-new-tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--verbose",
-        "--dtype",
-        "float32",
-    )
-    assert out.returncode == 0, out.stderr
-    pipe = qwen2vl.load(str(tiny_ckpt), dtype=torch.float32, progress=False)
-    expected = pipe.chat(
-        [
-            {
-                "role": "user",
-                "content": [{"type": "image", "image": str(d / "a.png")}, {"type": "text", "text": "Describe."}],
-            }
-        ],
-        max_new_tokens=6,
-        temperature=0,
-    )
-    assert out.stdout == expected + "\n"  # the answer and nothing else on stdout
-    assert "decode" in out.stderr and "image: " in out.stderr
-    out = run("plan", "--model", str(tiny_ckpt), "--image", str(d / "a.png"), "--json")
-    assert out.returncode == 0 and '"prompt_tokens"' in out.stdout
-    out = run("run", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "--prompt", "x")
-    assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
-    out = run(
-        "run",
-        "--model",
-        str(tiny_ckpt),
-        "--image",
-        str(d / "a.png"),
-        "--prompt",
-        "x",
-        "--draw-boxes",
-        str(tmp_path / "b.png"),
-        "--max-new-tokens",
-        "3",
-    )
-    assert out.returncode == 0 and (tmp_path / "b.png").exists()
-
-
-def test_cli_chat_session(tiny_ckpt, media):
-    d, _ = media
-    script = f"/image {d / 'a.png'}\nWhat is this?\nAnd the colours?\n/reset\nHello\n/quit\n"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen2vl.cli",
-            "chat",
-            "--model",
-            str(tiny_ckpt),
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "4",
-            "--verbose",
-        ],
-        input=script,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    assert len(out.stdout.strip().splitlines()) == 3
-    turns = [line for line in out.stderr.splitlines() if "prompt tokens run" in line]
-    assert len(turns) == 3
-    # second turn runs only its new tokens
-    import re
-
-    run2, total2 = map(int, re.search(r"\((\d+) of (\d+) prompt tokens run\)", turns[1]).groups())
-    assert run2 < total2 / 2
