@@ -23,6 +23,35 @@ def parity_report():
     return record
 
 
+# The fast selection (`pytest -m "not slow and not heavy"`, about a minute): `heavy` marks the tests that start
+# subprocesses, servers, browsers or compilers, and those that load the reference model.
+HEAVY_MODULES = {
+    "test_cli",  # each test runs `python -m qwen2vl` in a fresh interpreter
+    "test_tensor_parallel",  # process groups
+    "test_long_video",
+    "test_video_colour",
+    "test_web",  # a browser
+    "test_wheel",  # builds and installs a wheel
+    "test_kernel_fallback",  # compiles the kernels
+    "test_server_fuzz",
+    "test_server_hostile",
+    "test_server_structured",
+    "test_demo",  # trains a model
+    "test_train",
+    "test_processing",  # these three compare many inputs with qwen-vl-utils + transformers' processors
+    "test_video_processing",
+    "test_sizing",
+}
+HEAVY_FIXTURES = {"hf_model_factory", "server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in HEAVY_MODULES or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _PARITY:
         return

@@ -447,6 +447,7 @@ print(json.dumps({"grew": rss.grew, "weights": size}))
 """
 
 
+@pytest.mark.heavy  # loads in a subprocess to read its peak RSS
 def test_load_peak_is_weights_plus_a_bounded_working_set(tmp_path):
     """16 GPTQ-Int4 layers of width 1024 / 4096 (random packed bits; the numbers do not matter here): the peak
     over the loaded weights stays under 64 MB, half the checkpoint's packed tensors (a second copy would be all).

@@ -411,6 +411,7 @@ def test_processors_run_before_the_choice_and_learn_the_token():
     assert int(choose(logits, torch.zeros(1, 1, dtype=torch.long))[0]) == 2 and seen_tokens == [2]
 
 
+@pytest.mark.heavy  # a running engine
 def test_engine_keeps_a_matcher_per_request_beside_free_requests(pipe, grammars):
     """In the continuous-batching engine each constrained request gives what the pipeline gives it alone, free
     requests are unchanged, and an aborted request's slot and matcher go away."""

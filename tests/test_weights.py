@@ -130,6 +130,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy  # loads in a subprocess to read its peak RSS
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_peak_memory_while_loading_stays_near_the_weights(tmp_path_factory, dtype, parity_report):
     d = tmp_path_factory.getbasetemp() / "peak_ckpt"
