@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 import qwen2vl
 from processing_fixtures import noise_image, oracle
-from qwen2vl.grounding import draw_boxes, parse_boxes
-from qwen2vl.hub import ModelNotFound, resolve_model_path
 from qwen2vl.pipeline import ChatSession
 
 NEW = 48
@@ -63,13 +60,11 @@ def conversations(media):
     }
 
 
-def reference_tokens(ckpt, hf_model_factory, batch, defaults: bool):
+def reference_tokens(ckpt, hf_model_factory, batch):
+    """transformers' `generate` under the checkpoint's generation_config."""
     ref = hf_model_factory(ckpt, attn="sdpa")
-    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW)
-    if not defaults:
-        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None, repetition_penalty=1.0)
     with torch.no_grad():
-        out = ref.generate(**batch, **kwargs)
+        out = ref.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW)
     return out[:, batch["input_ids"].shape[1] :]
 
 
@@ -84,20 +79,18 @@ def our_tokens(pipe, batch, **sampling):
 
 
 @pytest.mark.parametrize("case", ["text only", "one image", "two images", "video"])
-@pytest.mark.parametrize("defaults", [False, True], ids=["greedy", "checkpoint generation_config"])
-def test_tokens_equal_reference_generate(case, defaults, pipe, media, tiny_ckpt, hf_model_factory):
-    # both sides decode the same input tensors (the processor is compared with its oracle in its own tests;
-    # for frame lists it deliberately differs from qwen-vl-utils' double resize)
+def test_checkpoint_generation_config_equals_reference_generate(case, pipe, media, tiny_ckpt, hf_model_factory):
+    """The checkpoint's generation_config as transformers applies it (plain greedy decoding against the reference is
+    test_generate.py's). Both sides decode the same input tensors (the processor is compared with its oracle in its
+    own tests; for frame lists it deliberately differs from qwen-vl-utils' double resize)."""
     batch = oracle(tiny_ckpt, conversations(media)[case])
-    expected = reference_tokens(tiny_ckpt, hf_model_factory, batch, defaults)
-    got = our_tokens(pipe, batch) if defaults else our_tokens(pipe, batch, temperature=0, repetition_penalty=1.0)
-    assert torch.equal(got, expected)
+    assert torch.equal(our_tokens(pipe, batch), reference_tokens(tiny_ckpt, hf_model_factory, batch))
 
 
 def test_mixed_batch_equals_reference_and_rows_alone(pipe, media, tiny_ckpt, hf_model_factory):
     convs = list(conversations(media).values())
     batch = oracle(tiny_ckpt, convs)
-    expected = reference_tokens(tiny_ckpt, hf_model_factory, batch, defaults=True)
+    expected = reference_tokens(tiny_ckpt, hf_model_factory, batch)
     assert torch.equal(our_tokens(pipe, batch), expected)
     texts = pipe.generate(convs, max_new_tokens=12)
     assert texts == [pipe.generate([c], max_new_tokens=12)[0] for c in convs]
@@ -142,42 +135,3 @@ def test_chat_session_reuses_history_and_vision(pipe, media):
     # the reused cache gives the same answer as a fresh run of the whole conversation
     fresh = pipe.chat(session.messages[:-1], max_new_tokens=8)
     assert second == fresh and first
-
-
-def test_grounding_parse_map_and_draw(tmp_path):
-    text = (
-        "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|> and "
-        "<|box_start|>(0,0),(1000,1000)<|box_end|><|object_ref_start|>sign<|object_ref_end|>"
-        "<|quad_start|>(10,10),(90,10),(90,50),(10,50)<|quad_end|><|box_start|>(1,2)<|box_end|>"
-    )
-    boxes = parse_boxes(text, (640, 480))
-    assert [b.label for b in boxes] == ["the cat", "the cat", "sign"]
-    assert boxes[0].pixels == ((64.0, 96.0), (320.0, 384.0)) and boxes[1].pixels == ((0, 0), (640, 480))
-    assert boxes[2].is_quad and boxes[2].pixels[1] == pytest.approx((57.6, 4.8))
-    image = Image.new("RGB", (640, 480), "white")
-    out = draw_boxes(image, boxes, tmp_path / "boxes.png")
-    assert out.size == (640, 480) and (tmp_path / "boxes.png").exists()
-    assert out.getpixel((64, 200)) != (255, 255, 255) and out.getpixel((200, 200)) == (255, 255, 255)
-
-
-def test_hub_resolution_offline(tmp_path, monkeypatch, tiny_ckpt):
-    assert resolve_model_path(str(tiny_ckpt)) == tiny_ckpt
-    with pytest.raises(ModelNotFound, match="no config.json"):
-        resolve_model_path(str(tmp_path))
-    with pytest.raises(ModelNotFound, match="neither a checkpoint directory nor a hub id"):
-        resolve_model_path(str(tmp_path / "nope" / "deeper" / "x"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(ModelNotFound, match="--local-dir"):
-        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct")
-    # a model already in the local hub cache resolves offline
-    snap = tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "snapshots" / ("a" * 40)
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
-    (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs").mkdir()
-    (tmp_path / "hf" / "hub" / "models--Qwen--Tiny" / "refs" / "main").write_text("a" * 40)
-    assert resolve_model_path("Qwen/Tiny") == snap
