@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qwen2vl.train.demo import iou  # scoring only: the pictures are drawn here, independently
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220), "yellow": (230, 200, 40)}
 KINDS = ("circle", "square", "triangle")
 _BOX = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>")
@@ -70,13 +72,6 @@ def picture(rng: np.random.Generator) -> tuple[Image.Image, list[Drawn]]:
         canvas[mask] = COLOURS[colour]
         shapes.append(Drawn(colour, kind, box))
     return Image.fromarray(canvas), shapes
-
-
-def iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def pairs_named(answer: str) -> list[tuple[str, str]]:

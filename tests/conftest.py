@@ -24,7 +24,8 @@ def parity_report():
 
 
 # The fast selection (`pytest -m "not slow and not heavy"`, about a minute): `heavy` marks the tests that start
-# subprocesses, servers, browsers or compilers, and those that load the reference model.
+# subprocesses, servers, browsers or compilers, those that train, and those that load the reference model or compare
+# many inputs with the reference's processors.
 HEAVY_MODULES = {
     "test_cli",  # each test runs `python -m qwen2vl` in a fresh interpreter
     "test_tensor_parallel",  # process groups

@@ -66,11 +66,10 @@ def model_loss(
     else:
         weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         logits = F.linear(hidden[rows], weight[vocab]).float()  # (trained positions, len(vocab))
-        where = torch.searchsorted(vocab, targets[rows])
-        found = where < len(vocab)
-        found[found.clone()] = vocab[where[found]] == targets[rows][found]
-        if not bool(found.all()):
-            missing = sorted(set(targets[rows][~found].tolist()))[:5]
+        targets = targets[rows]
+        where = torch.searchsorted(vocab, targets).clamp_max(len(vocab) - 1)  # each label's place in `vocab`
+        if not bool((vocab[where] == targets).all()):
+            missing = sorted(set(targets[vocab[where] != targets].tolist()))[:5]
             raise ValueError(f"trained tokens {missing} are outside the output vocabulary of this run")
         targets = where
     loss = F.cross_entropy(logits, targets, reduction="mean" if num_items is None else "sum")
