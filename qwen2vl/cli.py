@@ -99,6 +99,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors, e.g. from `qwen2vl "
         "finetune`) applied on top of the model's weights (default: none)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r); "
+        "under torchrun, over the processes it starts (default: 1)",
+    )
+    p.set_defaults(in_rank=False)
 
 
 def _adapter_dir(value: str) -> str:
@@ -341,8 +350,9 @@ def _note_fit(pipe: Pipeline, conversation: list[dict], args: argparse.Namespace
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.tensor_parallel_size > 1 and not args.in_rank:
-        return _on_ranks(args) if "LOCAL_RANK" not in os.environ else _as_launched_rank(args)
+    code = _across_ranks(args)
+    if code is not None:
+        return code
     images = [source for kind, source in args.media if kind == "image"]
     if args.draw_boxes:
         if not images:
@@ -374,10 +384,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _across_ranks(args: argparse.Namespace) -> int | None:
+    """Under --tensor-parallel-size N > 1, outside the ranks: run the command on N ranks and return its exit code.
+    None: run it in this process (one rank of N, or no tensor parallelism)."""
+    if args.tensor_parallel_size <= 1 or args.in_rank:
+        return None
+    return _as_launched_rank(args) if "LOCAL_RANK" in os.environ else _on_ranks(args)
+
+
 def _on_ranks(args: argparse.Namespace) -> int:
-    """The command on --tensor-parallel-size processes (one per rank, rank 0 prints), after the checks that need
-    no model."""
-    for kind, source in args.media:
+    """The command on --tensor-parallel-size ranks, after the checks that need no model: this process is rank 0
+    (it prints, and reads chat's input), the others are started here and stay silent."""
+    for kind, source in getattr(args, "media", []):
         _check_media(kind, source)
     _check_device(args)
     if args.quantize:
@@ -390,7 +408,7 @@ def _on_ranks(args: argparse.Namespace) -> int:
     check_world_size(Qwen2VLConfig.from_file(directory).text, args.tensor_parallel_size)
     try:
         rank_args = argparse.Namespace(**{**vars(args), "model": str(directory)})
-        run_ranks(_rank_main, args.tensor_parallel_size, (rank_args,), device=args.device)
+        run_ranks(_rank_main, args.tensor_parallel_size, (rank_args,), device=args.device, lead=True)
     except TensorParallelError as e:
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
@@ -425,7 +443,21 @@ CHAT_HELP = (
 PROMPT = "> "
 
 
+def _next_line(args: argparse.Namespace) -> str:
+    """The user's next line; under tensor parallelism rank 0 reads it and every rank gets it."""
+    if not args.in_rank:
+        return sys.stdin.readline()
+    import torch.distributed as dist
+
+    from .parallel import commands
+
+    return commands.share(sys.stdin.readline() if dist.get_rank() == 0 else None)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    code = _across_ranks(args)
+    if code is not None:
+        return code
     from .pipeline import ChatSession
 
     response_format = _response_format(args)
@@ -436,7 +468,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print(PROMPT, end="", file=sys.stderr, flush=True)  # the marker: stdout carries answers only
-        line = sys.stdin.readline()
+        line = _next_line(args)
         if not line:  # the end of input (Ctrl-D): leave, with the shell's prompt on a line of its own
             print(file=sys.stderr)
             break
@@ -537,10 +569,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require("fastapi")
     _require("uvicorn")
     _check_device(args)
+    code = _across_ranks(args)
+    if code is not None:
+        return code
     from .serve.config import ServerConfig
+    from .serve.server import follow_server
     from .serve.server import main as serve_main
 
-    return serve_main(ServerConfig.from_args(args))
+    config = ServerConfig.from_args(args)
+    if args.in_rank:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:  # rank 0 serves; the others run the decoder steps its engine hands them
+            return follow_server(config)
+    return serve_main(config)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -758,15 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.png",
         help="parse grounding boxes, draw them on the last image into OUT.png (default: off)",
     )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        metavar="N",
-        help=("split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r)"),
-    )
     _verbose_arg(p, "timings to stderr, and ")
-    p.set_defaults(func=cmd_run, in_rank=False)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="multi-turn terminal chat (/image, /video, /reset, /quit)", formatter_class=_Help)
     _model_args(p), _media_args(p, cpu_default=True), _answer_args(p)

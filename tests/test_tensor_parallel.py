@@ -271,3 +271,186 @@ def test_torchrun_ranks_run_the_same_command(tiny_bf16, capfd):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == one
+
+
+def test_cli_chat_on_two_ranks_prints_what_one_process_prints(tiny_bf16, capfd, monkeypatch):
+    """Rank 0 (this process) reads the lines and hands each to the other rank; the answers, a /reset and an
+    attached image included, are what one process prints."""
+    import io
+
+    from processing_fixtures import noise_image
+    from qwen2vl.cli import main
+
+    picture = tiny_bf16.parent / "chat.png"
+    noise_image(60, 45, seed=2).save(picture)
+    lines = f"Hi\n/image {picture}\nWhat is this?\n/reset\nAgain\n"
+    argv = ["chat", "--model", str(tiny_bf16), "--max-new-tokens", "6"]
+    printed = []
+    for extra in ([], ["--tensor-parallel-size", "2"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+        assert main(argv + extra) == 0
+        printed.append(capfd.readouterr().out)
+    assert printed[1] == printed[0] and len(printed[0].strip().splitlines()) == 3
+
+
+def _serve(argv: list[str]):
+    """`python -m qwen2vl serve ARGV` on a free port; returns (process, base URL) once it answers /health."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from qwen2vl.parallel import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen2vl", "serve", *argv, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the tensor-parallel server did not start")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+SERVE_FLAGS = [
+    "--served-model-name",
+    "m",
+    "--dtype",
+    "float32",
+    "--kv-cache-memory",
+    "64MiB",
+    "--max-model-len",
+    "1024",
+    "--prefill-chunk",
+    "16",
+]
+
+
+def test_server_on_two_ranks_answers_what_one_process_answers(tiny_ckpt):
+    """Continuous batching on 2 ranks: requests of different lengths, with and without a picture, streamed or
+    not, sent at once (prefill chunks of 16 tokens interleave with other requests' decode steps), and one
+    streaming client that leaves early: every answer's tokens equal the single-process server's and each
+    token's logprob and alternatives agree within 1e-4."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from qwen2vl.serve.config import ServerConfig
+    from qwen2vl.serve.server import build_server, serve_in_thread
+    from test_server import data_uri
+
+    def body(content, max_tokens, stream=False):
+        return {
+            "model": "m",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "stream": stream,
+        }
+
+    picture = [{"type": "image_url", "image_url": {"url": data_uri(90, 70, seed=4)}}]
+    bodies = [
+        body("Hi", 9),
+        body(picture + [{"type": "text", "text": "Describe it."}], 7),
+        body("Tell me a long story about a cat, a dog and a bird in a small town. " * 3, 11),
+        body(picture + [{"type": "text", "text": "And this?"}], 8, stream=True),
+        body("One more", 5),
+    ]
+
+    def ask(base: str, b: dict) -> list:
+        """(token text, logprob, {alternative: logprob}) per token."""
+        if not b["stream"]:
+            r = httpx.post(base + "/v1/chat/completions", json=b, timeout=120)
+            assert r.status_code == 200, r.text
+            items = r.json()["choices"][0]["logprobs"]["content"]
+        else:
+            items = []
+            with httpx.stream("POST", base + "/v1/chat/completions", json=b, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        lp = json.loads(line[6:])["choices"][0].get("logprobs")
+                        items += lp["content"] if lp else []
+        return [(t["token"], t["logprob"], {a["token"]: a["logprob"] for a in t["top_logprobs"]}) for t in items]
+
+    def leave_early(base: str) -> None:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body("Bye " * 30, 200, True), timeout=120) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 3:
+                    break
+
+    single = build_server(
+        ServerConfig(
+            model=str(tiny_ckpt),
+            served_model_name="m",
+            dtype="float32",
+            kv_cache_memory="64MiB",
+            max_model_len=1024,
+            prefill_chunk=16,
+        )
+    )
+    uv, single_base = serve_in_thread(single)
+    proc, base = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", *SERVE_FLAGS])
+    try:
+        answers = {}
+        for where in (single_base, base):
+            with ThreadPoolExecutor(len(bodies) + 1) as pool:
+                gone = pool.submit(leave_early, where)
+                answers[where] = list(pool.map(ask, [where] * len(bodies), bodies))
+                gone.result()
+            answers[where].append(ask(where, bodies[0]))  # after the early leaver: its slot and the ranks are fine
+        for want, got in zip(answers[single_base], answers[base]):
+            assert [t for t, _, _ in got] == [t for t, _, _ in want] and len(want) > 0
+            for (_, lp, alts), (_, lp_want, alts_want) in zip(got, want):
+                assert abs(lp - lp_want) < 1e-4
+                assert alts.keys() == alts_want.keys()
+                assert all(abs(alts[k] - alts_want[k]) < 1e-4 for k in alts)
+        assert len(_children(proc.pid)) >= 1  # rank 1 runs beside this process, which is rank 0
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: the server shuts down, tells rank 1 to stop, exits 130
+        assert proc.wait(60) == 130
+        err = proc.communicate()[1]
+        assert "error" not in err.lower(), err[-2000:]
+    finally:
+        uv.should_exit = True
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_server_stops_with_a_clear_message_when_a_rank_dies(tiny_ckpt):
+    """A rank killed while the server is idle takes it down at once (no hang, no request needed) with one line
+    naming the rank; the process exits non-zero."""
+    import signal
+
+    proc, _ = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", *SERVE_FLAGS])
+    try:
+        (worker,) = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        os.kill(worker, signal.SIGKILL)
+        code = proc.wait(60)
+        err = proc.communicate()[1]
+        assert code == 1
+        assert "qwen2vl: error: tensor-parallel rank 1 of 2 died (signal SIGKILL); the other ranks were stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -39,6 +39,7 @@ import torch
 from ..generate.decode import Prompt
 from ..generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from ..model import Qwen2VL
+from ..parallel import commands
 from .slots import SlotAttend, SlotPool, slot_bytes
 
 STEP_WINDOW_S = 60.0  # stats()["longest_step_s"] looks this far back
@@ -47,6 +48,10 @@ MIN_PROMPT_BUDGET_S = 0.05  # prompt work per step when nothing decodes, or deco
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; try again later."""
+
+
+class EngineBroken(RuntimeError):
+    """The engine cannot go on (tensor-parallel ranks out of step): the server must stop."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,16 @@ class Engine:
         vision_cache_bytes: int = 256 * 2**20,
         prompt_budget_s: float | None = None,
         vision_piece_flops: float | None = None,
+        lead: bool = False,
     ) -> None:
         self.model = model
         cfg = model.config.text
         per_slot = slot_bytes(cfg, max_model_len, model.dtype)
         slots = max_num_seqs if kv_cache_bytes is None else min(max_num_seqs, kv_cache_bytes // per_slot)
         self.pool = SlotPool(cfg, slots, max_model_len, model.dtype, model.device)
+        self.lead = lead  # rank 0 of a tensor-parallel model: every decoder call is handed to the others first
+        if lead:
+            commands.share(("pool", slots, max_model_len))
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
         self.waiting: deque[SequenceState] = deque()
         self.prefilling: list[SequenceState] = []
@@ -263,6 +272,8 @@ class Engine:
         """One unit of seq's prompt work; its first token when that ends the prompt."""
         try:
             first = self._prompt_work(seq)
+        except EngineBroken:
+            raise
         except Exception as e:  # one bad request must not take the others down
             self.prefilling.remove(seq)
             self._release(seq, keep=False)
@@ -359,18 +370,36 @@ class Engine:
             seq.features = {}
         assert seq.positions is not None  # set with embeds, above
         length, end = seq.embeds.shape[1], self._chunk_end(seq)
-        hidden = model.model(
-            seq.embeds[:, seq.prefilled : end],
-            seq.positions[:, :, seq.prefilled : end].to(model.device),
-            None,
-            self.pool.view(seq.slot),
-            seq.prefilled,
+        hidden = self._decoder(
+            (
+                "prefill",
+                seq.embeds[:, seq.prefilled : end],
+                seq.positions[:, :, seq.prefilled : end],
+                seq.slot,
+                seq.prefilled,
+            )
         )
         seq.prefilled = end
         if end < length:
             return None
         seq.embeds = seq.positions = None
         return self._emit(seq, model.logits(hidden[:, -1]).float())
+
+    def _decoder(self, command: tuple) -> torch.Tensor:
+        """Run one decoder command (see run_decoder) here, after handing it to the other ranks when leading them."""
+        if not self.lead:
+            return run_decoder(self.model, self.pool, command)
+        commands.share(tuple(c.clone().cpu() if isinstance(c, torch.Tensor) else c for c in command))
+        try:
+            return run_decoder(self.model, self.pool, command)
+        except Exception as e:  # the other ranks ran it: they now wait in a collective this rank will not join
+            raise EngineBroken(f"rank 0 failed in a step the other ranks ran ({e}); the ranks are out of step") from e
+
+    def close(self) -> None:
+        """Release the other ranks (they return from follow()); a single-process engine has nothing to release."""
+        if self.lead:
+            self.lead = False
+            commands.share(("stop",))
 
     def _chunk_end(self, seq: SequenceState) -> int:
         """Where seq's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
@@ -379,12 +408,15 @@ class Engine:
     def _decode(self) -> list[Output]:
         model = self.model
         seqs = self.running
-        tokens = torch.tensor([[r.generated[-1]] for r in seqs], device=model.device)
-        lengths = [r.prefilled + len(r.generated) - 1 for r in seqs]
-        pos = torch.tensor([r.next_position + len(r.generated) - 1 for r in seqs], device=model.device)
-        positions = pos.view(1, -1, 1).expand(3, -1, -1)
-        attend = SlotAttend(self.pool, [r.slot for r in seqs], lengths)
-        hidden = model.model(model.model.embed_tokens(tokens).to(model.dtype), positions, attend=attend)
+        hidden = self._decoder(
+            (
+                "decode",
+                [r.generated[-1] for r in seqs],
+                [r.next_position + len(r.generated) - 1 for r in seqs],
+                [r.slot for r in seqs],
+                [r.prefilled + len(r.generated) - 1 for r in seqs],
+            )
+        )
         logits = model.logits(hidden[:, -1]).float()
         outputs, still = [], []
         for i, seq in enumerate(seqs):
@@ -430,6 +462,39 @@ class Engine:
         return Output(
             seq.request_id, token, logprob, top, reason, cached_tokens=seq.reused if len(seq.generated) == 1 else 0
         )
+
+
+def run_decoder(model: Qwen2VL, pool: SlotPool, command: tuple) -> torch.Tensor:
+    """The decoder's work for one engine command, the same on every rank (each with its own pool of its heads):
+    - ("prefill", embeds (1, n, hidden), positions (3, 1, n), slot, start): n prompt positions into a slot;
+    - ("decode", tokens, positions, slots, lengths): one token per running request, row b at position
+      lengths[b] of slot slots[b] (SlotAttend).
+    Returns the last layer's hidden states (the logits are rank 0's to compute)."""
+    kind, *args = command
+    if kind == "prefill":
+        embeds, positions, slot, start = args
+        return model.model(embeds.to(model.device), positions.to(model.device), None, pool.view(slot), start)
+    tokens, positions, slots, lengths = args
+    ids = torch.tensor(tokens, device=model.device).view(-1, 1)
+    pos = torch.tensor(positions, device=model.device).view(1, -1, 1).expand(3, -1, -1)
+    embeds = model.model.embed_tokens(ids).to(model.dtype)
+    return model.model(embeds, pos, attend=SlotAttend(pool, slots, lengths))
+
+
+@torch.inference_mode()
+def follow(model: Qwen2VL) -> None:
+    """Ranks other than 0 under a tensor-parallel engine: build the same slot pool as rank 0's engine, then run
+    every decoder command it hands over, until it says stop (Engine.close)."""
+    pool = None
+    while True:
+        command = commands.share()
+        if command[0] == "stop":
+            return
+        if command[0] == "pool":
+            pool = SlotPool(model.config.text, command[1], command[2], model.dtype, model.device)
+        else:
+            assert pool is not None, "a decoder command before the pool"
+            run_decoder(model, pool, command)
 
 
 def _cat(parts: list | None) -> torch.Tensor | None:

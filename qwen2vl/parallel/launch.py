@@ -11,6 +11,9 @@ import os
 import pickle
 import signal
 import socket
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -19,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..weights import load_model
+from . import commands
 from .shard import shard_decoder
 
 # a collective that waits longer fails. Generous, because ranks load at different speeds before their first
@@ -37,31 +41,99 @@ def free_port() -> int:
 
 
 def run_ranks(
-    fn: Callable, world: int, args: tuple = (), device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
+    fn: Callable,
+    world: int,
+    args: tuple = (),
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    lead: bool = False,
 ) -> None:
-    """Run fn(rank, world, device, *args) in `world` processes, each inside the default process group; return when
-    all have. `fn` must be importable (a module-level function). On CUDA, rank r uses cuda:r and NCCL."""
+    """Run fn(rank, world, device, *args) in `world` ranks, each inside the default process group; return when
+    all have. `fn` must be importable (a module-level function). On CUDA, rank r uses cuda:r and NCCL.
+
+    `lead`: this process is rank 0 (it keeps the terminal, stdin and signals: chat and serve need them) and
+    starts ranks 1..world-1; a watchdog sends it SIGINT when one of them dies, so that rank 0 stops even while
+    it waits for input or serves no request. Otherwise every rank is a fresh process (tests, benchmarks)."""
     port = free_port()
+    first = 1 if lead else 0
     ctx = mp.start_processes(
-        _rank_main, args=(fn, world, port, device, timeout_s, args), nprocs=world, join=False, start_method="spawn"
+        _child_main,
+        args=(fn, world, port, device, timeout_s, args, first),
+        nprocs=world - first,
+        join=False,
+        start_method="spawn",
     )
+    if lead:
+        own: BaseException | None = None
+        watchdog = _Watchdog(ctx)
+        try:
+            try:
+                _in_group(0, fn, world, port, device, timeout_s, args)
+            finally:
+                watchdog.stop()
+        except BaseException as e:  # noqa: BLE001 (reported with the other ranks' failures below)
+            own = e
+        if own is not None:
+            if isinstance(own, KeyboardInterrupt) and not watchdog.fired:  # Ctrl-C: stop, say nothing more
+                _stop(ctx)
+                raise own
+            deadline = time.monotonic() + 5.0  # the others get 5 s to fail on their own (their group is gone)
+            for process in ctx.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            _stop(ctx)
+            raise TensorParallelError(_failures(ctx, world, first, own)) from None
     try:
         while not ctx.join(grace_period=5.0):  # a failed rank: the others get 5 s to fail on their own
             pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
-        raise TensorParallelError(_failures(ctx, world)) from None
+        raise TensorParallelError(_failures(ctx, world, first)) from None
+    except BaseException:
+        _stop(ctx)
+        raise
+
+
+class _Watchdog:
+    """Polls the started ranks; when one has died or failed, sends SIGINT to this process's main thread once."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx, self.fired, self._done = ctx, False, threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="qwen2vl-rank-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            if any(p.exitcode not in (None, 0) for p in self.ctx.processes):
+                self.fired = True
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _stop(ctx) -> None:
+    for process in ctx.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in ctx.processes:
+        process.join(5.0)
 
 
 # words of a rank's error that make it a consequence of another rank's failure (a broken collective)
-_CONSEQUENCE = ("gloo", "nccl", "connection", "timed out", "timeout")
+_CONSEQUENCE = ("gloo", "nccl", "connection", "timed out", "timeout", "keyboardinterrupt")
 
 
-def _failures(ctx, world: int) -> str:
+def _failures(ctx, world: int, first: int = 0, own: BaseException | None = None) -> str:
     """One line: every rank that died or raised, causes first (a death, then errors other than broken
-    collectives), each with the last line of its error."""
+    collectives; the broken collectives only when no cause is known), each with the last line of its error.
+    `own`: rank 0's error when it ran in this process."""
     found = []
-    for rank, (process, error_file) in enumerate(zip(ctx.processes, ctx.error_files)):
-        code = process.exitcode
+    if own is not None:
+        last = traceback.format_exception_only(type(own), own)[-1].strip() or type(own).__name__
+        found.append((1 + any(w in last.lower() for w in _CONSEQUENCE), f"rank 0 of {world} failed: {last}"))
+    for index, (process, error_file) in enumerate(zip(ctx.processes, ctx.error_files)):
+        rank, code = index + first, process.exitcode
         if os.path.exists(error_file) and os.path.getsize(error_file):
             with open(error_file, "rb") as f:
                 last = [line for line in pickle.load(f).splitlines() if line.strip()][-1]
@@ -71,6 +143,8 @@ def _failures(ctx, world: int) -> str:
             found.append((0, f"rank {rank} of {world} died ({how})"))
     if not found:
         found = [(0, f"a rank of {world} was stopped by SIGTERM")]
+    if any(kind < 2 for kind, _ in found):  # a cause is known: the broken collectives it caused say nothing more
+        found = [f for f in found if f[0] < 2]
     return (
         "tensor-parallel "
         + "; ".join(text for _, text in sorted(found, key=lambda f: f[0]))
@@ -78,7 +152,15 @@ def _failures(ctx, world: int) -> str:
     )
 
 
-def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, timeout_s: float, args: tuple) -> None:
+def _child_main(
+    index: int, fn: Callable, world: int, port: int, device: str, timeout_s: float, args: tuple, first: int
+) -> None:
+    if first:  # rank 0 (the parent) decides when to stop: Ctrl-C there, not here
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _in_group(index + first, fn, world, port, device, timeout_s, args)
+
+
+def _in_group(rank: int, fn: Callable, world: int, port: int, device: str, timeout_s: float, args: tuple) -> None:
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -90,9 +172,14 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, device: str, time
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
+    threads = torch.get_num_threads()
+    if not cuda:  # the ranks share this host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         fn(rank, world, device, *args)
     finally:
+        torch.set_num_threads(threads)
+        commands.forget()
         dist.destroy_process_group()
 
 

@@ -17,6 +17,7 @@ class ServerConfig:
     quantize: str | None = None  # "int8": weight-only int8 language model, CPU only
     cpu_matmul: str = "auto"  # "auto", "float32" or "bf16" (qwen2vl.machine)
     adapter: str | None = None  # a LoRA adapter directory in PEFT's format, applied at load (qwen2vl.lora)
+    tensor_parallel_size: int = 1  # >1: this process is one rank of a process group of that many (qwen2vl.parallel)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' when set

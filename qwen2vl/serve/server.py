@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..engine.engine import Engine, Output, QueueFull, Request
+from ..engine.engine import Engine, EngineBroken, Output, QueueFull, Request
 from ..generate.decode import Prompt
 from ..generate.sampling import chooser
 from ..generate.stopping import StopMatcher
@@ -103,6 +103,8 @@ class EngineLoop:
         self._window_tokens = 0  # the sum of the window's counts, kept as it changes
         self._lock = threading.Lock()
         self.stopped = False
+        self.broken = ""  # why the engine cannot go on, when it cannot
+        self.on_broken: Callable[[], None] = lambda: None  # main() sets it to stop the HTTP server
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
 
     def route(self, request_id: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
@@ -141,6 +143,12 @@ class EngineLoop:
                 continue
             try:
                 outputs = self.engine.step()
+            except EngineBroken as e:  # tensor-parallel ranks out of step: fail what was in flight, then stop
+                log.error("qwen2vl: %s; stopping the server", e)
+                self.deliver(self.engine.fail_all(f"the server is stopping: {e}"))
+                self.stopped, self.broken = True, str(e)
+                self.on_broken()
+                return
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all("internal error in the engine")
@@ -855,18 +863,32 @@ def serve_in_thread(
     return uv, f"http://{host}:{port}"
 
 
-def build_server(config: ServerConfig) -> Server:
+def _load(config: ServerConfig) -> Pipeline:
     from ..pipeline import load
 
-    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-    pipe = load(
+    return load(
         config.model,
-        dtype=dtype,
+        dtype=None if config.dtype == "auto" else getattr(torch, config.dtype),
         device=config.device,
         quantize=config.quantize,
         cpu_matmul=config.cpu_matmul,
         adapter=config.adapter,
+        tensor_parallel_size=config.tensor_parallel_size,
     )
+
+
+def follow_server(config: ServerConfig) -> int:
+    """A tensor-parallel rank other than 0: load its share, then run the decoder steps rank 0's engine hands over
+    until the server stops (engine.follow)."""
+    from ..engine.engine import follow
+
+    follow(_load(config).model)
+    return 0
+
+
+def build_server(config: ServerConfig) -> Server:
+    """The server on one process, or on rank 0 of config.tensor_parallel_size (the others run follow_server)."""
+    pipe = _load(config)
     if getattr(pipe.model, "cpu_choice", None) is not None:
         log.info("qwen2vl: %s", pipe.model.cpu_choice.describe())
     kv = parse_bytes(str(config.kv_cache_memory), _free_memory(pipe.model.device))
@@ -877,6 +899,7 @@ def build_server(config: ServerConfig) -> Server:
         kv_cache_bytes=kv,
         prefill_chunk=config.prefill_chunk,
         max_waiting=config.max_waiting,
+        lead=config.tensor_parallel_size > 1,
     )
     local = config.allowed_local_media_path
     policy = MediaPolicy(
@@ -908,5 +931,15 @@ def main(config: ServerConfig) -> int:
         f"of {server.engine.max_model_len} tokens)",
         flush=True,
     )
-    uvicorn.Server(uvicorn_config(server.app, config.host, config.port, config.header_timeout)).run()
+    uv = uvicorn.Server(uvicorn_config(server.app, config.host, config.port, config.header_timeout))
+    server.loop.on_broken = lambda: setattr(uv, "should_exit", True)
+    try:
+        uv.run()
+    finally:
+        server.loop.stopped = True
+        if server.loop.thread.is_alive():
+            server.loop.thread.join()
+        server.engine.close()
+    if server.loop.broken:
+        raise EngineBroken(server.loop.broken)
     return 0
