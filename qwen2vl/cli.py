@@ -398,8 +398,6 @@ def _on_ranks(args: argparse.Namespace) -> int:
     for kind, source in getattr(args, "media", []):
         _check_media(kind, source)
     _check_device(args)
-    if args.quantize:
-        raise UsageError("--quantize does not combine with --tensor-parallel-size: drop one")
     from .config import Qwen2VLConfig
     from .hub import resolve_model_path
     from .parallel import TensorParallelError, check_world_size, run_ranks

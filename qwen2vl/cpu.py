@@ -12,6 +12,8 @@ This is an optional transform applied after loading; the model files know nothin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,11 +56,17 @@ class WeightOnlyLinear(nn.Module):
         return self._product
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, storage: str) -> WeightOnlyLinear:
+    def quantize(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        storage: str,
+        reduce_rows: Callable[[torch.Tensor], None] | None = None,
+    ) -> WeightOnlyLinear:
         if storage == "bf16":
             return cls(weight.to(torch.bfloat16).contiguous(), bias)
         if storage == "int8":
-            q, scale = quantize_int8(weight)
+            q, scale = quantize_int8(weight, reduce_rows)
             return cls(q, bias, scale)
         raise ValueError(f"storage must be 'bf16' or 'int8', not {storage!r}")
 
@@ -104,10 +112,17 @@ def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return apply_rope(x, cos, sin) if y is None else y
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row int8: W ~ q * scale[:, None], q in [-127, 127]."""
+def quantize_int8(
+    weight: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: W ~ q * scale[:, None], q in [-127, 127].
+    `reduce_rows`: when the rows' inputs are split across tensor-parallel ranks, takes each row's largest |w|
+    over all ranks in place (an all-reduce), so that every rank scales its part as one process would."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    amax = w.abs().amax(dim=1)
+    if reduce_rows is not None:
+        reduce_rows(amax)
+    scale = amax.clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale
 
@@ -129,7 +144,9 @@ def use_cpu_kernels(
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{child_name}".lstrip(".")
                 kind = vision_storage if full.startswith("visual.") else storage
-                setattr(parent, child_name, WeightOnlyLinear.quantize(child.weight.data, child.bias, kind))
+                # a row-parallel shard (qwen2vl.parallel) carries how to reduce its rows' ranges over the ranks
+                reduce = getattr(child, "reduce_rows", None)
+                setattr(parent, child_name, WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce))
     if model.lm_head is None:  # tied: a bf16 output projection shares the embedding's storage
         embed = model.model.embed_tokens.weight.data
         model.lm_head = (

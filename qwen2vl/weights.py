@@ -183,8 +183,16 @@ def load_weights(
     seen = [name for _, _, name, _, _ in plan]
     missing = sorted(set(expected) - set(seen))
     dupes = sorted({n for n in seen if seen.count(n) > 1}) if len(seen) != len(set(seen)) else []
+    quant_slices: dict[str, tuple[dict[str, TensorSlice], int]] = {}  # a rank's share: slices, first group
     for layer, tensors in quant_plan.items():  # each quantized layer: its tensors' shapes, before any reading
-        missing += _check_quantized(layer, quantized[layer], tensors, scheme, unused)
+        linear, part = quantized[layer], (slices or {}).get(layer + ".weight")
+        k = part.full if part is not None and part.dim == 1 else linear.in_features
+        n = part.full if part is not None and part.dim == 0 else linear.out_features
+        missing += _check_quantized(layer, k, n, linear.bias is not None, tensors, scheme, unused)
+        if part is not None:
+            from .quant import packed_slices
+
+            quant_slices[layer] = packed_slices(layer, scheme, k, n, part)
     if missing or unused or dupes:
         parts = []
         if missing:
@@ -219,7 +227,14 @@ def load_weights(
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         since_trim = 0
         for layer, tensors in quant_plan.items():  # one layer at a time: packed tensors in, final layout out
-            read_back = {suffix: read(path, info, start) for suffix, (path, _, info, start) in tensors.items()}
+            cuts, first_group = quant_slices.get(layer, ({}, 0))
+            read_back = {
+                suffix: read(path, info, start, cuts.get(suffix)) for suffix, (path, _, info, start) in tensors.items()
+            }
+            if "g_idx" in read_back and first_group:  # a share of the inputs: its groups count from its first
+                read_back["g_idx"] = read_back["g_idx"] - first_group
+            if cuts.get("g_idx") is not None:
+                _check_share_groups(layer, read_back["g_idx"], scheme, quantized[layer].in_features)
             _install_quantized(model, layer, read_back, quantized[layer], scheme, dtype, device)
             since_trim += sum(t.numel() * t.element_size() for t in read_back.values())
             if since_trim > QUANT_TRIM_BYTES:  # see quant.release_freed_memory: bounds the peak's working set
@@ -236,13 +251,13 @@ def load_weights(
         raise CheckpointError(f"{directory}: internal error, tensors not placed: {left[:20]}")
 
 
-def _check_quantized(layer: str, linear: torch.nn.Linear, tensors: dict, scheme, unused: list[str]) -> list[str]:
-    """Shapes and dtypes of one quantized layer's tensors against the config (from the headers); returns the
-    missing names and appends the unexpected ones to `unused`."""
+def _check_quantized(layer: str, k: int, n: int, has_bias: bool, tensors: dict, scheme, unused: list[str]) -> list[str]:
+    """Shapes and dtypes of one quantized layer's tensors (K inputs, N outputs in the checkpoint) against the
+    config (from the headers); returns the missing names and appends the unexpected ones to `unused`."""
     from .quant import QuantizationError, layer_tensors
 
-    layout = layer_tensors(layer, scheme, linear.in_features, linear.out_features)
-    layout["bias"] = ((linear.out_features,), torch.float16)
+    layout = layer_tensors(layer, scheme, k, n)
+    layout["bias"] = ((n,), torch.float16)
     for suffix, (_, key, info, _) in tensors.items():
         if suffix not in layout:
             unused.append(key)
@@ -254,8 +269,20 @@ def _check_quantized(layer: str, linear: torch.nn.Linear, tensors: dict, scheme,
                 f"{key} has shape {tuple(info['shape'])} and dtype {info['dtype']}; the config "
                 f"needs {shape} {str(dtype).removeprefix('torch.')}"
             )
-    needed = ["qweight", "qzeros", "scales"] + (["bias"] if linear.bias is not None else [])
+    needed = ["qweight", "qzeros", "scales"] + (["bias"] if has_bias else [])
     return [f"{layer}.{s}" for s in needed if s not in tensors]
+
+
+def _check_share_groups(layer: str, g_idx: torch.Tensor, scheme, k: int) -> None:
+    """A rank's share of a GPTQ layer's inputs holds whole groups only without act-order (g_idx = k // G)."""
+    from .quant import QuantizationError
+
+    if not torch.equal(g_idx.long(), torch.arange(k) // scheme.groups(k)[0]):
+        raise QuantizationError(
+            f"{layer}: GPTQ act-order (desc_act, a g_idx that is not k // group_size) cannot be split by input "
+            "across tensor-parallel ranks (each rank's inputs would need groups it does not hold); load this "
+            "checkpoint on one rank"
+        )
 
 
 def _install_quantized(
@@ -338,15 +365,13 @@ def load_model(
         if dtype is None and device.type == "cpu":  # float16 arithmetic on CPU is slow: compute in float32
             dtype = torch.float32
     dtype = dtype or config.torch_dtype or torch.float32
-    if shard is not None and (quantize or scheme is not None):
-        what = f"quantize={quantize!r}" if quantize else f"a {scheme.method.upper()} checkpoint"
-        raise ValueError(
-            f"tensor parallelism runs float32, bfloat16 or float16 weights; {what} is not supported "
-            "with more than one rank"
-        )
     with torch.device("meta"):
         model = Qwen2VL(config)
     slices = shard(model) if shard is not None else None
+    if quantize == "int4" and slices:
+        from .quant.rtn import check_share_groups
+
+        check_share_groups(slices)
     load_weights(model, directory, dtype, device, progress, scheme, slices)
     if adapter is not None:
         from .lora import load_adapter

@@ -20,7 +20,14 @@ from model_inputs import CASES, build
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 from qwen2vl.model import KVCache
-from qwen2vl.parallel import TensorParallelError, check_world_size, load_rank_model, run_ranks, share
+from qwen2vl.parallel import (
+    TensorParallelError,
+    check_world_size,
+    load_rank_model,
+    run_ranks,
+    shard_decoder,
+    share,
+)
 from qwen2vl.testing.checkpoint import TINY_TEXT, TINY_VISION, make_config, write_checkpoint
 from qwen2vl.weights import TensorSlice, _read_tensor, load_model, read_header
 
@@ -33,19 +40,33 @@ TP_CASES = [
 NEW_TOKENS = 5
 
 
-def _rank_check(rank: int, world: int, device: str, ckpt: str, out: str) -> None:
-    """Runs in every rank; rank 0 also runs the single-process model. Writes what the rank found."""
+def _rank_check(rank: int, world: int, device: str, jobs: list, out: str) -> None:
+    """Runs in every rank; rank 0 also runs the single-process model. For each (label, checkpoint, load options)
+    job, writes what the rank found."""
+    found: dict = {}
+    for label, ckpt, options in jobs:
+        found[label] = _check_one(rank, ckpt, options)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(found, f)
+
+
+def _check_one(rank: int, ckpt: str, options: dict) -> dict:
+    from qwen2vl import kernels
+
     torch.manual_seed(0)
-    ref = load_model(ckpt, dtype=torch.float32, progress=False) if rank == 0 else None
-    model = load_rank_model(ckpt, dtype=torch.float32)
+    options = {"dtype": torch.float32, "progress": False, **options}
+    kernels.use(options.pop("kernels", None))
+    ref = load_model(ckpt, **options) if rank == 0 else None
+    model = load_rank_model(ckpt, **{k: v for k, v in options.items() if k != "progress"})
     cfg = model.config.text
-    found: dict = {
-        "kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2],
-        "decoder_params": sum(p.numel() for p in model.model.layers.parameters()),
-        "cases": {},
-    }
+
+    def held(m) -> int:  # parameters and buffers (quantized layers keep their packed weights as buffers)
+        return sum(t.numel() * t.element_size() for t in (*m.model.layers.parameters(), *m.model.layers.buffers()))
+
+    found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2], "decoder_bytes": held(model)}
+    found["cases"] = {}
     if ref is not None:
-        found["decoder_params_full"] = sum(p.numel() for p in ref.model.layers.parameters())
+        found["decoder_bytes_full"] = held(ref)
     with torch.inference_mode():
         for name in TP_CASES:
             batch = build(CASES[name], seed=len(name))
@@ -66,20 +87,19 @@ def _rank_check(rank: int, world: int, device: str, ckpt: str, out: str) -> None
                     scale=want.abs().max().item(),
                     tokens_single=torch.stack([s.tokens for s in steps], 1).tolist(),
                 )
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(found, f)
+    return found
 
 
-def _run(tmp_path, cfg: dict, world: int, **write) -> list[dict]:
-    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, tokenizer=False, **write)
-    run_ranks(_rank_check, world, (str(ckpt), str(tmp_path)), timeout_s=120)
+def _run(tmp_path, jobs: list, world: int) -> list[dict]:
+    """jobs: (label, checkpoint, load options); all run in one start of the ranks."""
+    run_ranks(_rank_check, world, ([(label, str(c), o) for label, c, o in jobs], str(tmp_path)), timeout_s=300)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def _check(found: list[dict], world: int, kv_heads: int, parity_report, label: str) -> None:
     single = found[0]
     # each rank holds 1/world of the decoder's projections (norms and replicated KV heads besides)
-    assert all(f["decoder_params"] < single["decoder_params_full"] / world * 1.1 for f in found)
+    assert all(f["decoder_bytes"] < single["decoder_bytes_full"] / world * 1.1 for f in found), label
     for name, c in single["cases"].items():
         # 1e-5 of the logits' scale (float32's spacing is 4e-6 at the tied checkpoint's logits of ~40)
         parity_report(f"tp {label}: {name} max |diff| / max |logit|", c["max_diff"] / c["scale"], 1e-5)
@@ -95,15 +115,64 @@ def _check(found: list[dict], world: int, kv_heads: int, parity_report, label: s
 
 def test_two_ranks_split_kv_heads(tmp_path, parity_report):
     # 6 query heads, 2 KV heads: one KV head (3 query heads) per rank; untied output, new key layout, 3 files
-    found = _run(tmp_path, make_config(), 2, key_layout="transformers", shards=3, seed=3)
-    _check(found, 2, 1, parity_report, "2 ranks")
+    ckpt = write_checkpoint(
+        tmp_path / "ckpt", make_config(), tokenizer=False, key_layout="transformers", shards=3, seed=3
+    )
+    found = _run(tmp_path, [("bf16", ckpt, {})], 2)
+    _check([f["bf16"] for f in found], 2, 1, parity_report, "2 ranks")
 
 
 def test_three_ranks_replicate_kv_head(tmp_path, parity_report):
     # 1 KV head for 6 query heads over 3 ranks: the KV head is replicated; odd MLP width 201; tied output
     text = {**TINY_TEXT, "num_key_value_heads": 1, "intermediate_size": 201}
-    found = _run(tmp_path, make_config(text, tie_word_embeddings=True), 3, seed=4)
-    _check(found, 3, 1, parity_report, "3 ranks")
+    ckpt = write_checkpoint(tmp_path / "ckpt", make_config(text, tie_word_embeddings=True), tokenizer=False, seed=4)
+    found = _run(tmp_path, [("float32", ckpt, {})], 3)
+    _check([f["float32"] for f in found], 3, 1, parity_report, "3 ranks")
+
+
+# widths whose shares cut the quantized formats only between packed words and groups of 16 (2 ranks: 3 query
+# heads of 16, 1 KV head, 128 MLP columns; 3 ranks: 2 query heads, the 1 KV head replicated, 80 MLP columns)
+QUANT_TEXT = {**TINY_TEXT, "hidden_size": 96, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+QUANT_VISION = {**TINY_VISION, "hidden_size": 96}
+
+
+@pytest.mark.parametrize("world,kv,mlp", [(2, 2, 256), (3, 1, 240)])
+def test_awq_and_gptq_checkpoints_on_ranks(tmp_path, parity_report, world, kv, mlp):
+    """AWQ, GPTQ 4-bit (with the zero biases older revisions carry) and GPTQ 8-bit, group size 16: each rank
+    reads its share of the packed tensors and gets the single process's logits (float32)."""
+    from qwen2vl.testing.quantized import write_quantized
+
+    config = make_config({**QUANT_TEXT, "num_key_value_heads": kv, "intermediate_size": mlp}, QUANT_VISION)
+    jobs = [
+        ("awq", write_quantized(tmp_path / "awq", "awq", group_size=16, config=config, seed=5), {}),
+        ("gptq4", write_quantized(tmp_path / "g4", "gptq", group_size=16, config=config, zero_biases=True), {}),
+        ("gptq8", write_quantized(tmp_path / "g8", "gptq", bits=8, group_size=16, config=config, seed=6), {}),
+    ]
+    found = _run(tmp_path, jobs, world)
+    for label, *_ in jobs:
+        _check([f[label] for f in found], world, 1, parity_report, f"{world} ranks {label}")
+
+
+def test_quantize_int8_and_int4_on_ranks_equal_one_process(tmp_path, parity_report):
+    """--quantize on 2 ranks quantizes each rank's share to the weights one process would have (int8: each
+    row-parallel row scaled by its largest |w| over both ranks; int4: whole groups of 128 per rank), so the logits
+    are the single process's: float32 products through the PyTorch path. (The int8 kernel rounds its input to
+    int16 per group of 128 before the product, a step of 3e-5 of the group's largest input, which turns the
+    all-reduce's last-bit differences into differences of that size; the kernels have their own tests against
+    the PyTorch path.)"""
+    text = {
+        **TINY_TEXT,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+    }
+    ckpt = write_checkpoint(tmp_path / "c", make_config(text, {**TINY_VISION, "hidden_size": 256}), tokenizer=False)
+    options = {"dtype": torch.bfloat16, "cpu_matmul": "float32", "kernels": "off"}
+    jobs = [(q, ckpt, {**options, "quantize": q}) for q in ("int8", "int4")]
+    found = _run(tmp_path, jobs, 2)
+    for label, *_ in jobs:
+        _check([f[label] for f in found], 2, 1, parity_report, f"2 ranks --quantize {label}")
 
 
 def test_refused_world_size_names_sizes_that_work():
@@ -197,10 +266,55 @@ def test_a_rank_that_dies_or_fails_is_a_clear_error_not_a_hang():
         run_ranks(_raises_on_rank_one, 2, timeout_s=20)
 
 
-def test_quantized_loads_are_refused_under_tensor_parallelism(tmp_path):
+def _share(rank: int, world: int):
+    return lambda model: shard_decoder(model, rank, world)
+
+
+def test_shares_that_cut_a_quantized_format_are_refused_before_reading(tmp_path):
+    from qwen2vl.quant import QuantizationError
+    from qwen2vl.testing.quantized import write_quantized
+
+    # the default tiny widths: o_proj's 72 inputs -> 36 per rank, down_proj's 200 -> 100: not whole groups of 8
+    ckpt = write_quantized(tmp_path / "awq", "awq", group_size=8, config=make_config())
+    with pytest.raises(QuantizationError, match=r"share of inputs (36..72 of 72|100..200 of 200) does not start"):
+        load_model(ckpt, shard=_share(1, 2), progress=False)
+    # act-order: a share of the inputs would need groups it does not hold
+    config = make_config({**QUANT_TEXT, "intermediate_size": 256}, QUANT_VISION)
+    ckpt = write_quantized(tmp_path / "act", "gptq", group_size=16, desc_act=True, config=config)
+    with pytest.raises(QuantizationError, match="act-order .* cannot be split by input across tensor-parallel ranks"):
+        load_model(ckpt, shard=_share(0, 2), progress=False)
+    # --quantize int4 quantizes whole groups of 128: 100 inputs per rank are not
     ckpt = write_checkpoint(tmp_path / "c", make_config(), tokenizer=False)
-    with pytest.raises(ValueError, match="quantize='int8' is not supported with more than one rank"):
-        load_model(ckpt, quantize="int8", shard=lambda m: {})
+    with pytest.raises(ValueError, match=r"quantize='int4' under tensor parallelism .* inputs 0..36 of 72"):
+        load_model(ckpt, quantize="int4", shard=_share(0, 2), progress=False)
+
+
+@pytest.mark.parametrize(
+    "method,bits,part,cuts",
+    [
+        # output rows 16..32 of 64: AWQ packs 8 rows a word in qweight and qzeros, GPTQ packs only qzeros (8 or 4)
+        ("awq", 4, TensorSlice(0, 16, 32, 64), {"qweight": (1, 2, 4), "qzeros": (1, 2, 4), "scales": (1, 16, 32)}),
+        ("gptq", 4, TensorSlice(0, 16, 32, 64), {"qweight": (1, 16, 32), "qzeros": (1, 2, 4), "scales": (1, 16, 32)}),
+        ("gptq", 8, TensorSlice(0, 16, 32, 64), {"qweight": (1, 16, 32), "qzeros": (1, 4, 8), "scales": (1, 16, 32)}),
+        # inputs 32..64 of 96, groups of 16: groups 2..4; GPTQ packs 8 (4-bit) or 4 (8-bit) inputs a word
+        ("awq", 4, TensorSlice(1, 32, 64, 96), {"qweight": (0, 32, 64), "qzeros": (0, 2, 4), "scales": (0, 2, 4)}),
+        ("gptq", 4, TensorSlice(1, 32, 64, 96), {"qweight": (0, 4, 8), "g_idx": (0, 32, 64), "scales": (0, 2, 4)}),
+        ("gptq", 8, TensorSlice(1, 32, 64, 96), {"qweight": (0, 8, 16), "g_idx": (0, 32, 64), "qzeros": (0, 2, 4)}),
+    ],
+)
+def test_packed_slices_cut_whole_words_and_groups(method, bits, part, cuts):
+    from qwen2vl.quant import QuantizationError, QuantScheme, packed_slices
+
+    scheme = QuantScheme(method, bits, 16)
+    k, n = (96, 64)
+    slices, first_group = packed_slices("layer", scheme, k, n, part)
+    for suffix, (dim, start, stop) in cuts.items():
+        got = slices[suffix]
+        assert (got.dim, got.start, got.stop) == (dim, start, stop), suffix
+    assert first_group == (part.start // 16 if part.dim == 1 else 0)
+    off_by = TensorSlice(part.dim, part.start + 2, part.stop, part.full)  # inside a packed word or a group
+    with pytest.raises(QuantizationError, match="this tensor_parallel_size does not split this checkpoint"):
+        packed_slices("layer", scheme, k, n, off_by)
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,9 @@ def shard_decoder(
         for name, (start, stop, full) in cols.items():
             old = layer.get_submodule(name)
             assert old.bias is None, f"{name} has a bias: a row-parallel layer would add it once per rank"
-            _replace(layer, name, nn.Linear(stop - start, old.out_features, bias=False, device="meta"))
+            linear = nn.Linear(stop - start, old.out_features, bias=False, device="meta")
+            linear.reduce_rows = _max_over(group)  # type: ignore[assignment]  (a row's range spans the ranks)
+            _replace(layer, name, linear)
             slices[prefix + name + ".weight"] = TensorSlice(1, start, stop, full)
         layer.self_attn.num_heads, layer.self_attn.num_kv_heads = s.q, s.kv
         # each rank's o_proj / down_proj output is a partial sum over its heads / MLP columns: add them up.
@@ -135,6 +137,16 @@ def shard_decoder(
 def _replace(parent: nn.Module, path: str, module: nn.Module) -> None:
     owner, _, child = path.rpartition(".")
     setattr(parent.get_submodule(owner), child, module)
+
+
+def _max_over(group):
+    """In place: the largest value over the ranks (--quantize int8 scales a row by its largest |w| over all its
+    inputs, which a row-parallel layer holds on different ranks)."""
+
+    def reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+    return reduce
 
 
 def _all_reduce_hook(group):

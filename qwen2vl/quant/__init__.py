@@ -17,6 +17,7 @@ from .formats import (
     QuantizationError,
     QuantScheme,
     layer_tensors,
+    packed_slices,
     parse_quantization_config,
     read_layer,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "QuantScheme",
     "QuantizationError",
     "layer_tensors",
+    "packed_slices",
     "parse_quantization_config",
     "quantized_layers",
     "read_layer",

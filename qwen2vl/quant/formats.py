@@ -283,3 +283,46 @@ def read_layer(prefix: str, tensors: dict[str, torch.Tensor], scheme: QuantSchem
     """One quantized linear's checkpoint tensors (suffix -> tensor) -> its storage."""
     reader = read_awq if scheme.method == "awq" else read_gptq
     return reader(prefix, tensors, scheme, k, n)
+
+
+def packed_slices(prefix: str, scheme: QuantScheme, k: int, n: int, part) -> tuple[dict[str, Any], int]:
+    """A tensor-parallel rank's share of one quantized layer of K inputs and N outputs: the slice of each
+    checkpoint tensor (suffix -> weights.TensorSlice) that holds `part` of the logical weight (N, K) (dim 0: output
+    rows n0..n1, a column-parallel layer; dim 1: inputs k0..k1, a row-parallel one), and the first group of the
+    share (a row-parallel GPTQ share's g_idx counts from there). The packed dimension is cut between whole int32
+    words, the grouped one between whole groups; a share that would cut inside either is refused, naming the sizes,
+    as vLLM refuses it."""
+    from ..weights import TensorSlice
+
+    g, ng = scheme.groups(k)
+    layout = layer_tensors(prefix, scheme, k, n)
+    pf = 32 // scheme.bits  # fields per int32 word
+    a, b = part.start, part.stop
+
+    def cut(suffix: str, dim: int, per: int = 1) -> TensorSlice:  # indices a..b of the logical dim, `per` a word
+        return TensorSlice(dim, a // per, -(-b // per), layout[suffix][0][dim])
+
+    if part.dim == 0:  # output rows: packed along N in AWQ's qweight and both formats' qzeros
+        words = 8 if scheme.method == "awq" else pf
+        if a % words or b % words:
+            raise QuantizationError(
+                f"{prefix}: a tensor-parallel share of output rows {a}..{b} of {n} cuts {scheme.method.upper()}'s "
+                f"packed words of {words} rows; this tensor_parallel_size does not split this checkpoint"
+            )
+        slices = {"scales": cut("scales", 1), "qzeros": cut("qzeros", 1, words)}
+        slices["qweight"] = cut("qweight", 1, words if scheme.method == "awq" else 1)
+        slices["bias"] = TensorSlice(0, a, b, n)
+        return slices, 0
+    if a % g or (b % g and b != k) or (scheme.method == "gptq" and (a % pf or b % pf)):
+        raise QuantizationError(
+            f"{prefix}: a tensor-parallel share of inputs {a}..{b} of {k} does not start and end at a group "
+            f"boundary (group_size {scheme.group_size}); this tensor_parallel_size does not split this checkpoint"
+        )
+    groups = TensorSlice(0, a // g, -(-b // g), ng)
+    slices = {"scales": groups, "qzeros": groups}
+    if scheme.method == "awq":
+        slices["qweight"] = cut("qweight", 0)
+    else:
+        slices["qweight"] = cut("qweight", 0, pf)
+        slices["g_idx"] = cut("g_idx", 0)
+    return slices, a // g

@@ -36,6 +36,18 @@ def quantize_rtn(weight: torch.Tensor, group: int = GROUP) -> LayerStorage:
     )
 
 
+def check_share_groups(slices: dict, group: int = GROUP) -> None:
+    """Under tensor parallelism: every rank's share of a row-parallel layer's inputs must be whole groups, so
+    that each rank quantizes exactly the groups one process would (the same weights, split)."""
+    for name, part in slices.items():
+        if part.dim == 1 and (part.start % group or (part.stop % group and part.stop != part.full)):
+            raise ValueError(
+                f"quantize='int4' under tensor parallelism quantizes groups of {group} inputs, but this rank's share "
+                f"of {name} is inputs {part.start}..{part.stop} of {part.full}; choose a tensor_parallel_size that "
+                f"splits {part.full} into multiples of {group}, or --quantize int8"
+            )
+
+
 def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
     """Replace the decoder's q/k/v/o and gate/up/down `nn.Linear` layers of a loaded model by 4-bit `QuantLinear`
     (in place, one layer at a time, so the peak is the model plus one layer); returns the model."""
