@@ -107,6 +107,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="split the decoder over N processes on this host (Gloo on CPU; NCCL on cuda, rank r on cuda:r); "
         "under torchrun, over the processes it starts (default: 1)",
     )
+    p.add_argument(
+        "--shard-vision",
+        action="store_true",
+        help="with --tensor-parallel-size: split the vision tower's heads and MLP over the ranks too "
+        "(default: every rank holds all of it)",
+    )
     p.set_defaults(in_rank=False)
 
 
@@ -305,6 +311,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
         cpu_matmul=args.cpu_matmul,
         adapter=args.adapter,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        shard_vision=getattr(args, "shard_vision", False),
     )
     if getattr(args, "verbose", False) and getattr(pipe.model, "cpu_choice", None) is not None:
         print(f"qwen2vl: {pipe.model.cpu_choice.describe()}", file=sys.stderr)
@@ -400,10 +407,13 @@ def _on_ranks(args: argparse.Namespace) -> int:
     _check_device(args)
     from .config import Qwen2VLConfig
     from .hub import resolve_model_path
-    from .parallel import TensorParallelError, check_world_size, run_ranks
+    from .parallel import TensorParallelError, check_vision_world_size, check_world_size, run_ranks
 
     directory = resolve_model_path(args.model)
-    check_world_size(Qwen2VLConfig.from_file(directory).text, args.tensor_parallel_size)
+    config = Qwen2VLConfig.from_file(directory)
+    check_world_size(config.text, args.tensor_parallel_size)
+    if args.shard_vision:
+        check_vision_world_size(config.vision, args.tensor_parallel_size)
     try:
         rank_args = argparse.Namespace(**{**vars(args), "model": str(directory)})
         run_ranks(_rank_main, args.tensor_parallel_size, (rank_args,), device=args.device, lead=True)

@@ -146,7 +146,9 @@ def use_cpu_kernels(
                 kind = vision_storage if full.startswith("visual.") else storage
                 # a row-parallel shard (qwen2vl.parallel) carries how to reduce its rows' ranges over the ranks
                 reduce = getattr(child, "reduce_rows", None)
-                setattr(parent, child_name, WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce))
+                fast = WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce)
+                fast._forward_hooks.update(child._forward_hooks)  # hooks stay with the layer (an all-reduce)
+                setattr(parent, child_name, fast)
     if model.lm_head is None:  # tied: a bf16 output projection shares the embedding's storage
         embed = model.model.embed_tokens.weight.data
         model.lm_head = (

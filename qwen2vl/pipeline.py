@@ -432,6 +432,7 @@ def load(
     cpu_matmul: str = "auto",
     adapter: str | None = None,
     tensor_parallel_size: int = 1,
+    shard_vision: bool = False,
     **processor_overrides,
 ) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
@@ -440,7 +441,8 @@ def load(
 
     `tensor_parallel_size` N > 1: this process is one rank of an initialised torch.distributed process group of N
     (torchrun, or `qwen2vl run --tensor-parallel-size N`), and loads its share of the decoder (qwen2vl.parallel);
-    every rank then calls the same methods with the same arguments."""
+    every rank then calls the same methods with the same arguments. `shard_vision`: split the vision tower's
+    heads and MLP over the ranks too (by default each rank holds all of it)."""
     t0 = time.perf_counter()
     check_device(device)
     directory = resolve_model_path(path_or_id)
@@ -454,9 +456,19 @@ def load(
             )
         require_group(tensor_parallel_size)
         model = load_rank_model(
-            directory, dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul
+            directory,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            progress=progress,
+            cpu_matmul=cpu_matmul,
+            shard_vision=shard_vision,
         )
     else:
+        if shard_vision:
+            raise ValueError(
+                "shard_vision splits the vision tower over tensor-parallel ranks: it needs tensor_parallel_size > 1"
+            )
         model = load_model(
             directory,
             dtype=dtype,

@@ -143,12 +143,13 @@ def load_weights(
     device: torch.device,
     progress: bool = True,
     scheme=None,
-    slices: dict[str, TensorSlice] | None = None,
+    slices: dict[str, TensorSlice | tuple[TensorSlice, ...] | None] | None = None,
 ) -> None:
     """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise.
 
     `slices`: parameters that hold only part of their checkpoint tensor (a tensor-parallel rank's share); only
-    that part is read.
+    that part is read (a tuple: those parts, concatenated along their dimension; None: nothing is read, the
+    parameter holds zeros).
 
     With a `scheme` (qwen2vl.quant.QuantScheme, from config.json's quantization_config), every layer stored as
     `<layer>.qweight` is read one layer at a time and replaced by a qwen2vl.quant.QuantLinear.
@@ -211,15 +212,22 @@ def load_weights(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {directory.name}", disable=not progress)
     handles: dict[Path, object] = {}
 
-    def read(path: Path, info: dict, start: int, part: TensorSlice | None = None) -> torch.Tensor:
+    def read(path: Path, info: dict, start: int, part: TensorSlice | None = None, count: bool = True) -> torch.Tensor:
         f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
         t = _read_tensor(f, path, info, start, part)
-        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+        if count:  # (once per tensor, however many parts are read)
+            bar.update(info["data_offsets"][1] - info["data_offsets"][0])
         return t
 
     try:
         for path, key, name, info, start in plan:
-            t = read(path, info, start, (slices or {}).get(name))
+            part = (slices or {}).get(name, "whole")
+            if part is None:  # this rank holds zeros (a row-parallel bias, which one rank adds)
+                t = torch.zeros(expected[name], dtype=_ST_DTYPES[info["dtype"]])
+            elif isinstance(part, tuple):  # parts of the tensor, concatenated (a fused qkv's rows of some heads)
+                t = torch.cat([read(path, info, start, p, count=p is part[0]) for p in part], dim=part[0].dim)
+            else:
+                t = read(path, info, start, None if part == "whole" else part)
             if tuple(t.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}"
@@ -328,7 +336,7 @@ def load_model(
     cpu_kernels: bool | None = None,
     cpu_matmul: str = "auto",
     adapter: str | Path | None = None,
-    shard: Callable[[Qwen2VL], dict[str, TensorSlice]] | None = None,
+    shard: Callable[[Qwen2VL], dict[str, TensorSlice | tuple[TensorSlice, ...] | None]] | None = None,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 

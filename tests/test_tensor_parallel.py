@@ -56,18 +56,32 @@ def _check_one(rank: int, ckpt: str, options: dict) -> dict:
     torch.manual_seed(0)
     options = {"dtype": torch.float32, "progress": False, **options}
     kernels.use(options.pop("kernels", None))
+    split_vision = options.pop("shard_vision", False)
     ref = load_model(ckpt, **options) if rank == 0 else None
-    model = load_rank_model(ckpt, **{k: v for k, v in options.items() if k != "progress"})
+    options.pop("progress")
+    model = load_rank_model(ckpt, **options, shard_vision=split_vision)
     cfg = model.config.text
 
-    def held(m) -> int:  # parameters and buffers (quantized layers keep their packed weights as buffers)
-        return sum(t.numel() * t.element_size() for t in (*m.model.layers.parameters(), *m.model.layers.buffers()))
+    def held(m: torch.nn.Module) -> int:  # parameters and buffers (quantized layers keep packed weights as buffers)
+        return sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
 
-    found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2], "decoder_bytes": held(model)}
-    found["cases"] = {}
+    found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2], "cases": {}}
+    found.update(decoder_bytes=held(model.model.layers), vision_bytes=held(model.visual.blocks))
     if ref is not None:
-        found["decoder_bytes_full"] = held(ref)
+        found.update(decoder_bytes_full=held(ref.model.layers), vision_bytes_full=held(ref.visual.blocks))
     with torch.inference_mode():
+        if split_vision:  # the piecewise encode (the server's) too: blocks in row and head ranges
+            batch = build([[("image", (1, 32, 24))]], seed=1)
+            pieces = model.encode_vision_pieces(batch["pixel_values"], batch["image_grid_thw"], 2e5)
+            while True:
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    feats = done.value
+                    break
+            if ref is not None:
+                want = ref.encode_vision(batch["pixel_values"], batch["image_grid_thw"])
+                found["pieces_diff"] = ((feats - want).abs().max() / want.abs().max()).item()
         for name in TP_CASES:
             batch = build(CASES[name], seed=len(name))
             logits = model(**batch)
@@ -136,6 +150,31 @@ QUANT_TEXT = {**TINY_TEXT, "hidden_size": 96, "rope_scaling": {"type": "mrope", 
 QUANT_VISION = {**TINY_VISION, "hidden_size": 96}
 
 
+# 6 vision heads (of 12), MLP 180: the vision tower splits over 2 and 3 ranks
+SPLIT_VISION = {**TINY_VISION, "embed_dim": 72, "num_heads": 6}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vision_tower_split_over_ranks(tmp_path, parity_report, world):
+    """shard_vision: each rank holds 1/world of every vision block (its heads of q, k and v, of proj's inputs,
+    of the MLP), the logits stay the single process's (float32, and bf16 weights through the CPU kernels, whose
+    replaced layers keep the all-reduces), and so does the piecewise encode the server runs."""
+    text = {**TINY_TEXT, "num_key_value_heads": 1, "intermediate_size": 240}
+    ckpt = write_checkpoint(tmp_path / "c", make_config(text, SPLIT_VISION), tokenizer=False, seed=7)
+    config = make_config(text, SPLIT_VISION)
+    bf16 = write_checkpoint(tmp_path / "b", config, tokenizer=False, seed=8, dtype=torch.bfloat16)
+    jobs = [
+        ("float32", ckpt, {"shard_vision": True}),
+        ("bf16 kernels", bf16, {"dtype": torch.bfloat16, "cpu_matmul": "float32", "shard_vision": True}),
+    ]
+    found = _run(tmp_path, jobs, world)
+    for label, *_ in jobs:
+        ranks = [f[label] for f in found]
+        _check(ranks, world, 1, parity_report, f"{world} ranks, split vision, {label}")
+        assert all(f["vision_bytes"] < ranks[0]["vision_bytes_full"] / world * 1.15 for f in ranks)  # + norms
+        parity_report(f"tp {world} ranks split vision {label}: piecewise encode", ranks[0]["pieces_diff"], 1e-5)
+
+
 @pytest.mark.parametrize("world,kv,mlp", [(2, 2, 256), (3, 1, 240)])
 def test_awq_and_gptq_checkpoints_on_ranks(tmp_path, parity_report, world, kv, mlp):
     """AWQ, GPTQ 4-bit (with the zero biases older revisions carry) and GPTQ 8-bit, group size 16: each rank
@@ -182,6 +221,18 @@ def test_refused_world_size_names_sizes_that_work():
     with pytest.raises(ValueError, match=r"sizes that work: \[1, 2\]"):
         check_world_size(cfg.text, 4)  # would replicate the 2 KV heads, but 6 query heads do not split in 4
     check_world_size(cfg.text, 2)
+
+
+def test_split_vision_refusals_name_what_works(tiny_bf16):
+    import qwen2vl
+    from qwen2vl.parallel import check_vision_world_size
+
+    cfg = Qwen2VLConfig.from_hf_dict(make_config())  # 3 vision heads, MLP 150
+    with pytest.raises(ValueError, match=r"does not split the vision tower: 3 heads .* sizes that work: \[1, 3\]"):
+        check_vision_world_size(cfg.vision, 2)
+    check_vision_world_size(cfg.vision, 3)
+    with pytest.raises(ValueError, match="shard_vision .* needs tensor_parallel_size > 1"):
+        qwen2vl.load(str(tiny_bf16), shard_vision=True, progress=False)
 
 
 @pytest.mark.parametrize("heads,kv,world", [(6, 2, 2), (6, 1, 3), (12, 2, 4), (12, 4, 2), (12, 2, 6), (8, 8, 4)])
@@ -460,11 +511,12 @@ SERVE_FLAGS = [
 ]
 
 
-def test_server_on_two_ranks_answers_what_one_process_answers(tiny_ckpt):
+def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
     """Continuous batching on 2 ranks: requests of different lengths, with and without a picture, streamed or
     not, sent at once (prefill chunks of 16 tokens interleave with other requests' decode steps), and one
     streaming client that leaves early: every answer's tokens equal the single-process server's and each
-    token's logprob and alternatives agree within 1e-4."""
+    token's logprob and alternatives agree within 1e-4. The vision tower is split too (--shard-vision): rank 0's
+    engine hands each vision encode's pieces to rank 1 as well."""
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
@@ -515,6 +567,7 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tiny_ckpt):
                 if i == 3:
                     break
 
+    tiny_ckpt = write_checkpoint(tmp_path / "c", make_config(None, SPLIT_VISION), seed=9)
     single = build_server(
         ServerConfig(
             model=str(tiny_ckpt),
@@ -526,7 +579,7 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tiny_ckpt):
         )
     )
     uv, single_base = serve_in_thread(single)
-    proc, base = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", *SERVE_FLAGS])
+    proc, base = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", "--shard-vision", *SERVE_FLAGS])
     try:
         answers = {}
         for where in (single_base, base):

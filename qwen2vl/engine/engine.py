@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -125,6 +125,9 @@ class Engine:
         slots = max_num_seqs if kv_cache_bytes is None else min(max_num_seqs, kv_cache_bytes // per_slot)
         self.pool = SlotPool(cfg, slots, max_model_len, model.dtype, model.device)
         self.lead = lead  # rank 0 of a tensor-parallel model: every decoder call is handed to the others first
+        # ... and every vision encode, when the vision tower is split over the ranks too
+        self.lead_vision = lead and getattr(model.visual, "split_over_ranks", False)
+        self._encodes = 0  # vision encodes handed to the other ranks so far (their handles)
         if lead:
             commands.share(("pool", slots, max_model_len))
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
@@ -332,6 +335,8 @@ class Engine:
         return best, best_len
 
     def _release(self, seq: SequenceState, keep: bool = True) -> None:
+        if seq.encoding is not None and len(seq.encoding) > 3 and self.lead_vision:  # and the other ranks' share
+            commands.share(("vision_drop", seq.encoding[3]))
         seq.encoding = None  # drops a half-done vision encode and its intermediate tensors
         seq.processors = ()  # and the grammar state: a finished or aborted request's matcher goes with it
         if keep:
@@ -348,14 +353,24 @@ class Engine:
                 seq.features.setdefault(kind, []).append(feats)
                 return None
             seq.encoding = (kind, key, model.encode_vision_pieces(pixels, grid, self.vision_piece_flops))
+            if self.lead_vision:  # the other ranks hold shares of the vision tower: they encode alongside
+                self._encodes += 1
+                seq.encoding += (self._encodes,)
+                commands.share(("vision", self._encodes, pixels.cpu(), grid.cpu(), self.vision_piece_flops))
         if seq.encoding is not None:  # one piece of the encode
-            kind, key, pieces = seq.encoding
+            kind, key, pieces, *handle = seq.encoding
             self.vision_pieces += 1
+            if handle:
+                commands.share(("vision_next", *handle))
             try:
                 next(pieces)
                 return None
             except StopIteration as done:
                 feats = done.value
+            except Exception as e:
+                if handle:  # the other ranks ran this piece: see _decoder
+                    raise self._out_of_step("a vision piece", e) from e
+                raise
             seq.encoding = None
             self.vision_cache.put(key, feats)
             seq.features.setdefault(kind, []).append(feats)
@@ -393,7 +408,13 @@ class Engine:
         try:
             return run_decoder(self.model, self.pool, command)
         except Exception as e:  # the other ranks ran it: they now wait in a collective this rank will not join
-            raise EngineBroken(f"rank 0 failed in a step the other ranks ran ({e}); the ranks are out of step") from e
+            raise self._out_of_step("a decoder step", e) from e
+
+    def _out_of_step(self, what: str, e: Exception) -> EngineBroken:
+        """Rank 0 failed in work the other ranks ran: nothing more is handed to them (they wait in a collective
+        that will time out, or are stopped with this process)."""
+        self.lead = self.lead_vision = False
+        return EngineBroken(f"rank 0 failed in {what} the other ranks ran ({e}); the ranks are out of step")
 
     def close(self) -> None:
         """Release the other ranks (they return from follow()); a single-process engine has nothing to release."""
@@ -484,14 +505,27 @@ def run_decoder(model: Qwen2VL, pool: SlotPool, command: tuple) -> torch.Tensor:
 @torch.inference_mode()
 def follow(model: Qwen2VL) -> None:
     """Ranks other than 0 under a tensor-parallel engine: build the same slot pool as rank 0's engine, then run
-    every decoder command it hands over, until it says stop (Engine.close)."""
+    every decoder command it hands over (and, with a split vision tower, every piece of its vision encodes),
+    until it says stop (Engine.close)."""
     pool = None
+    encodes: dict[int, Generator] = {}  # rank 0's vision encodes in progress, by handle (a split vision tower)
     while True:
         command = commands.share()
-        if command[0] == "stop":
+        kind = command[0]
+        if kind == "stop":
             return
-        if command[0] == "pool":
+        if kind == "pool":
             pool = SlotPool(model.config.text, command[1], command[2], model.dtype, model.device)
+        elif kind == "vision":
+            handle, pixels, grid, flops = command[1:]
+            encodes[handle] = model.encode_vision_pieces(pixels.to(model.device), grid, flops)
+        elif kind == "vision_next":
+            try:
+                next(encodes[command[1]])
+            except StopIteration:
+                del encodes[command[1]]
+        elif kind == "vision_drop":
+            encodes.pop(command[1], None)
         else:
             assert pool is not None, "a decoder command before the pool"
             run_decoder(model, pool, command)

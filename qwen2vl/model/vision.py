@@ -162,8 +162,9 @@ class VisionTransformer(nn.Module):
             first = self.blocks[0]
             assert isinstance(first, VisionBlock)
             inner = first.inner_dtype or x.dtype
-            buffers = [x.new_empty(n, cfg.num_heads, cfg.head_dim, dtype=inner) for _ in range(4)]
-            buffers.append(x.new_empty(n, cfg.mlp_dim, dtype=inner))
+            # the block's own head count and MLP width (a tensor-parallel rank holds a share of them)
+            buffers = [x.new_empty(n, first.attn.num_heads, cfg.head_dim, dtype=inner) for _ in range(4)]
+            buffers.append(x.new_empty(n, first.mlp.fc1.weight.shape[0], dtype=inner))
         for block in self.blocks:
             if block_flops <= piece_flops:
                 if pace.due(block_flops):
@@ -264,7 +265,7 @@ def _block_in_ranges(block: VisionBlock, x, cos, sin, segments, pace: _Pace, q, 
         start += count * length
 
     def fc1(r):  # x += attention; hidden = fc1(norm2(x))
-        x[r] = x[r] + attn.proj(out[r].view(-1, e))
+        x[r] = x[r] + attn.proj(out[r].flatten(1))
         hidden[r] = mlp.fc1(block.inner(block.norm2(x[r])))
 
     yield from pace.rows(n, 2 * e * e + 2 * e * hidden.shape[1], fc1)

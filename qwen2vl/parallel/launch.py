@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from ..weights import load_model
 from . import commands
 from .shard import shard_decoder
+from .shard import shard_vision as shard_vision_blocks
 
 # a collective that waits longer fails. Generous, because ranks load at different speeds before their first
 # all-reduce (a 72B shard from a slow disk); a rank that dies is noticed at once by the join, not by this.
@@ -216,9 +217,10 @@ def load_rank_model(
     cpu_matmul: str = "auto",
     group: dist.ProcessGroup | None = None,
     quantize: str | None = None,
+    shard_vision: bool = False,
 ):
-    """This rank's share of the model (weights.load_model with shard_decoder), inside an initialised process group:
-    only the rank's slices of the sharded tensors are read. (load_model refuses quantization with a shard.)"""
+    """This rank's share of the model (weights.load_model with shard_decoder, and shard_vision when asked), inside
+    an initialised process group: only the rank's slices of the sharded tensors are read."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     return load_model(
         path,
@@ -228,5 +230,8 @@ def load_rank_model(
         quantize=quantize,
         cpu_kernels=cpu_kernels,
         cpu_matmul=cpu_matmul,
-        shard=lambda model: shard_decoder(model, rank, world, group),
+        shard=lambda model: {
+            **shard_decoder(model, rank, world, group),
+            **(shard_vision_blocks(model, rank, world, group) if shard_vision else {}),
+        },
     )

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import TextConfig
+from ..config import TextConfig, VisionConfig
 from ..model import Qwen2VL
 from ..weights import TensorSlice
 
@@ -131,6 +131,51 @@ def shard_decoder(
     rank_cfg = dataclasses.replace(rank_cfg, num_attention_heads=s.q, num_key_value_heads=s.kv)
     model.config = dataclasses.replace(model.config, text=rank_cfg)
     model.model.cfg = rank_cfg
+    return slices
+
+
+def check_vision_world_size(cfg: VisionConfig, world: int) -> None:
+    if cfg.num_heads % world or cfg.mlp_dim % world:
+        sizes = [n for n in range(1, cfg.num_heads + 1) if cfg.num_heads % n == 0 and cfg.mlp_dim % n == 0]
+        raise ValueError(
+            f"tensor_parallel_size={world} does not split the vision tower: {cfg.num_heads} heads and MLP width "
+            f"{cfg.mlp_dim} must divide evenly; sizes that work: {sizes} (or leave the vision tower whole)"
+        )
+
+
+def shard_vision(
+    model: Qwen2VL, rank: int, world: int, group: dist.ProcessGroup | None = None
+) -> dict[str, TensorSlice | tuple[TensorSlice, ...] | None]:
+    """Cut a meta-device model's vision blocks down to rank `rank`'s heads and MLP columns (the patch embedding
+    and the merger stay whole): per block, qkv column-parallel (the rank's heads of q, of k and of v: three row
+    ranges of the fused weight), proj row-parallel, fc1 column-parallel, fc2 row-parallel, each row-parallel
+    output summed by an all-reduce. Their biases are added once, by rank 0 (the others hold zeros). The
+    all-reduces hang on the two Linear layers themselves, since the piecewise encode (encode_pieces) calls them
+    directly in row ranges; the CPU kernels keep a replaced layer's hooks. Returns the slices to read (a tuple:
+    parts read and concatenated; None: not read, zeros)."""
+    cfg = model.config.vision
+    check_vision_world_size(cfg, world)
+    heads, hd, e = cfg.num_heads // world, cfg.head_dim, cfg.embed_dim
+    lo, hi = rank * heads * hd, (rank + 1) * heads * hd
+    m = cfg.mlp_dim // world
+    m0 = rank * m
+    slices: dict[str, TensorSlice | tuple[TensorSlice, ...] | None] = {}
+    for i, block in enumerate(model.visual.blocks):
+        prefix = f"visual.blocks.{i}."
+        qkv = tuple(TensorSlice(0, j * e + lo, j * e + hi, 3 * e) for j in range(3))  # q, k, v rows of my heads
+        _replace(block, "attn.qkv", nn.Linear(e, 3 * (hi - lo), device="meta"))
+        slices[prefix + "attn.qkv.weight"] = slices[prefix + "attn.qkv.bias"] = qkv
+        block.attn.num_heads = heads
+        _replace(block, "mlp.fc1", nn.Linear(e, m, device="meta"))
+        slices[prefix + "mlp.fc1.weight"] = slices[prefix + "mlp.fc1.bias"] = TensorSlice(0, m0, m0 + m, cfg.mlp_dim)
+        for name, start, stop, full in (("attn.proj", lo, hi, e), ("mlp.fc2", m0, m0 + m, cfg.mlp_dim)):
+            linear = nn.Linear(stop - start, e, device="meta")
+            linear.register_forward_hook(_all_reduce_hook(group))
+            _replace(block, name, linear)
+            slices[prefix + name + ".weight"] = TensorSlice(1, start, stop, full)
+            if rank:
+                slices[prefix + name + ".bias"] = None
+    model.visual.split_over_ranks = True  # type: ignore[assignment]  (the engine hands its encodes to the ranks)
     return slices
 
 

@@ -18,6 +18,7 @@ class ServerConfig:
     cpu_matmul: str = "auto"  # "auto", "float32" or "bf16" (qwen2vl.machine)
     adapter: str | None = None  # a LoRA adapter directory in PEFT's format, applied at load (qwen2vl.lora)
     tensor_parallel_size: int = 1  # >1: this process is one rank of a process group of that many (qwen2vl.parallel)
+    shard_vision: bool = False  # with tensor_parallel_size > 1: the vision tower split over the ranks too
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' when set

@@ -874,6 +874,7 @@ def _load(config: ServerConfig) -> Pipeline:
         cpu_matmul=config.cpu_matmul,
         adapter=config.adapter,
         tensor_parallel_size=config.tensor_parallel_size,
+        shard_vision=config.shard_vision,
     )
 
 
