@@ -277,12 +277,28 @@ def read_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, dict[str,
     return config, pairs
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+def load_adapter(model: nn.Module, directory: str | Path, slices: dict | None = None) -> list[str]:
     """Apply the adapter in `directory` (PEFT's format) to `model`, in place; returns the adapted module names.
 
     Which modules carry LoRA is read from the weights' keys (not guessed from target_modules); each must be a
-    linear layer of the model, and every key must be used."""
+    linear layer of the model, and every key must be used.
+    `slices`: a tensor-parallel rank's share of the weights (qwen2vl.parallel): a layer split by output rows
+    keeps those rows of lora_B, one split by inputs those columns of lora_A; each rank's LoRA output is then a
+    partial sum that the layer's all-reduce adds up with the rest, since x A^T B^T is linear in x's parts."""
     config, pairs = read_adapter(directory)
+    for name, pair in pairs.items():
+        part = (slices or {}).get(name + ".weight")
+        if part is None:
+            continue
+        parts = part if isinstance(part, tuple) else (part,)  # a fused qkv's share comes in three parts
+        by_inputs = parts[0].dim == 1
+        if by_inputs and name.startswith("visual."):
+            raise AdapterError(
+                f"{directory}: {name} carries LoRA, but with the vision tower split over the ranks its output is "
+                "reduced inside the layer, before the LoRA term would be added; leave the vision tower whole"
+            )
+        which, dim = ("lora_A", 1) if by_inputs else ("lora_B", 0)
+        pair[which] = torch.cat([pair[which].narrow(dim, p.start, p.stop - p.start) for p in parts], dim).contiguous()
     modules = dict(model.named_modules())
     for name, pair in pairs.items():
         layer = modules.get(name)

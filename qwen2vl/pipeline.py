@@ -446,38 +446,18 @@ def load(
     t0 = time.perf_counter()
     check_device(device)
     directory = resolve_model_path(path_or_id)
+    options = dict(dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul)
     if tensor_parallel_size > 1:
         from .parallel import load_rank_model, require_group
 
-        if adapter is not None:
-            raise ValueError(
-                "an adapter under tensor parallelism is not supported yet: merge it first "
-                "(qwen2vl merge) and load the merged checkpoint"
-            )
         require_group(tensor_parallel_size)
-        model = load_rank_model(
-            directory,
-            dtype=dtype,
-            device=device,
-            quantize=quantize,
-            progress=progress,
-            cpu_matmul=cpu_matmul,
-            shard_vision=shard_vision,
-        )
+        model = load_rank_model(directory, **options, adapter=adapter, shard_vision=shard_vision)
     else:
         if shard_vision:
             raise ValueError(
                 "shard_vision splits the vision tower over tensor-parallel ranks: it needs tensor_parallel_size > 1"
             )
-        model = load_model(
-            directory,
-            dtype=dtype,
-            device=device,
-            quantize=quantize,
-            progress=progress,
-            cpu_matmul=cpu_matmul,
-            adapter=adapter,
-        )
+        model = load_model(directory, **options, adapter=adapter)
     processor = Processor.from_pretrained(directory, **processor_overrides)
     gen_path = Path(directory) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}

@@ -384,7 +384,7 @@ def load_model(
     if adapter is not None:
         from .lora import load_adapter
 
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, slices)
     model.eval().requires_grad_(False)
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)

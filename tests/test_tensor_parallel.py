@@ -62,8 +62,10 @@ def _check_one(rank: int, ckpt: str, options: dict) -> dict:
     model = load_rank_model(ckpt, **options, shard_vision=split_vision)
     cfg = model.config.text
 
-    def held(m: torch.nn.Module) -> int:  # parameters and buffers (quantized layers keep packed weights as buffers)
-        return sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    def held(m: torch.nn.Module) -> int:  # the base weights: parameters and buffers (quantized layers keep their
+        # packed weights as buffers), not an adapter's (whose A of a column-parallel layer every rank holds whole)
+        tensors = [t for name, t in (*m.named_parameters(), *m.named_buffers()) if "lora_" not in name]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     found: dict = {"kv_cache_heads": KVCache(cfg, 1, 4, torch.float32).k.shape[2], "cases": {}}
     found.update(decoder_bytes=held(model.model.layers), vision_bytes=held(model.visual.blocks))
@@ -127,13 +129,30 @@ def _check(found: list[dict], world: int, kv_heads: int, parity_report, label: s
             assert c["tokens"] == single["cases"][name]["tokens_single"], name
 
 
+def _adapter(ckpt, directory, vision: bool) -> str:
+    """A random LoRA adapter (PEFT's format) on every decoder projection, and the vision blocks when asked."""
+    from qwen2vl.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+
+    model = load_model(ckpt, dtype=torch.float32, progress=False, cpu_kernels=False)
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, vision=vision), seed=0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in lora_modules(model).values():  # B no longer zero: the adapter changes the logits
+            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) / m.lora_A.in_features**0.5)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    return str(save_adapter(model, directory))
+
+
 def test_two_ranks_split_kv_heads(tmp_path, parity_report):
-    # 6 query heads, 2 KV heads: one KV head (3 query heads) per rank; untied output, new key layout, 3 files
+    # 6 query heads, 2 KV heads: one KV head (3 query heads) per rank; untied output, new key layout, 3 files;
+    # and with a LoRA adapter on every decoder projection and vision layer (each rank its share of A or B)
     ckpt = write_checkpoint(
         tmp_path / "ckpt", make_config(), tokenizer=False, key_layout="transformers", shards=3, seed=3
     )
-    found = _run(tmp_path, [("bf16", ckpt, {})], 2)
-    _check([f["bf16"] for f in found], 2, 1, parity_report, "2 ranks")
+    adapter = _adapter(ckpt, tmp_path / "ad", vision=True)
+    found = _run(tmp_path, [("float32", ckpt, {}), ("adapter", ckpt, {"adapter": adapter})], 2)
+    for label in ("float32", "adapter"):
+        _check([f[label] for f in found], 2, 1, parity_report, f"2 ranks {label}")
 
 
 def test_three_ranks_replicate_kv_head(tmp_path, parity_report):
@@ -166,6 +185,7 @@ def test_vision_tower_split_over_ranks(tmp_path, parity_report, world):
     jobs = [
         ("float32", ckpt, {"shard_vision": True}),
         ("bf16 kernels", bf16, {"dtype": torch.bfloat16, "cpu_matmul": "float32", "shard_vision": True}),
+        ("adapter", ckpt, {"shard_vision": True, "adapter": _adapter(ckpt, tmp_path / "ad", vision=False)}),
     ]
     found = _run(tmp_path, jobs, world)
     for label, *_ in jobs:
@@ -223,7 +243,7 @@ def test_refused_world_size_names_sizes_that_work():
     check_world_size(cfg.text, 2)
 
 
-def test_split_vision_refusals_name_what_works(tiny_bf16):
+def test_split_vision_refusals_name_what_works(tiny_bf16, tmp_path):
     import qwen2vl
     from qwen2vl.parallel import check_vision_world_size
 
@@ -233,6 +253,14 @@ def test_split_vision_refusals_name_what_works(tiny_bf16):
     check_vision_world_size(cfg.vision, 3)
     with pytest.raises(ValueError, match="shard_vision .* needs tensor_parallel_size > 1"):
         qwen2vl.load(str(tiny_bf16), shard_vision=True, progress=False)
+    # LoRA on a vision layer split by inputs: its output is reduced inside the layer, before the LoRA term
+    from qwen2vl.lora import AdapterError
+    from qwen2vl.parallel import shard_vision
+
+    ckpt = write_checkpoint(tmp_path / "c", make_config(None, SPLIT_VISION), tokenizer=False)
+    adapter = _adapter(ckpt, tmp_path / "ad", vision=True)
+    with pytest.raises(AdapterError, match=r"visual.blocks.0.attn.proj carries LoRA, but with the vision tower split"):
+        load_model(ckpt, adapter=adapter, shard=lambda m: shard_vision(m, 0, 2), progress=False)
 
 
 @pytest.mark.parametrize("heads,kv,world", [(6, 2, 2), (6, 1, 3), (12, 2, 4), (12, 4, 2), (12, 2, 6), (8, 8, 4)])

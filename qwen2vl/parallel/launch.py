@@ -218,6 +218,7 @@ def load_rank_model(
     group: dist.ProcessGroup | None = None,
     quantize: str | None = None,
     shard_vision: bool = False,
+    adapter=None,
 ):
     """This rank's share of the model (weights.load_model with shard_decoder, and shard_vision when asked), inside
     an initialised process group: only the rank's slices of the sharded tensors are read."""
@@ -230,6 +231,7 @@ def load_rank_model(
         quantize=quantize,
         cpu_kernels=cpu_kernels,
         cpu_matmul=cpu_matmul,
+        adapter=adapter,
         shard=lambda model: {
             **shard_decoder(model, rank, world, group),
             **(shard_vision_blocks(model, rank, world, group) if shard_vision else {}),
