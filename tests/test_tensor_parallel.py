@@ -45,7 +45,7 @@ def _rank_check(rank: int, world: int, device: str, jobs: list, out: str) -> Non
     job, writes what the rank found."""
     found: dict = {}
     for label, ckpt, options in jobs:
-        found[label] = _check_one(rank, ckpt, options)
+        found[label] = _check_one(rank, ckpt, {**options, "device": device})
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(found, f)
 
@@ -85,7 +85,7 @@ def _check_one(rank: int, ckpt: str, options: dict) -> dict:
                 want = ref.encode_vision(batch["pixel_values"], batch["image_grid_thw"])
                 found["pieces_diff"] = ((feats - want).abs().max() / want.abs().max()).item()
         for name in TP_CASES:
-            batch = build(CASES[name], seed=len(name))
+            batch = {k: v.to(model.device) for k, v in build(CASES[name], seed=len(name)).items()}
             logits = model(**batch)
             top, bottom = logits.clone(), logits.clone()  # the same on every rank: the max over ranks is the min
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
@@ -106,9 +106,10 @@ def _check_one(rank: int, ckpt: str, options: dict) -> dict:
     return found
 
 
-def _run(tmp_path, jobs: list, world: int) -> list[dict]:
-    """jobs: (label, checkpoint, load options); all run in one start of the ranks."""
-    run_ranks(_rank_check, world, ([(label, str(c), o) for label, c, o in jobs], str(tmp_path)), timeout_s=300)
+def _run(tmp_path, jobs: list, world: int, device: str = "cpu") -> list[dict]:
+    """jobs: (label, checkpoint, load options); all run in one start of the ranks (on CUDA: rank r on cuda:r)."""
+    jobs = [(label, str(c), o) for label, c, o in jobs]
+    run_ranks(_rank_check, world, (jobs, str(tmp_path)), device=device, timeout_s=300)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -193,6 +194,16 @@ def test_vision_tower_split_over_ranks(tmp_path, parity_report, world):
         _check(ranks, world, 1, parity_report, f"{world} ranks, split vision, {label}")
         assert all(f["vision_bytes"] < ranks[0]["vision_bytes_full"] / world * 1.15 for f in ranks)  # + norms
         parity_report(f"tp {world} ranks split vision {label}: piecewise encode", ranks[0]["pieces_diff"], 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL tensor parallelism needs 2 CUDA devices")
+def test_two_ranks_on_cuda_with_nccl(tmp_path, parity_report):
+    """The same parity on GPUs: NCCL all-reduces, rank r on cuda:r, the vision tower split too."""
+    text = {**TINY_TEXT, "num_key_value_heads": 1, "intermediate_size": 240}
+    ckpt = write_checkpoint(tmp_path / "c", make_config(text, SPLIT_VISION), tokenizer=False, seed=7)
+    found = _run(tmp_path, [("cuda", ckpt, {}), ("cuda split vision", ckpt, {"shard_vision": True})], 2, "cuda")
+    for label in ("cuda", "cuda split vision"):
+        _check([f[label] for f in found], 2, 1, parity_report, f"2 ranks {label}")
 
 
 @pytest.mark.parametrize("world,kv,mlp", [(2, 2, 256), (3, 1, 240)])
