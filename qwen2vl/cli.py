@@ -116,6 +116,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(in_rank=False)
 
 
+def _lora_module(value: str) -> tuple[str, str]:
+    name, sep, directory = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{value}: expected NAME=DIR")
+    return name, _adapter_dir(directory)
+
+
 def _adapter_dir(value: str) -> str:
     if not (Path(value) / "adapter_config.json").is_file():
         raise argparse.ArgumentTypeError(f"{value}: not an adapter directory (no adapter_config.json)")
@@ -603,6 +610,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=D.port, help="port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key needed)")
     p.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        metavar="NAME=DIR",
+        help="LoRA adapters (PEFT's format) served beside the model: a request whose `model` is NAME is answered "
+        "with that adapter, requests of different adapters batched together (default: none)",
+    )
     p.add_argument("--max-model-len", type=int, default=D.max_model_len, help="context per request (prompt + output)")
     p.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="requests decoded together at most")
     p.add_argument(

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .model.adapters import adapter_rows
 from .weights import PREFIX_RENAMES, our_name
 
 # the language model's linear layers (LLaMA-Factory's `lora_target: all` for Qwen2-VL's decoder)
@@ -285,6 +287,19 @@ def load_adapter(model: nn.Module, directory: str | Path, slices: dict | None = 
     `slices`: a tensor-parallel rank's share of the weights (qwen2vl.parallel): a layer split by output rows
     keeps those rows of lora_B, one split by inputs those columns of lora_A; each rank's LoRA output is then a
     partial sum that the layer's all-reduce adds up with the rest, since x A^T B^T is linear in x's parts."""
+    config, pairs = _read_for(model, directory, slices)
+    names = sorted(pairs)
+    vision = any(n.startswith("visual.") for n in names)
+    last = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if not n.startswith("visual.")))
+    config = LoRAConfig(config.r, config.alpha, config.dropout, last or TEXT_TARGETS, vision, config.rslora)
+    apply_lora(model, config, names, seed=0)  # seeded: the global generator is left as it was
+    set_adapter_weights(model, pairs)
+    return names
+
+
+def _read_for(model: nn.Module, directory: str | Path, slices: dict | None):
+    """The adapter in `directory`, cut to this rank's share (see load_adapter) and checked against `model`'s
+    linear layers: (config, {module name: {"lora_A", "lora_B"}})."""
     config, pairs = read_adapter(directory)
     for name, pair in pairs.items():
         part = (slices or {}).get(name + ".weight")
@@ -302,6 +317,8 @@ def load_adapter(model: nn.Module, directory: str | Path, slices: dict | None = 
     modules = dict(model.named_modules())
     for name, pair in pairs.items():
         layer = modules.get(name)
+        if isinstance(layer, MultiLoRALinear):
+            layer = layer.base_layer
         if not isinstance(layer, nn.Linear):
             raise AdapterError(f"{directory}: {name} is not a linear layer of this model")
         a, b = pair["lora_A"], pair["lora_B"]
@@ -311,13 +328,73 @@ def load_adapter(model: nn.Module, directory: str | Path, slices: dict | None = 
                 f"layer ({layer.in_features} -> {layer.out_features}) with r={config.r} needs "
                 f"({config.r}, {layer.in_features}) and ({layer.out_features}, {config.r})"
             )
-    names = sorted(pairs)
-    vision = any(n.startswith("visual.") for n in names)
-    last = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if not n.startswith("visual.")))
-    config = LoRAConfig(config.r, config.alpha, config.dropout, last or TEXT_TARGETS, vision, config.rslora)
-    apply_lora(model, config, names, seed=0)  # seeded: the global generator is left as it was
-    set_adapter_weights(model, pairs)
-    return names
+    return config, pairs
+
+
+# -- several adapters side by side (the server's --lora-modules) -------------------------------------------------
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer with several LoRA adapters beside it, each batch row using the one adapters_for_rows
+    names (vLLM's multi-LoRA batching, written as one loop over the adapters present). A row's result is
+    LoRALinear's for that adapter: base(x) + lora_B(lora_A(x)) * scaling, the same operations on its rows."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A, self.lora_B = nn.ModuleList(), nn.ModuleList()
+        self.adapters: list[int] = []  # adapter index of each (lora_A, lora_B) pair
+        self.scalings: list[float] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def add(self, adapter: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        w = self.base_layer.weight
+        for tensor, holder in ((a, self.lora_A), (b, self.lora_B)):
+            linear = nn.Linear(tensor.shape[1], tensor.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(tensor.to(w.dtype))
+            holder.append(linear.requires_grad_(False))
+        self.adapters.append(adapter)
+        self.scalings.append(scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        rows = adapter_rows()
+        if rows is None:
+            return result
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapters_for_rows names {len(rows)} rows, the input has {x.shape[0]}")
+        for adapter, lora_a, lora_b, scaling in zip(self.adapters, self.lora_A, self.lora_B, self.scalings):
+            picked = [i for i, a in enumerate(rows) if a == adapter]
+            if len(picked) == x.shape[0]:
+                result = result + lora_b(lora_a(x)) * scaling
+            elif picked:
+                index = torch.tensor(picked, device=x.device)
+                result = result.index_add(0, index, lora_b(lora_a(x.index_select(0, index))) * scaling)
+        return result
+
+
+def load_adapters(model: nn.Module, directories: Sequence[str | Path], slices: dict | None = None) -> None:
+    """Put the adapters in `directories` (PEFT's format) beside `model`'s linear layers, adapter i selected by
+    adapters_for_rows; the base model answers rows that name none. Decoder adapters only: a vision encode is
+    shared between requests (the server caches it by its pixels), so it cannot depend on the request's adapter."""
+    for index, directory in enumerate(directories):
+        config, pairs = _read_for(model, directory, slices)
+        vision = sorted(n for n in pairs if n.startswith("visual."))
+        if vision:
+            raise AdapterError(
+                f"{directory}: adapts the vision tower ({vision[0]}, ...), which adapters served side by side "
+                "cannot (the server shares vision encodes between requests); serve it alone with --adapter"
+            )
+        for name, pair in pairs.items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            layer = getattr(owner, child)
+            if not isinstance(layer, MultiLoRALinear):
+                layer = MultiLoRALinear(layer)
+                setattr(owner, child, layer)
+            layer.add(index, pair["lora_A"], pair["lora_B"], config.scaling)
 
 
 def set_adapter_weights(model: nn.Module, pairs: dict[str, dict[str, torch.Tensor]]) -> None:

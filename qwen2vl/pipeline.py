@@ -433,11 +433,13 @@ def load(
     adapter: str | None = None,
     tensor_parallel_size: int = 1,
     shard_vision: bool = False,
+    adapters: list[str] | None = None,
     **processor_overrides,
 ) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
     the download and the weights, and on CPU each item's cost said before its vision encode. `adapter`: a LoRA
-    adapter directory (PEFT's format) applied on top of the weights.
+    adapter directory (PEFT's format) applied on top of the weights; `adapters`: several beside them, each call
+    choosing one (qwen2vl.lora.adapters_for_rows; the server's --lora-modules).
 
     `tensor_parallel_size` N > 1: this process is one rank of an initialised torch.distributed process group of N
     (torchrun, or `qwen2vl run --tensor-parallel-size N`), and loads its share of the decoder (qwen2vl.parallel);
@@ -446,7 +448,9 @@ def load(
     t0 = time.perf_counter()
     check_device(device)
     directory = resolve_model_path(path_or_id)
-    options = dict(dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul)
+    options = dict(
+        dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul, adapters=adapters
+    )
     if tensor_parallel_size > 1:
         from .parallel import load_rank_model, require_group
 

@@ -336,6 +336,7 @@ def load_model(
     cpu_kernels: bool | None = None,
     cpu_matmul: str = "auto",
     adapter: str | Path | None = None,
+    adapters: list[str | Path] | None = None,
     shard: Callable[[Qwen2VL], dict[str, TensorSlice | tuple[TensorSlice, ...] | None]] | None = None,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
@@ -345,6 +346,7 @@ def load_model(
     (`qwen2vl.quant.rtn`) and the output projection to int8. `cpu_kernels=False` keeps plain PyTorch in the
     weights' own dtype, like the reference.
     `adapter`: a LoRA adapter directory in PEFT's format (`qwen2vl.lora`), applied on top of the weights.
+    `adapters`: several, beside the weights, each request choosing one (`qwen2vl.lora.load_adapters`).
     `shard`: a transform of the meta-device model before any reading (qwen2vl.parallel: one tensor-parallel
     rank's share), returning the slices its parameters read.
     """
@@ -385,6 +387,12 @@ def load_model(
         from .lora import load_adapter
 
         load_adapter(model, adapter, slices)
+    if adapters:
+        from .lora import load_adapters
+
+        if adapter is not None:
+            raise ValueError("give either adapter (applied to every request) or adapters (chosen per request)")
+        load_adapters(model, adapters, slices)
     model.eval().requires_grad_(False)
     if cpu_kernels is None:
         cpu_kernels = device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)

@@ -19,7 +19,9 @@ ALLOWED = {
     "qwen2vl.processing": {"qwen2vl.hub"},
     "qwen2vl.grounding": set(),
     "qwen2vl.generate": {"qwen2vl.model", "qwen2vl.config"},
-    "qwen2vl.engine": {"qwen2vl.model", "qwen2vl.config", "qwen2vl.generate"},
+    # rank 0's hand-over to the other tensor-parallel ranks: torch.distributed only, below everything that uses it
+    "qwen2vl.parallel.commands": set(),
+    "qwen2vl.engine": {"qwen2vl.model", "qwen2vl.config", "qwen2vl.generate", "qwen2vl.parallel.commands"},
 }
 # for every other module: the layers above it that it must not import
 FORBIDDEN_ABOVE = {

@@ -555,7 +555,8 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
     not, sent at once (prefill chunks of 16 tokens interleave with other requests' decode steps), and one
     streaming client that leaves early: every answer's tokens equal the single-process server's and each
     token's logprob and alternatives agree within 1e-4. The vision tower is split too (--shard-vision): rank 0's
-    engine hands each vision encode's pieces to rank 1 as well."""
+    engine hands each vision encode's pieces to rank 1 as well; and two of the requests name a LoRA adapter
+    served beside the model (--lora-modules), each rank holding its share of it."""
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
@@ -565,9 +566,9 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
     from qwen2vl.serve.server import build_server, serve_in_thread
     from test_server import data_uri
 
-    def body(content, max_tokens, stream=False):
+    def body(content, max_tokens, stream=False, model="m"):
         return {
-            "model": "m",
+            "model": model,
             "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -583,6 +584,8 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
         body("Tell me a long story about a cat, a dog and a bird in a small town. " * 3, 11),
         body(picture + [{"type": "text", "text": "And this?"}], 8, stream=True),
         body("One more", 5),
+        body("One more", 5, model="tuned"),  # a LoRA adapter served beside the model, in the same batches
+        body(picture + [{"type": "text", "text": "Describe it."}], 6, stream=True, model="tuned"),
     ]
 
     def ask(base: str, b: dict) -> list:
@@ -607,6 +610,7 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
                     break
 
     tiny_ckpt = write_checkpoint(tmp_path / "c", make_config(None, SPLIT_VISION), seed=9)
+    adapter = _adapter(tiny_ckpt, tmp_path / "ad", vision=False)
     single = build_server(
         ServerConfig(
             model=str(tiny_ckpt),
@@ -615,10 +619,12 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
             kv_cache_memory="64MiB",
             max_model_len=1024,
             prefill_chunk=16,
+            lora_modules=(("tuned", adapter),),
         )
     )
     uv, single_base = serve_in_thread(single)
-    proc, base = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", "--shard-vision", *SERVE_FLAGS])
+    flags = ["--tensor-parallel-size", "2", "--shard-vision", "--lora-modules", f"tuned={adapter}", *SERVE_FLAGS]
+    proc, base = _serve(["--model", str(tiny_ckpt), *flags])
     try:
         answers = {}
         for where in (single_base, base):
@@ -627,6 +633,7 @@ def test_server_on_two_ranks_answers_what_one_process_answers(tmp_path):
                 answers[where] = list(pool.map(ask, [where] * len(bodies), bodies))
                 gone.result()
             answers[where].append(ask(where, bodies[0]))  # after the early leaver: its slot and the ranks are fine
+        assert [t for t, _, _ in answers[base][4]] != [t for t, _, _ in answers[base][5]]  # the adapter answers
         for want, got in zip(answers[single_base], answers[base]):
             assert [t for t, _, _ in got] == [t for t, _, _ in want] and len(want) > 0
             for (_, lp, alts), (_, lp_want, alts_want) in zip(got, want):

@@ -644,6 +644,89 @@ def test_serve_with_adapter_answers_as_the_pipeline_with_it(tiny_ckpt, tmp_path)
     assert r.choices[0].message.content == tuned != plain
 
 
+def test_side_by_side_adapters_give_each_row_its_own(tiny_ckpt, tmp_path):
+    """MultiLoRALinear over a batch whose rows name adapter 0, 1, none and 0 gives each row what LoRALinear
+    with that adapter (or the bare layer) gives it alone."""
+    from qwen2vl.lora import MultiLoRALinear
+    from qwen2vl.model.adapters import adapters_for_rows
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(24, 16)
+    pairs = [(torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g), 2.0) for _ in range(2)]
+    multi = MultiLoRALinear(base)
+    for i, (a, b, s) in enumerate(pairs):
+        multi.add(i, a, b, s)
+    x = torch.randn(4, 5, 24, generator=g)
+    with torch.no_grad(), adapters_for_rows([0, 1, -1, 0]):
+        y = multi(x)
+    with torch.no_grad():
+        for row, adapter in enumerate([0, 1, -1, 0]):
+            want = base(x[row : row + 1])
+            if adapter >= 0:
+                a, b, s = pairs[adapter]
+                want = want + (x[row : row + 1] @ a.T @ b.T) * s
+            torch.testing.assert_close(y[row : row + 1], want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(multi(x), base(x))  # outside adapters_for_rows: the bare layer
+
+
+def test_serve_several_adapters_by_model_name(tiny_ckpt, tmp_path):
+    """--lora-modules: requests for the base model and for two adapters, sent at once (decoded in one batch),
+    each answered as a pipeline with that adapter alone (or none) answers; /v1/models lists all three; a
+    vision adapter cannot be served side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from qwen2vl.cli import build_parser
+    from qwen2vl.lora import AdapterError
+    from qwen2vl.pipeline import load
+    from qwen2vl.serve.server import build_server, serve_in_thread
+
+    adapters = {}
+    for name, seed in (("alpha", 6), ("beta", 7)):
+        model = _ours(tiny_ckpt)
+        apply_lora(model, LoRAConfig(r=4, alpha=8.0), seed=0)
+        _randomize_lora(model, seed)
+        adapters[name] = str(save_adapter(model, tmp_path / name))
+    argv = ["serve", "--model", str(tiny_ckpt), "--served-model-name", "base", "--kv-cache-memory", "64MiB"]
+    argv += ["--max-model-len", "512", "--lora-modules", *(f"{n}={d}" for n, d in adapters.items())]
+    srv = build_server(ServerConfig.from_args(build_parser().parse_args(argv)))
+    uv, url = serve_in_thread(srv, header_timeout_s=2.0)
+    prompts = ["Hi there", "Tell me about cats and dogs"]
+    asked = [(name, text) for name in ("base", "alpha", "beta") for text in prompts]
+
+    def ask(name_text):
+        name, text = name_text
+        body = {"model": name, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 8}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == name
+        return r.json()["choices"][0]["message"]["content"]
+
+    try:
+        with ThreadPoolExecutor(len(asked)) as pool:
+            got = dict(zip(asked, pool.map(ask, asked)))
+        listed = httpx.get(url + "/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in listed] == [("base", None), ("alpha", "base"), ("beta", "base")]
+        r = httpx.post(
+            url + "/v1/chat/completions", json={"model": "gamma", "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert r.status_code == 404 and "'base', 'alpha', 'beta'" in r.json()["error"]["message"]
+    finally:
+        uv.should_exit = True
+    for name in ("base", "alpha", "beta"):
+        pipe = load(str(tiny_ckpt), progress=False, adapter=adapters.get(name))
+        for text in prompts:
+            want = pipe.chat([{"role": "user", "content": text}], max_new_tokens=8)
+            assert got[(name, text)] == want, (name, text)
+    assert len({got[(n, prompts[1])] for n in ("base", "alpha", "beta")}) == 3  # the adapters change the answer
+    vision = _ours(tiny_ckpt)
+    apply_lora(vision, LoRAConfig(r=4, alpha=8.0, vision=True), seed=0)
+    save_adapter(vision, tmp_path / "v")
+    with pytest.raises(AdapterError, match="adapts the vision tower .* serve it alone with --adapter"):
+        load(str(tiny_ckpt), progress=False, adapters=[str(tmp_path / "v")])
+
+
 def test_full_finetune_resume_repeats_the_same_steps(tiny_tied_ckpt, tmp_path):
     import shutil
 

@@ -39,7 +39,8 @@ import torch
 from ..generate.decode import Prompt
 from ..generate.vision import VisionCache, common_prefix, prefix_key, vision_items
 from ..model import Qwen2VL
-from ..parallel import commands
+from ..model.adapters import adapters_for_rows
+from ..parallel.commands import share
 from .slots import SlotAttend, SlotPool, slot_bytes
 
 STEP_WINDOW_S = 60.0  # stats()["longest_step_s"] looks this far back
@@ -65,6 +66,7 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
     processors: tuple = ()  # LogitsProcessor objects (generate.structured), with this request's own state
+    adapter: int = -1  # which of the model's side-by-side LoRA adapters answers (qwen2vl.lora.load_adapters); -1: none
 
 
 @dataclass(eq=False)
@@ -129,7 +131,7 @@ class Engine:
         self.lead_vision = lead and getattr(model.visual, "split_over_ranks", False)
         self._encodes = 0  # vision encodes handed to the other ranks so far (their handles)
         if lead:
-            commands.share(("pool", slots, max_model_len))
+            share(("pool", slots, max_model_len))
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
         self.waiting: deque[SequenceState] = deque()
         self.prefilling: list[SequenceState] = []
@@ -315,6 +317,8 @@ class Engine:
             seq.prefix_key = prefix_key(
                 seq.request.prompt, [(k, g, key) for k, _, g, key in seq.vision_pending], self.model.config
             )
+            if seq.request.adapter >= 0:  # keys/values computed under one adapter serve only that adapter
+                seq.prefix_key = [(seq.request.adapter, k) for k in seq.prefix_key]
             seq.slot, seq.prefilled = self._pick_slot(seq.prefix_key)
             seq.reused = seq.prefilled
             seq.processors = seq.request.processors
@@ -336,7 +340,7 @@ class Engine:
 
     def _release(self, seq: SequenceState, keep: bool = True) -> None:
         if seq.encoding is not None and len(seq.encoding) > 3 and self.lead_vision:  # and the other ranks' share
-            commands.share(("vision_drop", seq.encoding[3]))
+            share(("vision_drop", seq.encoding[3]))
         seq.encoding = None  # drops a half-done vision encode and its intermediate tensors
         seq.processors = ()  # and the grammar state: a finished or aborted request's matcher goes with it
         if keep:
@@ -356,12 +360,12 @@ class Engine:
             if self.lead_vision:  # the other ranks hold shares of the vision tower: they encode alongside
                 self._encodes += 1
                 seq.encoding += (self._encodes,)
-                commands.share(("vision", self._encodes, pixels.cpu(), grid.cpu(), self.vision_piece_flops))
+                share(("vision", self._encodes, pixels.cpu(), grid.cpu(), self.vision_piece_flops))
         if seq.encoding is not None:  # one piece of the encode
             kind, key, pieces, *handle = seq.encoding
             self.vision_pieces += 1
             if handle:
-                commands.share(("vision_next", *handle))
+                share(("vision_next", *handle))
             try:
                 next(pieces)
                 return None
@@ -392,6 +396,7 @@ class Engine:
                 seq.positions[:, :, seq.prefilled : end],
                 seq.slot,
                 seq.prefilled,
+                (seq.request.adapter,),
             )
         )
         seq.prefilled = end
@@ -404,7 +409,7 @@ class Engine:
         """Run one decoder command (see run_decoder) here, after handing it to the other ranks when leading them."""
         if not self.lead:
             return run_decoder(self.model, self.pool, command)
-        commands.share(tuple(c.clone().cpu() if isinstance(c, torch.Tensor) else c for c in command))
+        share(tuple(c.clone().cpu() if isinstance(c, torch.Tensor) else c for c in command))
         try:
             return run_decoder(self.model, self.pool, command)
         except Exception as e:  # the other ranks ran it: they now wait in a collective this rank will not join
@@ -420,7 +425,7 @@ class Engine:
         """Release the other ranks (they return from follow()); a single-process engine has nothing to release."""
         if self.lead:
             self.lead = False
-            commands.share(("stop",))
+            share(("stop",))
 
     def _chunk_end(self, seq: SequenceState) -> int:
         """Where seq's next prefill chunk ends: chunk boundaries are fixed multiples of prefill_chunk."""
@@ -436,6 +441,7 @@ class Engine:
                 [r.next_position + len(r.generated) - 1 for r in seqs],
                 [r.slot for r in seqs],
                 [r.prefilled + len(r.generated) - 1 for r in seqs],
+                tuple(r.request.adapter for r in seqs),
             )
         )
         logits = model.logits(hidden[:, -1]).float()
@@ -487,19 +493,22 @@ class Engine:
 
 def run_decoder(model: Qwen2VL, pool: SlotPool, command: tuple) -> torch.Tensor:
     """The decoder's work for one engine command, the same on every rank (each with its own pool of its heads):
-    - ("prefill", embeds (1, n, hidden), positions (3, 1, n), slot, start): n prompt positions into a slot;
-    - ("decode", tokens, positions, slots, lengths): one token per running request, row b at position
+    - ("prefill", embeds (1, n, hidden), positions (3, 1, n), slot, start, adapters): n prompt positions into
+      a slot;
+    - ("decode", tokens, positions, slots, lengths, adapters): one token per running request, row b at position
       lengths[b] of slot slots[b] (SlotAttend).
-    Returns the last layer's hidden states (the logits are rank 0's to compute)."""
-    kind, *args = command
-    if kind == "prefill":
-        embeds, positions, slot, start = args
-        return model.model(embeds.to(model.device), positions.to(model.device), None, pool.view(slot), start)
-    tokens, positions, slots, lengths = args
-    ids = torch.tensor(tokens, device=model.device).view(-1, 1)
-    pos = torch.tensor(positions, device=model.device).view(1, -1, 1).expand(3, -1, -1)
-    embeds = model.model.embed_tokens(ids).to(model.dtype)
-    return model.model(embeds, pos, attend=SlotAttend(pool, slots, lengths))
+    `adapters`: each row's LoRA adapter (-1: none). Returns the last layer's hidden states (the logits are rank
+    0's to compute)."""
+    kind, *args, adapters = command
+    with adapters_for_rows(adapters):
+        if kind == "prefill":
+            embeds, positions, slot, start = args
+            return model.model(embeds.to(model.device), positions.to(model.device), None, pool.view(slot), start)
+        tokens, positions, slots, lengths = args
+        ids = torch.tensor(tokens, device=model.device).view(-1, 1)
+        pos = torch.tensor(positions, device=model.device).view(1, -1, 1).expand(3, -1, -1)
+        embeds = model.model.embed_tokens(ids).to(model.dtype)
+        return model.model(embeds, pos, attend=SlotAttend(pool, slots, lengths))
 
 
 @torch.inference_mode()
@@ -510,7 +519,7 @@ def follow(model: Qwen2VL) -> None:
     pool = None
     encodes: dict[int, Generator] = {}  # rank 0's vision encodes in progress, by handle (a split vision tower)
     while True:
-        command = commands.share()
+        command = share()
         kind = command[0]
         if kind == "stop":
             return

@@ -219,6 +219,7 @@ def load_rank_model(
     quantize: str | None = None,
     shard_vision: bool = False,
     adapter=None,
+    adapters=None,
 ):
     """This rank's share of the model (weights.load_model with shard_decoder, and shard_vision when asked), inside
     an initialised process group: only the rank's slices of the sharded tensors are read."""
@@ -232,6 +233,7 @@ def load_rank_model(
         cpu_kernels=cpu_kernels,
         cpu_matmul=cpu_matmul,
         adapter=adapter,
+        adapters=adapters,
         shard=lambda model: {
             **shard_decoder(model, rank, world, group),
             **(shard_vision_blocks(model, rank, world, group) if shard_vision else {}),

@@ -19,6 +19,7 @@ class ServerConfig:
     adapter: str | None = None  # a LoRA adapter directory in PEFT's format, applied at load (qwen2vl.lora)
     tensor_parallel_size: int = 1  # >1: this process is one rank of a process group of that many (qwen2vl.parallel)
     shard_vision: bool = False  # with tensor_parallel_size > 1: the vision tower split over the ranks too
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, adapter directory): requests choose one by `model`
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' when set
@@ -50,4 +51,5 @@ class ServerConfig:
         if values.get("allowed_media_domains") is not None:
             values["allowed_media_domains"] = tuple(values["allowed_media_domains"])
         values["allowed_origins"] = tuple(values.get("allowed_origins") or ())
+        values["lora_modules"] = tuple(values.get("lora_modules") or ())
         return cls(**values, limits=limits)

@@ -176,8 +176,14 @@ class Server:
         body_timeout_s: float = 30.0,
         stall_after_s: float = 60.0,
         allowed_origins: tuple[str, ...] = (),
+        adapter_names: tuple[str, ...] = (),
     ) -> None:
         self.pipe, self.engine, self.model_name, self.api_key = pipe, engine, model_name, api_key
+        # the names a request's `model` may give: the base model (no adapter), then the model's side-by-side LoRA
+        # adapters in their load order (qwen2vl.lora.load_adapters)
+        self.models = {model_name: -1, **{name: i for i, name in enumerate(adapter_names)}}
+        if len(self.models) != 1 + len(adapter_names):
+            raise ValueError(f"adapter names must differ from each other and from the model's ('{model_name}')")
         self.processor = pipe.processor.with_policy(
             policy or MediaPolicy(allow_private_addresses=False, allow_local=False)
         )
@@ -251,12 +257,15 @@ class Server:
                 "object": "list",
                 "data": [
                     {
-                        "id": self.model_name,
+                        "id": name,
                         "object": "model",
                         "created": now(),
                         "owned_by": "qwen2vl",
+                        "root": self.model_name,
+                        "parent": None if adapter < 0 else self.model_name,  # an adapter's base, as vLLM says it
                         "max_model_len": self.engine.max_model_len,
                     }
+                    for name, adapter in self.models.items()
                 ],
             }
 
@@ -342,10 +351,11 @@ class Server:
     ) -> ChatRequest:
         body = read_json(await self._read_body(request))
         req = parse(body, self.pipe.generation_config)
-        if req.model != self.model_name:
+        if req.model not in self.models:
+            served = ", ".join(f"'{name}'" for name in self.models)
             raise ApiError(
                 404,
-                f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                f"the model '{req.model}' does not exist; this server serves {served}",
                 param="model",
                 code="model_not_found",
             )
@@ -465,6 +475,7 @@ class Server:
                         params.stop_token_ids,
                         req.top_logprobs if req.logprobs else None,
                         processors,
+                        self.models[req.model],
                     )
                 )
             except QueueFull as e:
@@ -599,7 +610,7 @@ class Server:
                 "id": "cmpl-" + completion_id()[9:],
                 "object": "text_completion",
                 "created": now(),
-                "model": self.model_name,
+                "model": req.model,
                 "choices": texts_only,
                 "usage": self._usage(prepared, completion, cached),
             }
@@ -616,7 +627,7 @@ class Server:
             "id": completion_id(),
             "object": "chat.completion",
             "created": now(),
-            "model": self.model_name,
+            "model": req.model,
             "choices": choices,
             "usage": self._usage(prepared, completion, cached),
         }
@@ -632,7 +643,7 @@ class Server:
                 "id": cid,
                 "object": "text_completion" if text_completion else "chat.completion.chunk",
                 "created": created,
-                "model": self.model_name,
+                "model": req.model,
                 "choices": choices,
             }
             if usage is not None:
@@ -875,6 +886,7 @@ def _load(config: ServerConfig) -> Pipeline:
         adapter=config.adapter,
         tensor_parallel_size=config.tensor_parallel_size,
         shard_vision=config.shard_vision,
+        adapters=[directory for _, directory in config.lora_modules] or None,
     )
 
 
@@ -919,6 +931,7 @@ def build_server(config: ServerConfig) -> Server:
         limits=config.limits,
         body_timeout_s=config.body_timeout,
         allowed_origins=config.allowed_origins,
+        adapter_names=tuple(name for name, _ in config.lora_modules),
     )
 
 
