@@ -497,8 +497,9 @@ def test_cli_chat_on_two_ranks_prints_what_one_process_prints(tiny_bf16, capfd, 
     assert printed[1] == printed[0] and len(printed[0].strip().splitlines()) == 3
 
 
-def _serve(argv: list[str]):
-    """`python -m qwen2vl serve ARGV` on a free port; returns (process, base URL) once it answers /health."""
+def _serve(argv: list[str], launcher: tuple[str, ...] = ()):
+    """`python -m [LAUNCHER -m] qwen2vl serve ARGV` on a free port; returns (process, base URL) once it answers
+    /health."""
     import subprocess
     import sys
     import time
@@ -509,7 +510,7 @@ def _serve(argv: list[str]):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen2vl", "serve", *argv, "--port", str(port)],
+        [sys.executable, "-m", *launcher, "qwen2vl", "serve", *argv, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -667,3 +668,32 @@ def test_server_stops_with_a_clear_message_when_a_rank_dies(tiny_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_server_under_torchrun(tiny_ckpt):
+    """`torchrun --nproc-per-node 2 -m qwen2vl serve --tensor-parallel-size 2` (the way across hosts): rank 0
+    serves, rank 1 follows its engine; the answer is the single-process server's."""
+    import signal
+
+    import httpx
+
+    from qwen2vl.serve.config import ServerConfig
+    from qwen2vl.serve.server import build_server, serve_in_thread
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": 9}
+    single = build_server(ServerConfig(model=str(tiny_ckpt), served_model_name="m", dtype="float32"))
+    uv, single_base = serve_in_thread(single)
+    launcher = ("torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
+    proc, base = _serve(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2", *SERVE_FLAGS], launcher)
+    try:
+        answers = [httpx.post(b + "/v1/chat/completions", json=body, timeout=120).json() for b in (single_base, base)]
+        texts = [a["choices"][0]["message"]["content"] for a in answers]
+        assert texts[0] == texts[1] and texts[0]
+    finally:
+        uv.should_exit = True
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except Exception:
+            proc.kill()
+            raise
