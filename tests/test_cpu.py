@@ -139,7 +139,14 @@ def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_mod
         (a - b)[keep].abs().max().item(),
         1e-4,
     )
-    tokens = torch.stack([s.tokens for s in generate_steps(ours, Prompt.from_batch(batch), greedy, 24)], dim=1)
+    step_logits = []
+
+    def greedy_recording(logits, seen):
+        step_logits.append(logits.clone())
+        return greedy(logits, seen)
+
+    steps = generate_steps(ours, Prompt.from_batch(batch), greedy_recording, 24)
+    tokens = torch.stack([s.tokens for s in steps], dim=1)
     with torch.no_grad():
         expected = ref.generate(
             **batch,
@@ -151,8 +158,16 @@ def test_bf16_storage_float32_compute_equals_reference_float32(bf16_ckpt, hf_mod
             temperature=None,
             repetition_penalty=1.0,
             pad_token_id=151643,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
-    assert torch.equal(tokens, expected[:, batch["input_ids"].shape[1] :])
+    assert torch.equal(tokens, expected.sequences[:, batch["input_ids"].shape[1] :])
+    # every decode step's logits, not only its argmax: the steps embed, rotate and cache in float32 as well
+    parity_report(
+        f"decode-step logits, bf16 weights + f32 compute ({decode_path} decode path) vs reference f32",
+        max((a - b).abs().max().item() for a, b in zip(step_logits, expected.logits, strict=True)),
+        1e-4,
+    )
 
 
 def test_plain_bf16_path_still_available(bf16_ckpt, hf_model_factory, parity_report):

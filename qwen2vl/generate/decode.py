@@ -122,7 +122,7 @@ def generate_steps(
         seen = torch.cat([seen, tokens[:, None]], dim=1)
         start = length + k
         step_pos = decode_positions(start, 1, deltas)
-        embeds = model.model.embed_tokens(tokens[:, None])
+        embeds = model.model.embed_tokens(tokens[:, None]).to(model.dtype)  # as model.embed: compute dtype
         hidden = model.model(embeds, step_pos, full_mask[:, : start + 1], cache, start)
         logits = model.logits(hidden[:, -1]).float()
 
