@@ -58,6 +58,7 @@ MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch'
 GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
 
 
+@cache  # read once: the decode step asks ~100 times (each norm and rotary call picks the variant)
 def _cpu_flags() -> frozenset[str]:
     try:
         return frozenset(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
