@@ -37,7 +37,7 @@ class WeightOnlyLinear(nn.Module):
 
     def __setattr__(self, name, value) -> None:
         super().__setattr__(name, value)
-        if name in ("weight", "bias", "scale"):
+        if name in ("weight", "bias", "scale", "matmul"):
             self.__dict__["_product"] = None
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ... may move or convert the parameters
@@ -52,7 +52,9 @@ class WeightOnlyLinear(nn.Module):
             and w.dtype == (torch.bfloat16 if scale is None else torch.int8)
             and all(t is None or t.dtype == torch.float32 for t in (scale, bias))
         ):
-            self._product = kernels.WeightOnlyMatmul(w, scale, bias)
+            # under bf16 products, the few-row products take bf16-rounded inputs too (one precision per model)
+            inputs = "bf16" if self.matmul == "bf16" and scale is None else "float32"
+            self._product = kernels.WeightOnlyMatmul(w, scale, bias, inputs=inputs)
         return self._product
 
     @classmethod

@@ -149,9 +149,12 @@ def _decide_matmul(shape: tuple[int, int]) -> tuple[str, str]:
     return _remembered("matmul", shape, timed)
 
 
-def time_kernel_variants(shape: tuple[int, int], variants: list[str], repeats: int = 5) -> dict[str, float]:
+def time_kernel_variants(
+    shape: tuple[int, int], variants: list[str], repeats: int = 5, inputs: str = "float32"
+) -> dict[str, float]:
     """Best-of-`repeats` seconds of a decode step's worth of few-row products on a bf16 weight of `shape`: one row
-    and four rows (batch 1 and 4), by each kernel variant."""
+    and four rows (batch 1 and 4), by each kernel variant, on inputs as the model will give them (`inputs`: see
+    kernels.WeightOnlyMatmul)."""
     from . import kernels
 
     n, k = shape
@@ -160,7 +163,7 @@ def time_kernel_variants(shape: tuple[int, int], variants: list[str], repeats: i
     xs = [torch.randn(rows, k, generator=gen) for rows in (1, 4)]
     best = {}
     for name in variants:
-        product = kernels.WeightOnlyMatmul(w, variant=name)
+        product = kernels.WeightOnlyMatmul(w, variant=name, inputs=inputs)
         for x in xs:
             product(x)  # first call: page the weight in
         times = []
@@ -173,9 +176,10 @@ def time_kernel_variants(shape: tuple[int, int], variants: list[str], repeats: i
     return best
 
 
-def _decide_gemv(shape: tuple[int, int]) -> str:
+def _decide_gemv(shape: tuple[int, int], inputs: str) -> str:
     """The decode kernels' variant: forced (kernels.use, QWEN2VL_KERNELS), the only one this CPU runs, or the faster
-    of those it runs on the model's largest decode product (timed once, cached); "torch" where none builds."""
+    of those it runs on the model's largest decode product with the model's kind of inputs (float32, or bf16 under
+    bf16 products: AVX-512 BF16 changes the answer), timed once and cached; "torch" where none builds."""
     from . import kernels
 
     if not kernels.available():
@@ -185,12 +189,12 @@ def _decide_gemv(shape: tuple[int, int]) -> str:
         return f"C kernels ({kernels.variant()}: {'forced' if kernels.forced() else 'the only one this CPU runs'})"
 
     def timed() -> tuple[str, str]:
-        t = time_kernel_variants(shape, supported)
+        t = time_kernel_variants(shape, supported, inputs=inputs)
         fastest = min(t, key=t.get)
         rates = ", ".join(f"{name} {shape[0] * shape[1] * 2 * 2 / t[name] / 1e9:.0f} GB/s" for name in supported)
-        return fastest, f"timed on {shape[0]}x{shape[1]} at batch 1 and 4: {rates}"
+        return fastest, f"timed on {shape[0]}x{shape[1]} at batch 1 and 4, {inputs} inputs: {rates}"
 
-    name, reason = _remembered("gemv", shape, timed)
+    name, reason = _remembered("gemv" if inputs == "float32" else f"gemv-{inputs}", shape, timed)
     kernels.prefer(name)
     return f"C kernels ({name}: {reason})"
 
@@ -202,7 +206,6 @@ def choose(
     products have `decode_shapes` (default: the same). `matmul` forces the many-row path ("float32": exact float32
     arithmetic; "bf16") instead of deciding ("auto")."""
     largest = max(shapes, key=lambda s: s[0] * s[1])
-    gemv = _decide_gemv(max(decode_shapes or shapes, key=lambda s: s[0] * s[1]))
     if matmul == "auto":
         if largest[0] * largest[1] < _MIN_WEIGHTS:
             matmul, reason = "float32", f"largest matrix {largest[0]}x{largest[1]} is too small for bf16 to pay"
@@ -212,6 +215,8 @@ def choose(
         reason = "asked for"
     else:
         raise ValueError(f"cpu matmul must be 'auto' or one of {MATMUL_PATHS}, not {matmul!r}")
+    # under bf16 products the decode step's products take bf16-rounded inputs too (qwen2vl.cpu)
+    gemv = _decide_gemv(max(decode_shapes or shapes, key=lambda s: s[0] * s[1]), matmul)
     return CpuChoice(matmul, reason, gemv)
 
 

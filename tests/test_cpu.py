@@ -64,6 +64,10 @@ def test_kernels_match_torch(m, k, variant):
     ref = x.double() @ wb.double().T + bias.double()
     got = kernels.gemm_bf16(x, wb, bias)
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # bf16 inputs (the products of a model computing in bf16): x rounded to bf16 as torch rounds, then float32 sums
+    ref = x.to(torch.bfloat16).double() @ wb.double().T + bias.double()
+    got = kernels.gemm_bf16(x, wb, bias, inputs="bf16")
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     # int8: the kernel multiplies the int16 rounding of x (stated in PyTorch by quantize_rows_int16) exactly
     q, scale = quantize_int8(w)
     wq = q.double() * scale.double()[:, None]
@@ -74,6 +78,20 @@ def test_kernels_match_torch(m, k, variant):
     # ... and that rounding moves each output by at most sum_k |w| * scale / 2
     bound = (wq.abs() @ (xs.double() / 2).T).T
     assert ((ref - (x.double() @ wq.T + bias.double())).abs() <= bound + 1e-9).all()
+
+
+def test_bf16_inputs_run_as_bf16_pairs_where_the_cpu_has_them(variant):
+    # AVX-512 BF16: one instruction per 32 weights and row; elsewhere the float32 kernel on rounded inputs
+    has_pairs = variant == "avx512" and "avx512_bf16" in kernels._cpu_flags()
+    assert kernels.native_bf16_inputs(variant) == has_pairs
+    product = kernels.WeightOnlyMatmul(torch.ones(16, 64, dtype=torch.bfloat16), inputs="bf16")
+    assert product._round != has_pairs
+    x = torch.full((1, 64), 1 + 2**-9)  # rounds to 1 in bf16 (ties to even); float32 inputs would give 64.125
+    assert product(x).eq(64.0).all()
+    with pytest.raises(ValueError, match="inputs"):
+        kernels.WeightOnlyMatmul(torch.ones(16, 64, dtype=torch.int8), torch.ones(16), inputs="bf16")
+    nan = torch.tensor([[float("nan")] + [0.0] * 63])
+    assert product(nan).isnan().all()
 
 
 def test_int16_rounding_of_kernel_inputs():
@@ -94,6 +112,9 @@ def test_a_rows_result_does_not_depend_on_its_batch(variant):
     alone = torch.cat([kernels.gemm_bf16(x[i : i + 1], w) for i in range(40)])
     for m in (2, 7, 8, 13, 40):
         assert torch.equal(kernels.gemm_bf16(x[:m], w), alone[:m])
+    alone = torch.cat([kernels.gemm_bf16(x[i : i + 1], w, inputs="bf16") for i in range(40)])
+    for m in (2, 7, 8, 13, 40):
+        assert torch.equal(kernels.gemm_bf16(x[:m], w, inputs="bf16"), alone[:m])
     q, s = quantize_int8(w.float())
     alone = torch.cat([kernels.gemm_int8(x[i : i + 1], q, s) for i in range(40)])
     assert torch.equal(kernels.gemm_int8(x, q, s), alone)

@@ -23,6 +23,27 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* The loop every product below shares: output rows split in CHUNKs over the threads; each weight row meets the x
+   rows ROWS at a time, then the 1-3 left over, so that DOT's row count R is a compile-time constant in each call.
+   DOT(R) is an expression over r (the weight row), i (the first x row) and R; PER_ROW sets up before it (pointers
+   into the weight row), AFTER finishes the output row (bias, scale). */
+#define FOR_EACH_WEIGHT_ROW(PER_ROW, DOT, AFTER)                                                                  \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t c = 0; c < n; c += CHUNK) {   \
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;                                                              \
+        for (int64_t r = c; r < end; r++) {                                                                       \
+            PER_ROW;                                                                                              \
+            int64_t i = 0;                                                                                        \
+            for (; i + ROWS <= m; i += ROWS) DOT(ROWS);                                                           \
+            switch (m - i) {                                                                                      \
+                case 3: DOT(3); break;                                                                            \
+                case 2: DOT(2); break;                                                                            \
+                case 1: DOT(1); break;                                                                            \
+            }                                                                                                     \
+            AFTER;                                                                                                \
+        }                                                                                                         \
+    }
+#define ADD_BIAS if (bias) for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r]
+
 /* ---- bf16 ---------------------------------------------------------------------------------------------- */
 
 /* Reorder each full 32-block of x as [x0 x2 .. x30 x1 x3 .. x31]: 32-bit lane i of a 64-byte bf16 load holds
@@ -86,22 +107,9 @@ int gemm_bf16(const uint16_t *w, const float *unused_scale, const float *bias, c
     float *xp = malloc(sizeof(float) * m * k);
     if (!xp) return -1;
     for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n; c += CHUNK) {
-        int64_t end = n - c < CHUNK ? n : c + CHUNK;
-        for (int64_t r = c; r < end; r++) {
-            const uint16_t *wr = w + r * k;
-            int64_t i = 0;
-            for (; i + ROWS <= m; i += ROWS) dot_bf16(wr, xp + i * k, k, y + i * n + r, n, ROWS);
-            switch (m - i) {
-                case 3: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 3); break;
-                case 2: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 2); break;
-                case 1: dot_bf16(wr, xp + i * k, k, y + i * n + r, n, 1); break;
-            }
-            if (bias)
-                for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r];
-        }
-    }
+#define DOT_BF16_ROWS(R) dot_bf16(wr, xp + i * k, k, y + i * n + r, n, R)
+    FOR_EACH_WEIGHT_ROW(const uint16_t *wr = w + r * k, DOT_BF16_ROWS, ADD_BIAS)
+#undef DOT_BF16_ROWS
     free(xp);
     return 0;
 }
@@ -146,21 +154,10 @@ int gemm_i8(const int8_t *w, const float *scale, const float *bias, const float 
         return -1;
     }
     for (int64_t i = 0; i < m; i++) quantize_x(x + i * k, xq + i * k, xs + i * groups, k);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n; c += CHUNK) {
-        int64_t end = n - c < CHUNK ? n : c + CHUNK;
-        for (int64_t r = c; r < end; r++) {
-            const int8_t *wr = w + r * k;
-            int64_t i = 0;
-            for (; i + ROWS <= m; i += ROWS) dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, ROWS);
-            switch (m - i) {
-                case 3: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 3); break;
-                case 2: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 2); break;
-                case 1: dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, 1); break;
-            }
-            for (int64_t q = 0; q < m; q++) y[q * n + r] = y[q * n + r] * scale[r] + (bias ? bias[r] : 0.0f);
-        }
-    }
+#define DOT_I8_ROWS(R) dot_i8(wr, xq + i * k, xs + i * groups, k, groups, y + i * n + r, n, R)
+    FOR_EACH_WEIGHT_ROW(const int8_t *wr = w + r * k, DOT_I8_ROWS,
+                        for (int64_t q = 0; q < m; q++) y[q * n + r] = y[q * n + r] * scale[r] + (bias ? bias[r] : 0.0f))
+#undef DOT_I8_ROWS
     free(xq);
     free(xs);
     return 0;
@@ -213,24 +210,67 @@ int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, cons
     float *xp = malloc(sizeof(float) * m * k);
     if (!xp) return -1;
     for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n; c += CHUNK) {
-        int64_t end = n - c < CHUNK ? n : c + CHUNK;
-        for (int64_t r = c; r < end; r++) {
-            const uint8_t *wr = w + r * (k / 2);
-            const uint16_t *sr = scales + r * groups;
-            const int16_t *zr = zeros + r * groups;
-            int64_t i = 0;
-            for (; i + ROWS <= m; i += ROWS) dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, ROWS);
-            switch (m - i) {
-                case 3: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 3); break;
-                case 2: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 2); break;
-                case 1: dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, 1); break;
-            }
-            if (bias)
-                for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r];
+#define DOT_Q4_ROWS(R) dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, R)
+    FOR_EACH_WEIGHT_ROW(const uint8_t *wr = w + r * (k / 2); const uint16_t *sr = scales + r * groups;
+                        const int16_t *zr = zeros + r * groups, DOT_Q4_ROWS, ADD_BIAS)
+#undef DOT_Q4_ROWS
+    free(xp);
+    return 0;
+}
+
+/* ---- bf16 weights times bf16-rounded inputs (CPUs with AVX-512 BF16) ------------------------------------------
+
+   Where the model computes its products in bf16 (qwen2vl.machine chose, or was told, "bf16"), the decode step's
+   few-row products take x rounded to bf16 (to nearest even, as torch's .to(torch.bfloat16)) and multiply pairs of
+   bf16 with vdpbf16ps: each product of two bf16 is exact in float32 and the sums are float32, so the result is the
+   float32 product of the rounded x and W up to summation order (kernels.gemm_bf16(..., inputs="bf16") states it
+   in PyTorch). Against the float32-input kernel above it halves the bytes of x read per weight and needs no
+   widening: 32 weights per instruction and row. The instruction set is asked for on these functions only, so the
+   rest of this file still runs on AVX-512 CPUs without BF16; Python calls them only where the CPU has it.
+   Rows are summed in the same order whatever M is, as above. */
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+BF16_TARGET INLINE __mmask32 first_n(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+
+BF16_TARGET INLINE void dot_bf16_pairs(const uint16_t *w, const uint16_t *xb, int64_t k, float *y, int64_t ystride,
+                                       int R) {
+    __m512 a[ROWS][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        _mm_prefetch((const char *)(w + j) + AHEAD, _MM_HINT_NTA);
+        __m512bh v = (__m512bh)_mm512_loadu_si512((const void *)(w + j));
+        __m512bh u = (__m512bh)_mm512_loadu_si512((const void *)(w + j + 32));
+        for (int r = 0; r < R; r++) {
+            const uint16_t *x = xb + r * k + j;
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], v, (__m512bh)_mm512_loadu_si512((const void *)x));
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], u, (__m512bh)_mm512_loadu_si512((const void *)(x + 32)));
         }
     }
-    free(xp);
+    for (int half = 0; j < k; j += 32, half++) { /* under 64 left (k % 8 == 0, so pairs never split): masked */
+        __mmask32 m = first_n(k - j);
+        __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(m, w + j);
+        for (int r = 0; r < R; r++)
+            a[r][half] = _mm512_dpbf16_ps(a[r][half], v, (__m512bh)_mm512_maskz_loadu_epi16(m, xb + r * k + j));
+    }
+    for (int r = 0; r < R; r++) y[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+BF16_TARGET int gemm_bf16_bf16in(const uint16_t *w, const float *unused_scale, const float *bias, const float *x,
+                                 float *y, int64_t n, int64_t k, int64_t m, int threads) {
+    (void)unused_scale; /* same signature as gemm_bf16 */
+    uint16_t *xb = malloc(sizeof(uint16_t) * m * k);
+    if (!xb) return -1;
+    for (int64_t i = 0; i < m * k; i++) { /* round to nearest even; a NaN stays a (quiet) NaN */
+        uint32_t b;
+        __builtin_memcpy(&b, x + i, sizeof b);
+        xb[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((b >> 16) | 0x40u)
+                                                 : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    }
+#define DOT_BF16_PAIRS_ROWS(R) dot_bf16_pairs(wr, xb + i * k, k, y + i * n + r, n, R)
+    FOR_EACH_WEIGHT_ROW(const uint16_t *wr = w + r * k, DOT_BF16_PAIRS_ROWS, ADD_BIAS)
+#undef DOT_BF16_PAIRS_ROWS
+    free(xb);
     return 0;
 }
