@@ -10,7 +10,7 @@ from model_inputs import CASES, build
 from qwen2vl import kernels
 from qwen2vl.cpu import WeightOnlyLinear, quantize_int8
 from qwen2vl.generate.decode import Prompt, generate_steps, greedy
-from qwen2vl.testing.checkpoint import make_config, write_checkpoint
+from qwen2vl.testing.checkpoint import TINY_TEXT, make_config, write_checkpoint
 
 
 @pytest.fixture(params=[v.name for v in kernels.VARIANTS])
@@ -314,6 +314,17 @@ def test_q4_kernel_multiplies_the_reference_float16_weights(m, k, group, variant
     # a row's result does not depend on the rows beside it (batched decoding = decoding alone)
     alone = torch.cat([kernels.Q4Product(packed, s, z, group, bias)(x[i : i + 1]) for i in range(m)])
     assert torch.equal(got, alone)
+    # bf16 pairs (models computing in bf16, CPUs with AVX-512 BF16): x and the float16 weights rounded to bf16
+    if not (kernels.native_bf16_inputs(variant) and kernels.Q4Product.pairs_fit(k, group)):
+        with pytest.raises(ValueError, match="inputs"):
+            kernels.Q4Product(packed, s, z, group, bias, inputs="bf16")
+        return
+    pairs = kernels.Q4Product(packed, s, z, group, bias, inputs="bf16")
+    w16 = _q4_reference(q, s, z, group).to(torch.bfloat16)
+    want = x.to(torch.bfloat16).double() @ w16.double().T + bias.double()
+    got = pairs(x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got, torch.cat([pairs(x[i : i + 1]) for i in range(m)]))
 
 
 def test_q4_kernel_refuses_what_it_cannot_run():
@@ -372,6 +383,36 @@ def test_int4_round_to_nearest_follows_the_awq_formula():
         # round to nearest: every weight within half a step of its group's scale (plus float16 rounding)
         step = st.scales.float().repeat_interleave(group, dim=1)[:, :k]
         assert ((deq - w).abs() <= step / 2 + 1e-3 * w.abs() + 1e-6).all()
+
+
+def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
+    from qwen2vl.quant import QuantLinear
+
+    # widths that are multiples of 64, as the real models' are (the tiny fixture's 72 and 200 are not)
+    text = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 4, 4]}
+    vision = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128}
+    ckpt = write_checkpoint(tmp_path, make_config(text, vision), seed=5, dtype=torch.bfloat16, tokenizer=False)
+    exact = qwen2vl.load_model(ckpt, dtype=torch.bfloat16, progress=False, quantize="int4")
+    fast = qwen2vl.load_model(ckpt, dtype=torch.bfloat16, progress=False, quantize="int4", cpu_matmul="bf16")
+    pairs = kernels.native_bf16_inputs()
+    layers = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in layers.items():
+        assert layer.decode_inputs == "bf16" and exact.get_submodule(name).decode_inputs == "float32"
+        product = layer._cpu_product()
+        if product is None:  # no 4-bit kernel for this shape (K % 32): torch runs it, exactly
+            assert not kernels.Q4Product.supports(layer.in_features, layer.group_size)
+            continue
+        fits = kernels.Q4Product.pairs_fit(layer.in_features, layer.group_size)
+        assert (product._fn is getattr(kernels._library(), "gemm_q4_bf16in", None)) == (pairs and fits)
+    # a decode step's rows through one such layer: the bf16 statement where the pairs run, else exact float32
+    name, layer = next((n, m) for n, m in layers.items() if kernels.Q4Product.pairs_fit(m.in_features, m.group_size))
+    x = torch.randn(3, layer.in_features)
+    w = exact.get_submodule(name).dequantize_stored().float()
+    bias = 0 if layer.bias is None else layer.bias.double()
+    want = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T if pairs else x.double() @ w.double().T
+    got = layer(x).double()
+    assert (got - (want + bias)).abs().max() <= 1e-5 * (want + bias).abs().max()
 
 
 def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):

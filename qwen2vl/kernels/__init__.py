@@ -170,6 +170,9 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     # (qweight, scales, zeros, bias, x, y, n, k, m, group, threads) -> 0, -1 out of memory, -2 unsupported shape
     lib.gemm_q4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.gemm_q4.restype = ctypes.c_int
+    q4_pairs = getattr(lib, "gemm_q4_bf16in", None)  # as gemm_bf16_bf16in
+    if q4_pairs is not None:
+        q4_pairs.argtypes, q4_pairs.restype = lib.gemm_q4.argtypes, ctypes.c_int
     bf16_inputs = getattr(lib, "gemm_bf16_bf16in", None)  # AVX-512 build only; runs where the CPU has AVX-512 BF16
     if bf16_inputs is not None:
         bf16_inputs.argtypes, bf16_inputs.restype = lib.gemm_bf16.argtypes, ctypes.c_int
@@ -243,7 +246,11 @@ class Q4Product:
     """Y = X @ W.T (+ bias) for a 4-bit group-quantized W in `qwen2vl.quant.QuantLinear`'s layout: qweight uint8
     (N, K/2), two columns per byte (low nibble first); scales float16 and zeros int16 (N, K/G). The kernel multiplies
     exactly the reference weight float16((q - z) * s), in float32. X (M <= MAX_ROWS, K) float32; K and G multiples
-    of 32 (`supports`)."""
+    of 32 (`supports`).
+
+    inputs="bf16" (where `native_bf16_inputs()` and `pairs_fit(K, G)`): X and the weight's float16 values both
+    rounded to bf16, multiplied as bf16 pairs with float32 sums, Y = X.bf16 @ W.bf16.T up to summation order, as
+    the model's bf16 products compute a 4-bit layer over a prompt."""
 
     def __init__(
         self,
@@ -253,11 +260,19 @@ class Q4Product:
         group: int,
         bias: torch.Tensor | None = None,
         variant: str | None = None,
+        inputs: str = "float32",
     ) -> None:
         lib = _loaded(variant)
         n, k = qweight.shape[0], qweight.shape[1] * 2
         if not self.supports(k, group):
             raise ValueError(f"the 4-bit kernel needs K and the group size to be multiples of 32, got {k}, {group}")
+        if inputs not in INPUTS or (
+            inputs == "bf16" and not (native_bf16_inputs(variant) and self.pairs_fit(k, group))
+        ):
+            raise ValueError(
+                f"inputs must be one of {INPUTS}; 'bf16' needs AVX-512 BF16 and K, group multiples of 64, not "
+                f"{inputs!r} with {k}, {group}"
+            )
         groups = -(-k // group)
         _check(
             ("qweight", qweight, torch.uint8, (n, k // 2)),
@@ -268,11 +283,16 @@ class Q4Product:
         self.n, self.k, self.group = n, k, group
         self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
         self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
-        self._fn = lib.gemm_q4
+        self._fn = lib.gemm_q4 if inputs == "float32" else lib.gemm_q4_bf16in
 
     @staticmethod
     def supports(k: int, group: int) -> bool:
         return k % 32 == 0 and group % 32 == 0
+
+    @staticmethod
+    def pairs_fit(k: int, group: int) -> bool:
+        """Whether the bf16-pairs product takes this shape (64 columns per step, never across a group)."""
+        return k % 64 == 0 and group % 64 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _call(self._fn, self._head, (self.group,), x, self.n, self.k)

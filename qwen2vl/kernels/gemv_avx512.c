@@ -43,6 +43,11 @@
         }                                                                                                         \
     }
 #define ADD_BIAS if (bias) for (int64_t q = 0; q < m; q++) y[q * n + r] += bias[r]
+/* a 4-bit weight row r: its packed bytes, its groups' scales and zeros */
+#define Q4_ROW_POINTERS                                                                                           \
+    const uint8_t *wr = w + r * (k / 2);                                                                          \
+    const uint16_t *sr = scales + r * groups;                                                                     \
+    const int16_t *zr = zeros + r * groups
 
 /* ---- bf16 ---------------------------------------------------------------------------------------------- */
 
@@ -211,8 +216,7 @@ int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, cons
     if (!xp) return -1;
     for (int64_t i = 0; i < m; i++) deinterleave32(x + i * k, xp + i * k, k);
 #define DOT_Q4_ROWS(R) dot_q4(wr, sr, zr, xp + i * k, k, group, y + i * n + r, n, R)
-    FOR_EACH_WEIGHT_ROW(const uint8_t *wr = w + r * (k / 2); const uint16_t *sr = scales + r * groups;
-                        const int16_t *zr = zeros + r * groups, DOT_Q4_ROWS, ADD_BIAS)
+    FOR_EACH_WEIGHT_ROW(Q4_ROW_POINTERS, DOT_Q4_ROWS, ADD_BIAS)
 #undef DOT_Q4_ROWS
     free(xp);
     return 0;
@@ -230,6 +234,14 @@ int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, cons
    Rows are summed in the same order whatever M is, as above. */
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+/* float32 -> bf16 bits, rounded to nearest even as torch's .to(torch.bfloat16); a NaN stays a (quiet) NaN */
+INLINE uint16_t bf16_round(float v) {
+    uint32_t b;
+    __builtin_memcpy(&b, &v, sizeof b);
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((b >> 16) | 0x40u)
+                                           : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
 
 BF16_TARGET INLINE __mmask32 first_n(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
 
@@ -262,15 +274,57 @@ BF16_TARGET int gemm_bf16_bf16in(const uint16_t *w, const float *unused_scale, c
     (void)unused_scale; /* same signature as gemm_bf16 */
     uint16_t *xb = malloc(sizeof(uint16_t) * m * k);
     if (!xb) return -1;
-    for (int64_t i = 0; i < m * k; i++) { /* round to nearest even; a NaN stays a (quiet) NaN */
-        uint32_t b;
-        __builtin_memcpy(&b, x + i, sizeof b);
-        xb[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((b >> 16) | 0x40u)
-                                                 : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    }
+    for (int64_t i = 0; i < m * k; i++) xb[i] = bf16_round(x[i]);
 #define DOT_BF16_PAIRS_ROWS(R) dot_bf16_pairs(wr, xb + i * k, k, y + i * n + r, n, R)
     FOR_EACH_WEIGHT_ROW(const uint16_t *wr = w + r * k, DOT_BF16_PAIRS_ROWS, ADD_BIAS)
 #undef DOT_BF16_PAIRS_ROWS
+    free(xb);
+    return 0;
+}
+
+/* 4-bit weights as bf16 pairs (AVX-512 BF16), for models computing in bf16: per row and group the 16 values of
+   the reference weight float16((q - z) * s) rounded to bf16 form a table, each 64 columns are two vpermw lookups
+   (32 even columns from the low nibbles, 32 odd from the high ones) and each x row two vdpbf16ps against x rounded
+   to bf16 and reordered per 64-block to match (the 32 even columns, then the 32 odd ones). The group size and K
+   must be multiples of 64. */
+
+BF16_TARGET INLINE void dot_q4_pairs(const uint8_t *w, const uint16_t *scales, const int16_t *zeros,
+                                     const uint16_t *xb, int64_t k, int64_t group, float *y, int64_t ystride, int R) {
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    __m512 a[ROWS][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g * group < k; g++) {
+        __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(q4_table(scales[g], zeros[g])));
+        int64_t end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int64_t j = g * group; j < end; j += 64) {
+            _mm_prefetch((const char *)(w + j / 2) + AHEAD, _MM_HINT_NTA);
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + j / 2)));
+            __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(b, low), table);
+            __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+            for (int r = 0; r < R; r++) {
+                const uint16_t *x = xb + r * k + j;
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], we, (__m512bh)_mm512_loadu_si512((const void *)x));
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], wo, (__m512bh)_mm512_loadu_si512((const void *)(x + 32)));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+BF16_TARGET int gemm_q4_bf16in(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias,
+                               const float *x, float *y, int64_t n, int64_t k, int64_t m, int64_t group, int threads) {
+    if (k % 64 || group % 64) return -2;
+    int64_t groups = (k + group - 1) / group;
+    uint16_t *xb = malloc(sizeof(uint16_t) * m * k);
+    if (!xb) return -1;
+    for (int64_t i = 0; i < m * k; i += 64) /* per 64-block: even columns, then odd ones */
+        for (int t = 0; t < 32; t++) {
+            xb[i + t] = bf16_round(x[i + 2 * t]);
+            xb[i + 32 + t] = bf16_round(x[i + 2 * t + 1]);
+        }
+#define DOT_Q4_PAIRS_ROWS(R) dot_q4_pairs(wr, sr, zr, xb + i * k, k, group, y + i * n + r, n, R)
+    FOR_EACH_WEIGHT_ROW(Q4_ROW_POINTERS, DOT_Q4_PAIRS_ROWS, ADD_BIAS)
+#undef DOT_Q4_PAIRS_ROWS
     free(xb);
     return 0;
 }

@@ -58,6 +58,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=torch.int16))
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64) if permuted else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+        # the decode step's inputs on CPU: "float32" (exact), or "bf16" where the model computes its products in bf16
+        # (qwen2vl.cpu sets it): the 4-bit product then runs as bf16 pairs where the CPU has them
+        self.decode_inputs = "float32"
 
     def extra_repr(self) -> str:
         return (
@@ -117,8 +120,17 @@ class QuantLinear(nn.Module):
                 and kernels.Q4Product.supports(self.in_features, self.group_size)
             )
             bias = None if self.bias is None else self.bias.float().contiguous()
+            pairs = (
+                fits
+                and self.decode_inputs == "bf16"
+                and kernels.native_bf16_inputs()
+                and kernels.Q4Product.pairs_fit(self.in_features, self.group_size)
+            )
+            inputs = "bf16" if pairs else "float32"
             self.__dict__["_q4cpu"] = (
-                kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias) if fits else None
+                kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias, inputs=inputs)
+                if fits
+                else None
             )
         return self.__dict__["_q4cpu"]
 
