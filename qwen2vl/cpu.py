@@ -182,7 +182,6 @@ def use_cpu_kernels(
     for module in model.modules():  # 4-bit layers (AWQ, GPTQ, --quantize int4): their decode products likewise
         if isinstance(module, QuantLinear):
             module.decode_inputs = "bf16" if model.cpu_choice.matmul == "bf16" else "float32"
-            module.__dict__.pop("_q4cpu", None)
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
     for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
         block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)

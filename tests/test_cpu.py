@@ -413,6 +413,10 @@ def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
     want = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T if pairs else x.double() @ w.double().T
     got = layer(x).double()
     assert (got - (want + bias)).abs().max() <= 1e-5 * (want + bias).abs().max()
+    layer.decode_inputs = "float32"  # the bound product follows the setting: back to the exact one
+    exact_rows = x.double() @ w.double().T + bias
+    assert (layer(x).double() - exact_rows).abs().max() <= 1e-5 * exact_rows.abs().max()
+    assert layer._cpu_product()._fn is kernels._library().gemm_q4
 
 
 def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):

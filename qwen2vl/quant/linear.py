@@ -160,6 +160,11 @@ class QuantLinear(nn.Module):
             self.__dict__["_int4pack"] = packed
         return torch.ops.aten._weight_int4pack_mm(rows.contiguous(), packed[0], self.group_size, packed[1])
 
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        if name == "decode_inputs":  # the bound CPU product depends on it
+            self.__dict__.pop("_q4cpu", None)
+
     def _apply(self, fn, *args, **kwargs):  # .to() and friends: the repacked copy follows the buffers again
         self.__dict__.pop("_int4pack", None)
         self.__dict__.pop("_q4cpu", None)
