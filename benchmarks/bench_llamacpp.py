@@ -237,8 +237,8 @@ def print_table(table: dict[str, dict], rounds: int) -> None:
         for error in row["errors"]:
             print(f"  {name} failed: {error}")
     print(
-        "ready: llama.cpp memory-maps the GGUF, so weights it does not convert at load are read during its "
-        "warm-up, after ready; we read every weight before ready"
+        "ready: both sides memory-map their files, so weights kept as stored are read during the warm-up, after "
+        "ready; weights quantized at load (ours: int8, int4) are read before it"
     )
     print("ratios, qwen2vl over llama.cpp at like storage (> 1: qwen2vl better; ready time and memory inverted)")
     for ours, theirs in PAIRS:

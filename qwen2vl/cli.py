@@ -93,6 +93,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "where it has bf16 matrix instructions and wins a short timing, else float32); float32: exact",
     )
     p.add_argument(
+        "--no-mmap",
+        dest="mmap",
+        action="store_false",
+        help="read the weights into memory instead of memory-mapping the checkpoint (a network filesystem, a "
+        "checkpoint that may change while the model runs)",
+    )
+    p.add_argument(
         "--adapter",
         metavar="DIR",
         type=_adapter_dir,
@@ -316,6 +323,7 @@ def _load(args: argparse.Namespace) -> Pipeline:
         device=args.device,
         quantize=args.quantize,
         cpu_matmul=args.cpu_matmul,
+        mmap=args.mmap,
         adapter=args.adapter,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         shard_vision=getattr(args, "shard_vision", False),

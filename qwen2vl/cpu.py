@@ -23,6 +23,7 @@ from .model import Qwen2VL
 from .model.layers import RMSNorm, apply_rope
 from .model.text import Attention
 from .quant.linear import QuantLinear
+from .weights import release_pages
 
 
 class WeightOnlyLinear(nn.Module):
@@ -120,14 +121,21 @@ def quantize_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8: W ~ q * scale[:, None], q in [-127, 127].
     `reduce_rows`: when the rows' inputs are split across tensor-parallel ranks, takes each row's largest |w|
-    over all ranks in place (an all-reduce), so that every rank scales its part as one process would."""
-    w = weight.float()
-    amax = w.abs().amax(dim=1)
+    over all ranks in place (an all-reduce), so that every rank scales its part as one process would.
+    One kernel pass where the kernels run (`kernels.quantize_int8_rows`, the same bits); else PyTorch, a block
+    of rows at a time."""
+    fast = kernels.quantize_int8_rows(weight, reduce_rows)
+    if fast is not None:
+        return fast
+    blocks = weight.split(kernels.ROWS_AT_ONCE)
+    amax = torch.cat([b.float().abs().amax(dim=1) for b in blocks])
     if reduce_rows is not None:
         reduce_rows(amax)
     scale = amax.clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    for out, b, s in zip(q.split(kernels.ROWS_AT_ONCE), blocks, scale.split(kernels.ROWS_AT_ONCE)):
+        out.copy_(torch.round(b.float() / s[:, None]).clamp_(-127, 127))
+    return q, scale
 
 
 def use_cpu_kernels(
@@ -150,15 +158,17 @@ def use_cpu_kernels(
                 # a row-parallel shard (qwen2vl.parallel) carries how to reduce its rows' ranges over the ranks
                 reduce = getattr(child, "reduce_rows", None)
                 fast = WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce)
+                if fast.weight.data_ptr() != child.weight.data_ptr():  # converted: a mapped checkpoint's pages go back
+                    release_pages(child.weight.data)
                 fast._forward_hooks.update(child._forward_hooks)  # hooks stay with the layer (an all-reduce)
                 setattr(parent, child_name, fast)
     if model.lm_head is None:  # tied: a bf16 output projection shares the embedding's storage
         embed = model.model.embed_tokens.weight.data
-        model.lm_head = (
-            WeightOnlyLinear(embed.to(torch.bfloat16), None)
-            if storage == "bf16"
-            else WeightOnlyLinear.quantize(embed, None, storage)
-        )
+        if storage == "bf16":
+            model.lm_head = WeightOnlyLinear(embed.to(torch.bfloat16), None)
+        else:  # the embedding's pages go back too: a lookup faults in only the rows it reads
+            model.lm_head = WeightOnlyLinear.quantize(embed, None, storage)
+            release_pages(embed)
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()
@@ -179,9 +189,9 @@ def use_cpu_kernels(
     )
     for m in linears:
         m.matmul = model.cpu_choice.matmul
-    for module in model.modules():  # 4-bit layers (AWQ, GPTQ, --quantize int4): their decode products likewise
+    for module in model.modules():  # 4-bit layers (AWQ, GPTQ, --quantize int4): their products likewise
         if isinstance(module, QuantLinear):
-            module.decode_inputs = "bf16" if model.cpu_choice.matmul == "bf16" else "float32"
+            module.matmul = model.cpu_choice.matmul
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
     for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
         block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)

@@ -434,12 +434,13 @@ def load(
     tensor_parallel_size: int = 1,
     shard_vision: bool = False,
     adapters: list[str] | None = None,
+    mmap: bool = True,
     **processor_overrides,
 ) -> Pipeline:
     """Model, processor and generation defaults from a checkpoint directory or hub id. With `progress`: bars for
     the download and the weights, and on CPU each item's cost said before its vision encode. `adapter`: a LoRA
     adapter directory (PEFT's format) applied on top of the weights; `adapters`: several beside them, each call
-    choosing one (qwen2vl.lora.adapters_for_rows; the server's --lora-modules).
+    choosing one (qwen2vl.lora.adapters_for_rows; the server's --lora-modules). `mmap`: as `load_model`'s.
 
     `tensor_parallel_size` N > 1: this process is one rank of an initialised torch.distributed process group of N
     (torchrun, or `qwen2vl run --tensor-parallel-size N`), and loads its share of the decoder (qwen2vl.parallel);
@@ -449,7 +450,13 @@ def load(
     check_device(device)
     directory = resolve_model_path(path_or_id)
     options = dict(
-        dtype=dtype, device=device, quantize=quantize, progress=progress, cpu_matmul=cpu_matmul, adapters=adapters
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
+        progress=progress,
+        cpu_matmul=cpu_matmul,
+        adapters=adapters,
+        mmap=mmap,
     )
     if tensor_parallel_size > 1:
         from .parallel import load_rank_model, require_group

@@ -3,15 +3,21 @@
 Key names: the original upload layout (`visual.*`, `model.*`, `lm_head.*`, transformers 4.45-4.51 and the hub
 files) and the layout transformers >= 4.52 may write (`model.visual.*`, `model.language_model.*`), mapped by the
 one table below (the reference's `_checkpoint_conversion_mapping` / 5.x `conversion_mapping.py`). The model is
-built on the meta device; each tensor is read from the file straight into its final buffer (no mmap, so the
-page cache is not charged to the process) and converted to the target dtype one tensor at a time.
+built on the meta device. Each file is memory-mapped copy-on-write: a tensor stored in the dtype the model wants
+is a view of the map, so loading reads nothing and a page becomes resident when the model first touches it (as
+transformers' safetensors loading and llama.cpp's GGUF loading do); a tensor that is converted (another dtype, a
+quantized layer repacked) is read from the map once and its pages handed back (`release_pages`), so the peak is the
+final weights plus one tensor. Writes into a mapped weight (a full fine-tune) go to private pages, never to the
+file. `mmap=False`, and a tensor-parallel rank's share of a tensor, read into anonymous memory instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap as _mmap
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +107,8 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice | None = None) -> torch.Tensor:
-    """One tensor, or only `part` of it: one contiguous read per run of the kept indices (one in all when the
-    slice is along the first dimension), straight into the result, so the rest is never in memory."""
+def _layout(path: Path, info: dict) -> tuple[torch.dtype, list[int], int, int]:
+    """A header entry's dtype, shape and byte range (relative to the data start), checked against each other."""
     dtype = _ST_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CheckpointError(f"{path}: tensor dtype {info['dtype']} is not supported")
@@ -113,6 +118,13 @@ def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice |
         raise CheckpointError(
             f"{path}: the header gives {end - begin} bytes to a {info['dtype']} tensor of shape {tuple(shape)}"
         )
+    return dtype, shape, begin, end
+
+
+def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice | None = None) -> torch.Tensor:
+    """One tensor, or only `part` of it: one contiguous read per run of the kept indices (one in all when the
+    slice is along the first dimension), straight into the result, so the rest is never in memory."""
+    dtype, shape, begin, _ = _layout(path, info)
     outer, inner = 1, 0  # the whole tensor: one run
     if part is not None:
         if part.dim >= len(shape) or shape[part.dim] != part.full:
@@ -136,6 +148,53 @@ def _read_tensor(f, path: Path, info: dict, data_start: int, part: TensorSlice |
     return t
 
 
+# base address of a mapped file's bytes -> the map, while it lives: what `release_pages` may hand back
+_MAPPED: dict[int, weakref.ref] = {}
+
+
+class MappedFile:
+    """One safetensors file mapped copy-on-write (MAP_PRIVATE); `tensor` gives a header entry as a view of it."""
+
+    def __init__(self, path: Path, data_start: int) -> None:
+        self.path, self.data_start = path, data_start
+        with open(path, "rb") as f:
+            self.map = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        base = self.bytes.data_ptr()
+        _MAPPED[base] = weakref.ref(self.map, lambda _, base=base: _MAPPED.pop(base, None))
+
+    def tensor(self, info: dict) -> torch.Tensor:
+        dtype, shape, begin, end = _layout(self.path, info)
+        begin, end = self.data_start + begin, self.data_start + end
+        if end > self.bytes.numel():
+            raise CheckpointError(
+                f"{self.path}: truncated (a tensor ends at byte {end}, the file at {self.bytes.numel()})"
+            )
+        raw = self.bytes[begin:end]
+        if begin % dtype.itemsize:  # not aligned to its element size (safetensors' writer aligns; others may not)
+            raw = raw.clone()
+        return raw.view(dtype).view(shape)
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Hand the pages of `t`, a view of a mapped checkpoint, back to the page cache (madvise DONTNEED on the pages
+    wholly inside it): the process's resident set shrinks by what reading it faulted in, and a later read faults
+    back in only what it touches. Only for pages nobody wrote (a private page's writes would be dropped): loading
+    and quantizing call it on the tensors they have just converted. Returns whether `t` was mapped; anything else
+    is left alone."""
+    base = t.untyped_storage().data_ptr()
+    ref = _MAPPED.get(base)
+    mapped = ref() if ref is not None else None
+    if mapped is None or not t.is_contiguous():
+        return False
+    start = t.data_ptr() - base
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // _mmap.PAGESIZE) * _mmap.PAGESIZE, end // _mmap.PAGESIZE * _mmap.PAGESIZE
+    if hi > lo:
+        mapped.madvise(_mmap.MADV_DONTNEED, lo, hi - lo)
+    return True
+
+
 def load_weights(
     model: Qwen2VL,
     directory: Path,
@@ -144,8 +203,12 @@ def load_weights(
     progress: bool = True,
     scheme=None,
     slices: dict[str, TensorSlice | tuple[TensorSlice, ...] | None] | None = None,
+    mmap: bool = True,
 ) -> None:
     """Fill a meta-device model from the checkpoint in `directory`. Strict: missing or unused keys raise.
+
+    `mmap`: weights stored in `dtype` (on CPU) stay views of the mapped files (see the module docstring); False
+    reads every tensor into anonymous memory.
 
     `slices`: parameters that hold only part of their checkpoint tensor (a tensor-parallel rank's share); only
     that part is read (a tuple: those parts, concatenated along their dimension; None: nothing is read, the
@@ -211,13 +274,23 @@ def load_weights(
     state: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {directory.name}", disable=not progress)
     handles: dict[Path, object] = {}
+    maps: dict[Path, MappedFile] = {}
 
     def read(path: Path, info: dict, start: int, part: TensorSlice | None = None, count: bool = True) -> torch.Tensor:
-        f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-        t = _read_tensor(f, path, info, start, part)
+        if part is None and mmap:
+            t = (maps.get(path) or maps.setdefault(path, MappedFile(path, start))).tensor(info)
+        else:
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            t = _read_tensor(f, path, info, start, part)
         if count:  # (once per tensor, however many parts are read)
             bar.update(info["data_offsets"][1] - info["data_offsets"][0])
         return t
+
+    def convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = t.to(device=device, dtype=dtype)
+        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():  # a copy: the map's pages go back
+            release_pages(t)
+        return out
 
     try:
         for path, key, name, info, start in plan:
@@ -232,7 +305,7 @@ def load_weights(
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(t.shape)}, the config needs {tuple(expected[name])}"
                 )
-            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            state[name] = convert(t, dtype if t.is_floating_point() else t.dtype)
         since_trim = 0
         for layer, tensors in quant_plan.items():  # one layer at a time: packed tensors in, final layout out
             cuts, first_group = quant_slices.get(layer, ({}, 0))
@@ -244,6 +317,8 @@ def load_weights(
             if cuts.get("g_idx") is not None:
                 _check_share_groups(layer, read_back["g_idx"], scheme, quantized[layer].in_features)
             _install_quantized(model, layer, read_back, quantized[layer], scheme, dtype, device)
+            for t in read_back.values():  # repacked: the packed tensors' pages go back
+                release_pages(t)
             since_trim += sum(t.numel() * t.element_size() for t in read_back.values())
             if since_trim > QUANT_TRIM_BYTES:  # see quant.release_freed_memory: bounds the peak's working set
                 quant.release_freed_memory()
@@ -338,6 +413,7 @@ def load_model(
     adapter: str | Path | None = None,
     adapters: list[str | Path] | None = None,
     shard: Callable[[Qwen2VL], dict[str, TensorSlice | tuple[TensorSlice, ...] | None]] | None = None,
+    mmap: bool = True,
 ) -> Qwen2VL:
     """Build Qwen2-VL from a checkpoint directory (or hub id) in `dtype` (default: the checkpoint's own) on `device`.
 
@@ -349,6 +425,9 @@ def load_model(
     `adapters`: several, beside the weights, each request choosing one (`qwen2vl.lora.load_adapters`).
     `shard`: a transform of the meta-device model before any reading (qwen2vl.parallel: one tensor-parallel
     rank's share), returning the slices its parameters read.
+    `mmap`: weights kept in the checkpoint's own dtype stay views of the memory-mapped files, resident once used
+    (`load_weights`); False reads them into memory (a checkpoint on a network filesystem, or one that may change
+    while the model runs: a mapped file that shrinks under the model crashes it with SIGBUS).
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -382,7 +461,7 @@ def load_model(
         from .quant.rtn import check_share_groups
 
         check_share_groups(slices)
-    load_weights(model, directory, dtype, device, progress, scheme, slices)
+    load_weights(model, directory, dtype, device, progress, scheme, slices, mmap)
     if adapter is not None:
         from .lora import load_adapter
 

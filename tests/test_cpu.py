@@ -385,6 +385,74 @@ def test_int4_round_to_nearest_follows_the_awq_formula():
         assert ((deq - w).abs() <= step / 2 + 1e-3 * w.abs() + 1e-6).all()
 
 
+def _all_quantizers(w: torch.Tensor, group: int) -> tuple:
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    st = quantize_rtn(w, group)
+    # reduce_rows: a stand-in for tensor parallelism's all-reduce of the rows' largest |w|
+    return (st.qweight, st.scales, st.zeros), quantize_int8(w), quantize_int8(w, lambda a: a.mul_(1.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_time_quantizers_equal_their_pytorch_statement(variant, dtype):
+    """int8 rows and 4-bit groups quantized by the kernels at load: the same bits as the PyTorch statements, for
+    bf16 and float32 weights, short and single groups, odd widths, all-zero rows and groups, tiny ranges, -0."""
+    g = torch.Generator().manual_seed(7)
+    for n, k, group in ((37, 300, 128), (64, 1536, 128), (5, 33, 32), (3, 7, 4), (4, 130, 130), (9, 256, 64)):
+        w = torch.randn(n, k, generator=g) * 0.05
+        w[0], w[1, : min(group, k)], w[2, :3] = 0.0, 0.0, torch.tensor([1e-9, -0.0, 3e-8])
+        w[-1] *= 1e-6  # a range below float16's resolution
+        w = w.to(dtype)
+
+        assert kernels.quantize_q4_rows(w, group) is not None and kernels.quantize_int8_rows(w) is not None
+        got = _all_quantizers(w, group)
+        kernels.use("off")
+        try:
+            assert kernels.quantize_q4_rows(w, group) is None
+            want = _all_quantizers(w, group)
+        finally:
+            kernels.use(variant)
+        for got_part, want_part in zip(got, want):
+            assert all(torch.equal(a, b) for a, b in zip(got_part, want_part)), (n, k, group)
+
+
+def test_4bit_dequantization_kernel_equals_pytorch(variant):
+    """The weight a 4-bit layer's many-row product multiplies: the kernel's float32 (exact) and bf16 forms equal
+    `dequantize_stored().to(dtype)` bit for bit, GPTQ's zero of 16 and a short last group included."""
+    from qwen2vl.quant import QuantLinear
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(3)
+    for n, k, group in ((37, 300, 128), (64, 1536, 128), (5, 33, 32), (6, 7, 4)):
+        layer = QuantLinear(k, n, 4, group, bias=False)
+        layer.load_state_dict(QuantLinear.state_from(quantize_rtn(torch.randn(n, k, generator=g), group)), assign=True)
+        layer.zeros[0, 0], layer.scales[1, 0] = 16, 2.0**-20  # GPTQ v1's all-ones zero field; a subnormal scale
+        for dtype in (torch.float32, torch.bfloat16):
+            got = kernels.dequantize_q4_rows(layer.qweight, layer.scales, layer.zeros, group, k, dtype)
+            assert got is not None and torch.equal(got, layer.dequantize_stored().to(dtype)), (n, k, group, dtype)
+            assert torch.equal(layer.weight_as(dtype), got)
+
+
+def test_4bit_prompt_products_follow_the_models_matmul(tmp_path):
+    """Many rows through a 4-bit layer: the exact float32 product, or under bf16 products x and the dequantized
+    weight rounded to bf16 for torch's bf16 GEMM (the statement the bf16 checkpoints' layers follow)."""
+    from qwen2vl.quant import QuantLinear
+    from qwen2vl.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(4)
+    n, k = 96, 256
+    layer = QuantLinear(k, n, 4, 64, bias=True, bias_dtype=torch.float32)
+    state = QuantLinear.state_from(quantize_rtn(torch.randn(n, k, generator=g) * 0.1, 64))
+    layer.load_state_dict({**state, "bias": torch.randn(n, generator=g)}, assign=True)
+    x = torch.randn(2, kernels.MAX_ROWS, k, generator=g)
+    w = layer.dequantize_stored()
+    exact = x.double() @ w.double().T + layer.bias.double()
+    assert (layer(x).double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    layer.matmul = "bf16"
+    want = torch.nn.functional.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float() + layer.bias
+    assert torch.equal(layer(x), want)
+
+
 def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
     from qwen2vl.quant import QuantLinear
 
@@ -398,7 +466,7 @@ def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
     pairs = kernels.native_bf16_inputs()
     layers = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
     for name, layer in layers.items():
-        assert layer.decode_inputs == "bf16" and exact.get_submodule(name).decode_inputs == "float32"
+        assert layer.matmul == "bf16" and exact.get_submodule(name).matmul == "float32"
         product = layer._cpu_product()
         if product is None:  # no 4-bit kernel for this shape (K % 32): torch runs it, exactly
             assert not kernels.Q4Product.supports(layer.in_features, layer.group_size)
@@ -413,7 +481,7 @@ def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
     want = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T if pairs else x.double() @ w.double().T
     got = layer(x).double()
     assert (got - (want + bias)).abs().max() <= 1e-5 * (want + bias).abs().max()
-    layer.decode_inputs = "float32"  # the bound product follows the setting: back to the exact one
+    layer.matmul = "float32"  # the bound product follows the setting: back to the exact one
     exact_rows = x.double() @ w.double().T + bias
     assert (layer(x).double() - exact_rows).abs().max() <= 1e-5 * exact_rows.abs().max()
     assert layer._cpu_product()._fn is kernels._library().gemm_q4

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -55,6 +56,7 @@ VARIANTS = (  # best first
     Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mf16c")),
 )
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
+ROWS_AT_ONCE = 2048  # the quantizers' PyTorch statements widen this many rows to float32 at a time
 GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
 
 
@@ -176,6 +178,14 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     bf16_inputs = getattr(lib, "gemm_bf16_bf16in", None)  # AVX-512 build only; runs where the CPU has AVX-512 BF16
     if bf16_inputs is not None:
         bf16_inputs.argtypes, bf16_inputs.restype = lib.gemm_bf16.argtypes, ctypes.c_int
+    c_int = ctypes.c_int
+    # (w, bf16, q, scale, n, k, amax_only, given_amax, threads) / (w, bf16, packed, scales, zeros, n, k, group, threads)
+    lib.quantize_int8_rows.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, c_int, c_int]
+    lib.quantize_q4_rows.argtypes = [ptr, c_int, ptr, ptr, ptr, i64, i64, i64, c_int]
+    lib.quantize_int8_rows.restype = lib.quantize_q4_rows.restype = c_int  # 0, or -1 out of memory
+    # (packed, scales, zeros, out, out_bf16, n, k, group, threads)
+    lib.dequantize_q4_rows.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, c_int]
+    lib.dequantize_q4_rows.restype = None
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     for fn in (lib.rms_norm, lib.rope):
@@ -381,3 +391,75 @@ def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.where(amax > 0, amax / 32767.0, torch.ones_like(amax))
     q = torch.round(padded * (1.0 / s)).clamp_(-32767, 32767)
     return q.view(m, -1)[:, :k], s.expand(m, groups, GROUP).reshape(m, -1)[:, :k]
+
+
+def _quantizable(w: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, where `w` is a matrix the quantizers read (contiguous CPU bf16 or float32); else None."""
+    lib = _library()
+    ok = w.dim() == 2 and w.dtype in (torch.bfloat16, torch.float32) and w.device.type == "cpu" and w.is_contiguous()
+    return lib if ok else None
+
+
+def quantize_int8_rows(
+    w: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`qwen2vl.cpu.quantize_int8` in one pass over w (bf16 or float32, no float32 copy), the same bits; None
+    where the kernels or this w do not fit (the caller then uses PyTorch). `reduce_rows` as there."""
+    lib = _quantizable(w)
+    if lib is None:
+        return None
+    n, k = w.shape
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+    head = (w.data_ptr(), int(w.dtype == torch.bfloat16), q.data_ptr(), scale.data_ptr(), n, k)
+    if reduce_rows is not None:  # every rank's largest |w| per row first, then the same scale on every rank
+        _ok(lib.quantize_int8_rows(*head, 1, 0, _threads()))
+        reduce_rows(scale)
+    _ok(lib.quantize_int8_rows(*head, 0, int(reduce_rows is not None), _threads()))
+    return q, scale
+
+
+def quantize_q4_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`qwen2vl.quant.rtn.quantize_rtn` in one pass over w (bf16 or float32): (packed uint8 (N, ceil(K/2)), scales
+    float16 (N, groups), zeros int16 (N, groups)), the same bits; None where the kernels or this w do not fit."""
+    lib = _quantizable(w)
+    if lib is None:
+        return None
+    n, k = w.shape
+    groups = -(-k // group)
+    packed = torch.empty(n, (k + 1) // 2, dtype=torch.uint8)
+    scales, zeros = torch.empty(n, groups, dtype=torch.float16), torch.empty(n, groups, dtype=torch.int16)
+    _ok(lib.quantize_q4_rows(
+        w.data_ptr(), int(w.dtype == torch.bfloat16), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        n, k, group, _threads(),
+    ))  # fmt: skip
+    return packed, scales, zeros
+
+
+def dequantize_q4_rows(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, k: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """`QuantLinear.dequantize_stored().to(dtype)` in one pass (dtype float32, exact, or bfloat16): the weight a
+    many-row product multiplies; None where the kernels or these tensors do not fit (the caller uses PyTorch)."""
+    lib = _library()
+    n, groups = qweight.shape[0], -(-k // group)
+    if lib is None or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    try:
+        _check(
+            ("qweight", qweight, torch.uint8, (n, (k + 1) // 2)),
+            ("scales", scales, torch.float16, (n, groups)),
+            ("zeros", zeros, torch.int16, (n, groups)),
+        )
+    except ValueError:
+        return None
+    out = torch.empty(n, k, dtype=dtype)
+    lib.dequantize_q4_rows(
+        qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
+        n, k, group, _threads(),
+    )  # fmt: skip
+    return out
+
+
+def _ok(status: int) -> None:
+    if status != 0:
+        raise MemoryError("qwen2vl kernels: could not allocate a row buffer")

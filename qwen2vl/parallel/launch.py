@@ -220,6 +220,7 @@ def load_rank_model(
     shard_vision: bool = False,
     adapter=None,
     adapters=None,
+    mmap: bool = True,
 ):
     """This rank's share of the model (weights.load_model with shard_decoder, and shard_vision when asked), inside
     an initialised process group: only the rank's slices of the sharded tensors are read."""
@@ -234,6 +235,7 @@ def load_rank_model(
         cpu_matmul=cpu_matmul,
         adapter=adapter,
         adapters=adapters,
+        mmap=mmap,
         shard=lambda model: {
             **shard_decoder(model, rank, world, group),
             **(shard_vision_blocks(model, rank, world, group) if shard_vision else {}),

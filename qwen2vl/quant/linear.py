@@ -22,7 +22,10 @@ On CUDA, 4-bit layers with bfloat16 activations instead run torch's fused dequan
 so it is as close to the float16 reference as bfloat16 allows, not exact. On CPU, a few rows of float32 activations
 (a decode step) go through `qwen2vl.kernels.Q4Product` (AVX2 or AVX-512) for 4-bit layers whose K and group size
 are multiples of 32: it streams the packed weight once and multiplies exactly the float16 reference weights, in
-float32. Everything else takes the plain path.
+float32. Many rows (a prompt, vision) multiply the dequantized weight, formed in one kernel pass on CPU
+(`weight_as`); where the model computes its products in bf16 (`matmul = "bf16"`, set by qwen2vl.cpu), x and that
+weight are rounded to bf16 for torch's bf16 GEMM, as the bf16 checkpoints' layers do. Everything else takes the plain
+path.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=torch.int16))
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64) if permuted else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
-        # the decode step's inputs on CPU: "float32" (exact), or "bf16" where the model computes its products in bf16
-        # (qwen2vl.cpu sets it): the 4-bit product then runs as bf16 pairs where the CPU has them
-        self.decode_inputs = "float32"
+        # how products compute on CPU: "float32" (exact), or "bf16" where the model computes its products in bf16
+        # (qwen2vl.cpu sets it, as WeightOnlyLinear.matmul): many rows then multiply x and the weight rounded to bf16
+        # in torch's bf16 GEMM, and a decode step's few rows run the 4-bit product as bf16 pairs where the CPU has them
+        self.matmul = "float32"
 
     def extra_repr(self) -> str:
         return (
@@ -107,7 +111,21 @@ class QuantLinear(nn.Module):
         if x.device.type == "cuda" and self._fused_cuda_fits(x):
             y = self._fused_cuda(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
-        return F.linear(x, self.dequantize_stored().to(x.dtype), bias)
+        if self.matmul == "bf16" and x.dtype == torch.float32 and x.device.type == "cpu":  # many rows, bf16 products
+            y = F.linear(x.to(torch.bfloat16), self.weight_as(torch.bfloat16)).float()
+            return y if self.bias is None else y.add_(self.bias.float())
+        return F.linear(x, self.weight_as(x.dtype), bias)
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantize_stored().to(dtype)`, the weight a many-row product multiplies: on CPU one pass of the kernels
+        for 4 bits to float32 (exact) or bf16 (`kernels.dequantize_q4_rows`, tested equal), else PyTorch."""
+        if self.bits == 4 and self.qweight.device.type == "cpu":
+            w = kernels.dequantize_q4_rows(
+                self.qweight, self.scales, self.zeros, self.group_size, self.in_features, dtype
+            )
+            if w is not None:
+                return w
+        return self.dequantize_stored().to(dtype)
 
     # -- CPU: qwen2vl.kernels' 4-bit product, which multiplies exactly the float16 weights above, in float32 --
 
@@ -122,7 +140,7 @@ class QuantLinear(nn.Module):
             bias = None if self.bias is None else self.bias.float().contiguous()
             pairs = (
                 fits
-                and self.decode_inputs == "bf16"
+                and self.matmul == "bf16"
                 and kernels.native_bf16_inputs()
                 and kernels.Q4Product.pairs_fit(self.in_features, self.group_size)
             )
@@ -162,7 +180,7 @@ class QuantLinear(nn.Module):
 
     def __setattr__(self, name, value) -> None:
         super().__setattr__(name, value)
-        if name == "decode_inputs":  # the bound CPU product depends on it
+        if name == "matmul":  # the bound CPU product depends on it
             self.__dict__.pop("_q4cpu", None)
 
     def _apply(self, fn, *args, **kwargs):  # .to() and friends: the repacked copy follows the buffers again

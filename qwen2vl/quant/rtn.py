@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
+from ..weights import release_pages
 from .formats import LayerStorage, pack_nibbles
 from .linear import QuantLinear
 
@@ -20,20 +22,29 @@ GROUP = 128  # the official releases' group size
 
 
 def quantize_rtn(weight: torch.Tensor, group: int = GROUP) -> LayerStorage:
-    """(N, K) float weight -> 4-bit storage in QuantLinear's layout (stored order = input order, no permutation)."""
+    """(N, K) float weight -> 4-bit storage in QuantLinear's layout (stored order = input order, no permutation).
+    One kernel pass where the kernels run (`kernels.quantize_q4_rows`, the same bits); else PyTorch, a block of
+    rows at a time."""
+    fast = kernels.quantize_q4_rows(weight, group)
+    if fast is not None:
+        return LayerStorage(qweight=fast[0], scales=fast[1], zeros=fast[2], perm=None)
+    parts = [_quantize_rows(rows, group) for rows in weight.split(kernels.ROWS_AT_ONCE)]
+    return LayerStorage(*(torch.cat(t) for t in zip(*parts)), perm=None)
+
+
+def _quantize_rows(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = weight.shape
     groups = -(-k // group)
     w = torch.nn.functional.pad(weight.float(), (0, groups * group - k)).view(n, groups, group)
     if k % group:  # the padding of a short last group must not widen its range
         w[:, -1, k % group :] = w[:, -1, :1]
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range includes 0, so 0 stays exact-ish
-    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.float16)
+    # at least float16's smallest step: an all-zero group gets s = 2^-24, z = 0, q = 0 (not 0 / 0)
+    scales = ((hi - lo) / 15).to(torch.float16).clamp(min=2**-24)
     s = scales.float()
     zeros = torch.round(-lo / s).clamp_(0, 15)
     q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8).view(n, -1)[:, :k]
-    return LayerStorage(
-        qweight=pack_nibbles(q), scales=scales.contiguous(), zeros=zeros.to(torch.int16).contiguous(), perm=None
-    )
+    return pack_nibbles(q), scales.contiguous(), zeros.to(torch.int16).contiguous()
 
 
 def check_share_groups(slices: dict, group: int = GROUP) -> None:
@@ -57,6 +68,7 @@ def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
         if not (isinstance(module, nn.Linear) and QUANTIZABLE.fullmatch(name)):
             continue
         storage = quantize_rtn(module.weight.data, group)
+        release_pages(module.weight.data)  # a view of the mapped checkpoint: its pages go back
         bias = module.bias
         layer = QuantLinear(
             module.in_features, module.out_features, 4, group, bias=bias is not None, bias_dtype=torch.float32

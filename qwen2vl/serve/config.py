@@ -16,6 +16,7 @@ class ServerConfig:
     device: str = "cpu"
     quantize: str | None = None  # "int8": weight-only int8 language model, CPU only
     cpu_matmul: str = "auto"  # "auto", "float32" or "bf16" (qwen2vl.machine)
+    mmap: bool = True  # weights memory-mapped from the checkpoint (False: read into memory; --no-mmap)
     adapter: str | None = None  # a LoRA adapter directory in PEFT's format, applied at load (qwen2vl.lora)
     tensor_parallel_size: int = 1  # >1: this process is one rank of a process group of that many (qwen2vl.parallel)
     shard_vision: bool = False  # with tensor_parallel_size > 1: the vision tower split over the ranks too

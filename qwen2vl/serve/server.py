@@ -883,6 +883,7 @@ def _load(config: ServerConfig) -> Pipeline:
         device=config.device,
         quantize=config.quantize,
         cpu_matmul=config.cpu_matmul,
+        mmap=config.mmap,
         adapter=config.adapter,
         tensor_parallel_size=config.tensor_parallel_size,
         shard_vision=config.shard_vision,
