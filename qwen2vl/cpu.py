@@ -139,7 +139,11 @@ def quantize_int8(
 
 
 def use_cpu_kernels(
-    model: Qwen2VL, storage: str = "bf16", vision_storage: str | None = None, matmul: str = "auto"
+    model: Qwen2VL,
+    storage: str = "bf16",
+    vision_storage: str | None = None,
+    matmul: str = "auto",
+    release: bool = False,
 ) -> Qwen2VL:
     """Rewrite `model` in place for fast CPU inference; returns it.
 
@@ -148,6 +152,9 @@ def use_cpu_kernels(
     vision tower is compute-bound and int8 buys it nothing but drift);
     matmul: how many-row products (vision, prefill) compute: "auto" (this CPU's faster path, `qwen2vl.machine`),
     "float32" (exact float32 arithmetic) or "bf16" (native bf16 GEMM). The choice is `model.cpu_choice`.
+    release: the weights are fresh from a mapped checkpoint, never written (`load_model` says so): the pages of each
+    weight converted here are handed back (`weights.release_pages`), and a tied embedding is quantized for the
+    output projection a block of rows at a time, so the embedding is never resident whole.
     """
     vision_storage = vision_storage or "bf16"
     for parent_name, parent in list(model.named_modules()):
@@ -158,7 +165,7 @@ def use_cpu_kernels(
                 # a row-parallel shard (qwen2vl.parallel) carries how to reduce its rows' ranges over the ranks
                 reduce = getattr(child, "reduce_rows", None)
                 fast = WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce)
-                if fast.weight.data_ptr() != child.weight.data_ptr():  # converted: a mapped checkpoint's pages go back
+                if release and fast.weight.data_ptr() != child.weight.data_ptr():  # converted: its pages go back
                     release_pages(child.weight.data)
                 fast._forward_hooks.update(child._forward_hooks)  # hooks stay with the layer (an all-reduce)
                 setattr(parent, child_name, fast)
@@ -166,9 +173,15 @@ def use_cpu_kernels(
         embed = model.model.embed_tokens.weight.data
         if storage == "bf16":
             model.lm_head = WeightOnlyLinear(embed.to(torch.bfloat16), None)
-        else:  # the embedding's pages go back too: a lookup faults in only the rows it reads
+        elif release:  # block by block, the pages going back: a lookup then faults in only the rows it reads
+            q, scale = torch.empty(embed.shape, dtype=torch.int8), torch.empty(embed.shape[0])
+            for rows, q_rows, scale_rows in zip(*(t.split(kernels.ROWS_AT_ONCE) for t in (embed, q, scale))):
+                q_part, scale_part = quantize_int8(rows)
+                q_rows.copy_(q_part), scale_rows.copy_(scale_part)
+                release_pages(rows)
+            model.lm_head = WeightOnlyLinear(q, None, scale)
+        else:
             model.lm_head = WeightOnlyLinear.quantize(embed, None, storage)
-            release_pages(embed)
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()

@@ -480,9 +480,10 @@ def load_model(
     if quantize == "int4":  # the decoder's projections to 4 bits (group-wise); the output projection then int8
         from .quant.rtn import quantize_decoder_int4
 
-        quantize_decoder_int4(model)
+        quantize_decoder_int4(model, release=True)  # (fresh from the checkpoint: nothing has written the weights)
     if cpu_kernels:
         from .cpu import use_cpu_kernels
 
-        use_cpu_kernels(model, storage={"int4": "int8"}.get(quantize, quantize or "bf16"), matmul=cpu_matmul)
+        storage = {"int4": "int8"}.get(quantize, quantize or "bf16")
+        use_cpu_kernels(model, storage=storage, matmul=cpu_matmul, release=True)
     return model

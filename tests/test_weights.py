@@ -149,6 +149,25 @@ def test_writes_to_mapped_weights_stay_in_the_process(tmp_path):
     assert torch.equal(model.model.norm.weight, want["model.norm.weight"] + 1)
 
 
+def test_cpu_transform_after_writes_keeps_them(tmp_path):
+    """use_cpu_kernels on a model whose mapped weights were written (a fine-tune in this process): the int8 output
+    projection and the embedding hold the written values; only load_model, which knows its weights are fresh from
+    the file, hands pages back."""
+    from qwen2vl.cpu import use_cpu_kernels
+
+    cfg = make_config(vision=SMALL["vision_config"], tie_word_embeddings=True)
+    d = write_checkpoint(tmp_path, cfg, tokenizer=False, dtype=torch.bfloat16)
+    model = qwen2vl.load_model(d, progress=False, cpu_kernels=False)
+    embed = model.model.embed_tokens.weight
+    with torch.no_grad():
+        embed.mul_(2)
+    want = embed.clone()
+    use_cpu_kernels(model, storage="int8")
+    assert torch.equal(model.model.embed_tokens.weight, want)
+    head = model.lm_head.dequantized()
+    assert (head - want.float()).abs().max() <= model.lm_head.scale.max() / 2 + 1e-6
+
+
 def test_tensors_at_unaligned_offsets(tmp_path):
     """safetensors' writer aligns tensors to their element size; a header of odd length (another writer) shifts
     every tensor by one byte: those are copied out of the map, with the same values."""

@@ -59,16 +59,18 @@ def check_share_groups(slices: dict, group: int = GROUP) -> None:
             )
 
 
-def quantize_decoder_int4(model: nn.Module, group: int = GROUP) -> nn.Module:
+def quantize_decoder_int4(model: nn.Module, group: int = GROUP, release: bool = False) -> nn.Module:
     """Replace the decoder's q/k/v/o and gate/up/down `nn.Linear` layers of a loaded model by 4-bit `QuantLinear`
-    (in place, one layer at a time, so the peak is the model plus one layer); returns the model."""
+    (in place, one layer at a time, so the peak is the model plus one layer); returns the model. `release`: the
+    weights are fresh from a mapped checkpoint (`load_model`): each one's pages are handed back once quantized."""
     from . import QUANTIZABLE
 
     for name, module in list(model.named_modules()):
         if not (isinstance(module, nn.Linear) and QUANTIZABLE.fullmatch(name)):
             continue
         storage = quantize_rtn(module.weight.data, group)
-        release_pages(module.weight.data)  # a view of the mapped checkpoint: its pages go back
+        if release:
+            release_pages(module.weight.data)
         bias = module.bias
         layer = QuantLinear(
             module.in_features, module.out_features, 4, group, bias=bias is not None, bias_dtype=torch.float32
