@@ -187,6 +187,8 @@ def release_pages(t: torch.Tensor) -> bool:
     mapped = ref() if ref is not None else None
     if mapped is None or not t.is_contiguous():
         return False
+    if not hasattr(mapped, "madvise"):  # (no madvise on this platform: the pages stay until the map goes)
+        return True
     start = t.data_ptr() - base
     end = start + t.numel() * t.element_size()
     lo, hi = -(-start // _mmap.PAGESIZE) * _mmap.PAGESIZE, end // _mmap.PAGESIZE * _mmap.PAGESIZE

@@ -432,6 +432,14 @@ def test_merged_checkpoint_equals_the_adapter_and_loads_in_transformers(
     parity_report("train: merged checkpoint, ours vs transformers", float((merged - hf)[mask].abs().max()), 1e-4)
 
 
+def test_merge_refuses_to_overwrite_the_checkpoint_it_reads(tiny_ckpt):
+    model = _ours(tiny_ckpt).eval()  # its weights may be views of the files a save would truncate
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_ckpt.iterdir()}
+    with pytest.raises(ValueError, match="loaded from"):
+        save_checkpoint(model, tiny_ckpt, tiny_ckpt)
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_ckpt.iterdir()} == before
+
+
 def test_merge_lora_in_memory_equals_adapter(tiny_tied_ckpt):
     model = _ours(tiny_tied_ckpt).eval()
     apply_lora(model, LoRAConfig(r=2, alpha=3.0), seed=1)

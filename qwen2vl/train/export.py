@@ -27,6 +27,11 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     source, directory = Path(source), Path(directory)
+    if directory.exists() and directory.resolve() == source.resolve():
+        raise ValueError(
+            f"{directory}: the output is the checkpoint the model was loaded from (its weights are mapped from those "
+            "files); write the merged checkpoint to another directory"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     if lora_modules(model):
         merge_lora(model)
