@@ -110,13 +110,19 @@ def sync(device: torch.device) -> None:
 class Ours:
     name = "qwen2vl"
 
-    def __init__(self, path, dtype, quantize=None, device="cpu", cpu_matmul="auto"):
+    def __init__(self, path, dtype, quantize=None, device="cpu", cpu_matmul="auto", mmap=True):
         import qwen2vl
         from qwen2vl.generate.decode import Prompt, generate_steps, greedy
 
         self.device = torch.device(device)
         self.model = qwen2vl.load_model(
-            path, dtype=dtype, device=self.device, progress=False, quantize=quantize, cpu_matmul=cpu_matmul
+            path,
+            dtype=dtype,
+            device=self.device,
+            progress=False,
+            quantize=quantize,
+            cpu_matmul=cpu_matmul,
+            mmap=mmap,
         )
         if getattr(self.model, "cpu_choice", None) is not None:
             print(f"qwen2vl: {self.model.cpu_choice.describe()}")
