@@ -33,7 +33,8 @@ def main() -> None:
                 rate, fraction, bw = decode_run(sides[name], batch, args.new_tokens, bandwidth, weight_bytes)
                 rates[name, batch].append(rate)
                 print(
-                    f"round {r + 1}: {name:<7} batch {batch}: {rate:6.2f} tok/s, {fraction:.0%} of the bound at {bw:.1f} GB/s"
+                    f"round {r + 1}: {name:<7} batch {batch}: {rate:6.2f} tok/s, {fraction:.0%} of the bound "
+                    f"at {bw:.1f} GB/s"
                 )
     for (name, batch), values in rates.items():
         print(f"{name:<7} batch {batch}: median {statistics.median(values):.2f} tok/s over {len(values)} runs")
