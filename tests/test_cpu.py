@@ -85,7 +85,7 @@ def test_bf16_inputs_run_as_bf16_pairs_where_the_cpu_has_them(variant):
     has_pairs = variant == "avx512" and "avx512_bf16" in kernels._cpu_flags()
     assert kernels.native_bf16_inputs(variant) == has_pairs
     product = kernels.WeightOnlyMatmul(torch.ones(16, 64, dtype=torch.bfloat16), inputs="bf16")
-    assert product._round != has_pairs
+    assert product.kind == ("bf16 pairs" if has_pairs else "bf16 on rounded x")
     x = torch.full((1, 64), 1 + 2**-9)  # rounds to 1 in bf16 (ties to even); float32 inputs would give 64.125
     assert product(x).eq(64.0).all()
     with pytest.raises(ValueError, match="inputs"):
@@ -472,7 +472,7 @@ def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
             assert not kernels.Q4Product.supports(layer.in_features, layer.group_size)
             continue
         fits = kernels.Q4Product.pairs_fit(layer.in_features, layer.group_size)
-        assert (product._fn is getattr(kernels._library(), "gemm_q4_bf16in", None)) == (pairs and fits)
+        assert product.kind == ("4-bit bf16 pairs" if pairs and fits else "4-bit")
     # a decode step's rows through one such layer: the bf16 statement where the pairs run, else exact float32
     name, layer = next((n, m) for n, m in layers.items() if kernels.Q4Product.pairs_fit(m.in_features, m.group_size))
     x = torch.randn(3, layer.in_features)
@@ -484,7 +484,7 @@ def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
     layer.matmul = "float32"  # the bound product follows the setting: back to the exact one
     exact_rows = x.double() @ w.double().T + bias
     assert (layer(x).double() - exact_rows).abs().max() <= 1e-5 * exact_rows.abs().max()
-    assert layer._cpu_product()._fn is kernels._library().gemm_q4
+    assert layer._cpu_product().kind == "4-bit"
 
 
 def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):

@@ -244,6 +244,10 @@ class WeightOnlyMatmul:
         self._round = inputs == "bf16"  # round x in torch before the float32 kernel
         if self._round and native_bf16_inputs(variant):
             self._fn, self._round = lib.gemm_bf16_bf16in, False
+        # which product runs: "bf16", "bf16 pairs" (AVX-512 BF16), "bf16 on rounded x" (the float32 kernel), "int8"
+        self.kind = "int8" if scale is not None else "bf16 on rounded x" if self._round else "bf16"
+        if self._fn is getattr(lib, "gemm_bf16_bf16in", None):
+            self.kind = "bf16 pairs"
         self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +298,7 @@ class Q4Product:
         self.tensors = (qweight, scales, zeros, bias)  # kept alive: the kernel reads them through raw pointers
         self._head = tuple(None if t is None else t.data_ptr() for t in self.tensors)
         self._fn = lib.gemm_q4 if inputs == "float32" else lib.gemm_q4_bf16in
+        self.kind = "4-bit" if inputs == "float32" else "4-bit bf16 pairs"  # which product runs
 
     @staticmethod
     def supports(k: int, group: int) -> bool:
