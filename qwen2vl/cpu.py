@@ -66,11 +66,16 @@ class WeightOnlyLinear(nn.Module):
         bias: torch.Tensor | None,
         storage: str,
         reduce_rows: Callable[[torch.Tensor], None] | None = None,
+        release: bool = False,
     ) -> WeightOnlyLinear:
+        """`weight` in `storage` ("bf16" or "int8"; see quantize_int8 for `reduce_rows` and `release`)."""
         if storage == "bf16":
-            return cls(weight.to(torch.bfloat16).contiguous(), bias)
+            stored = weight.to(torch.bfloat16).contiguous()
+            if release and stored.data_ptr() != weight.data_ptr():  # converted: a mapped weight's pages go back
+                release_pages(weight)
+            return cls(stored, bias)
         if storage == "int8":
-            q, scale = quantize_int8(weight, reduce_rows)
+            q, scale = quantize_int8(weight, reduce_rows, release)
             return cls(q, bias, scale)
         raise ValueError(f"storage must be 'bf16' or 'int8', not {storage!r}")
 
@@ -117,25 +122,38 @@ def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def quantize_int8(
-    weight: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None
+    weight: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None, release: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8: W ~ q * scale[:, None], q in [-127, 127].
     `reduce_rows`: when the rows' inputs are split across tensor-parallel ranks, takes each row's largest |w|
     over all ranks in place (an all-reduce), so that every rank scales its part as one process would.
-    One kernel pass where the kernels run (`kernels.quantize_int8_rows`, the same bits); else PyTorch, a block
-    of rows at a time."""
-    fast = kernels.quantize_int8_rows(weight, reduce_rows)
-    if fast is not None:
-        return fast
+    A block of rows at a time: one kernel pass each where the kernels run (`kernels.quantize_int8_rows`, the same
+    bits), else PyTorch. `release`: `weight` is fresh from a mapped checkpoint (see use_cpu_kernels): each block's
+    pages are handed back once read, so the matrix is never resident whole."""
     blocks = weight.split(kernels.ROWS_AT_ONCE)
-    amax = torch.cat([b.float().abs().amax(dim=1) for b in blocks])
-    if reduce_rows is not None:
+    amax_blocks: list[torch.Tensor | None] = [None] * len(blocks)
+    if reduce_rows is not None:  # every rank's largest |w| per row first, then the same scale on every rank
+        amax = torch.cat([_row_absmax(b, release) for b in blocks])
         reduce_rows(amax)
-    scale = amax.clamp(min=1e-12) / 127.0
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    for out, b, s in zip(q.split(kernels.ROWS_AT_ONCE), blocks, scale.split(kernels.ROWS_AT_ONCE)):
-        out.copy_(torch.round(b.float() / s[:, None]).clamp_(-127, 127))
+        amax_blocks = list(amax.split(kernels.ROWS_AT_ONCE))
+    q, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0], dtype=torch.float32)
+    outputs = zip(q.split(kernels.ROWS_AT_ONCE), scale.split(kernels.ROWS_AT_ONCE))
+    for b, a, (q_rows, scale_rows) in zip(blocks, amax_blocks, outputs):
+        if not kernels.quantize_int8_rows(b, q_rows, scale_rows, a):
+            a = _row_absmax(b, False) if a is None else a
+            scale_rows.copy_(a.clamp(min=1e-12) / 127.0)
+            q_rows.copy_(torch.round(b.float() / scale_rows[:, None]).clamp_(-127, 127))
+        if release:
+            release_pages(b)
     return q, scale
+
+
+def _row_absmax(rows: torch.Tensor, release: bool) -> torch.Tensor:
+    amax = kernels.row_absmax(rows)
+    amax = rows.float().abs().amax(dim=1) if amax is None else amax
+    if release:
+        release_pages(rows)
+    return amax
 
 
 def use_cpu_kernels(
@@ -153,8 +171,8 @@ def use_cpu_kernels(
     matmul: how many-row products (vision, prefill) compute: "auto" (this CPU's faster path, `qwen2vl.machine`),
     "float32" (exact float32 arithmetic) or "bf16" (native bf16 GEMM). The choice is `model.cpu_choice`.
     release: the weights are fresh from a mapped checkpoint, never written (`load_model` says so): the pages of each
-    weight converted here are handed back (`weights.release_pages`), and a tied embedding is quantized for the
-    output projection a block of rows at a time, so the embedding is never resident whole.
+    weight converted here are handed back (`weights.release_pages`), a block of rows at a time where it is
+    quantized, so that no matrix (the tied embedding above all) is ever resident whole.
     """
     vision_storage = vision_storage or "bf16"
     for parent_name, parent in list(model.named_modules()):
@@ -164,24 +182,18 @@ def use_cpu_kernels(
                 kind = vision_storage if full.startswith("visual.") else storage
                 # a row-parallel shard (qwen2vl.parallel) carries how to reduce its rows' ranges over the ranks
                 reduce = getattr(child, "reduce_rows", None)
-                fast = WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce)
-                if release and fast.weight.data_ptr() != child.weight.data_ptr():  # converted: its pages go back
-                    release_pages(child.weight.data)
+                fast = WeightOnlyLinear.quantize(child.weight.data, child.bias, kind, reduce, release)
                 fast._forward_hooks.update(child._forward_hooks)  # hooks stay with the layer (an all-reduce)
                 setattr(parent, child_name, fast)
     if model.lm_head is None:  # tied: a bf16 output projection shares the embedding's storage
         embed = model.model.embed_tokens.weight.data
-        if storage == "bf16":
-            model.lm_head = WeightOnlyLinear(embed.to(torch.bfloat16), None)
-        elif release:  # block by block, the pages going back: a lookup then faults in only the rows it reads
-            q, scale = torch.empty(embed.shape, dtype=torch.int8), torch.empty(embed.shape[0])
-            for rows, q_rows, scale_rows in zip(*(t.split(kernels.ROWS_AT_ONCE) for t in (embed, q, scale))):
-                q_part, scale_part = quantize_int8(rows)
-                q_rows.copy_(q_part), scale_rows.copy_(scale_part)
-                release_pages(rows)
-            model.lm_head = WeightOnlyLinear(q, None, scale)
-        else:
-            model.lm_head = WeightOnlyLinear.quantize(embed, None, storage)
+        # int8: quantized a block at a time, the pages going back (release), so a lookup later faults in only the
+        # embedding rows it reads
+        model.lm_head = (
+            WeightOnlyLinear(embed.to(torch.bfloat16), None)
+            if storage == "bf16"
+            else WeightOnlyLinear.quantize(embed, None, storage, release=release)
+        )
     for module in model.modules():  # norms, the patch embedding, everything small: float32
         if isinstance(module, (nn.LayerNorm, nn.Conv3d, RMSNorm)):
             module.float()

@@ -394,9 +394,10 @@ def _all_quantizers(w: torch.Tensor, group: int) -> tuple:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_load_time_quantizers_equal_their_pytorch_statement(variant, dtype):
+def test_load_time_quantizers_equal_their_pytorch_statement(variant, dtype, monkeypatch):
     """int8 rows and 4-bit groups quantized by the kernels at load: the same bits as the PyTorch statements, for
-    bf16 and float32 weights, short and single groups, odd widths, all-zero rows and groups, tiny ranges, -0."""
+    bf16 and float32 weights, short and single groups, odd widths, all-zero rows and groups, tiny ranges, -0; the
+    kernels' side a block of 4 rows at a time, the PyTorch side in one block."""
     g = torch.Generator().manual_seed(7)
     for n, k, group in ((37, 300, 128), (64, 1536, 128), (5, 33, 32), (3, 7, 4), (4, 130, 130), (9, 256, 64)):
         w = torch.randn(n, k, generator=g) * 0.05
@@ -404,8 +405,10 @@ def test_load_time_quantizers_equal_their_pytorch_statement(variant, dtype):
         w[-1] *= 1e-6  # a range below float16's resolution
         w = w.to(dtype)
 
-        assert kernels.quantize_q4_rows(w, group) is not None and kernels.quantize_int8_rows(w) is not None
-        got = _all_quantizers(w, group)
+        assert kernels.quantize_q4_rows(w, group) is not None and kernels.row_absmax(w) is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "ROWS_AT_ONCE", 4)
+            got = _all_quantizers(w, group)
         kernels.use("off")
         try:
             assert kernels.quantize_q4_rows(w, group) is None

@@ -227,6 +227,10 @@ def test_peak_memory_while_loading_stays_near_the_weights(tmp_path_factory, dtyp
     )
     m = json.loads(out.stdout)
     what = f"{dtype}{'' if quantize == 'none' else ', ' + quantize}, {m['weights'] / 1e6:.0f} MB"
-    parity_report(f"load peak RSS / weights size ({what})", m["peak_over_base"] / m["weights"], 1.25)
+    # quantized at load: the 151936-row output projection, most of what is read here, is quantized a block of rows
+    # at a time with its pages handed back, and the mapped embedding is never touched: measured 0.39-0.41 (0.92-0.99
+    # while each matrix was read whole before its pages went back)
+    limit = 1.25 if quantize == "none" else 0.7
+    parity_report(f"load peak RSS / weights size ({what})", m["peak_over_base"] / m["weights"], limit)
     if dtype == "bfloat16" and quantize == "none":  # nothing read yet: the model pages its weights in when used
         parity_report(f"resident after load / weights size ({what})", m["resident"] / m["weights"], 0.1)

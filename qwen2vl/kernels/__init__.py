@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -405,22 +404,39 @@ def _quantizable(w: torch.Tensor) -> ctypes.CDLL | None:
     return lib if ok else None
 
 
-def quantize_int8_rows(
-    w: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`qwen2vl.cpu.quantize_int8` in one pass over w (bf16 or float32, no float32 copy), the same bits; None
-    where the kernels or this w do not fit (the caller then uses PyTorch). `reduce_rows` as there."""
+def row_absmax(w: torch.Tensor) -> torch.Tensor | None:
+    """Each row's largest |w| (float32), one pass over w (bf16 or float32); None where the kernels or this w do
+    not fit."""
     lib = _quantizable(w)
     if lib is None:
         return None
+    amax = torch.empty(w.shape[0], dtype=torch.float32)
+    _ok(
+        lib.quantize_int8_rows(
+            w.data_ptr(), int(w.dtype == torch.bfloat16), None, amax.data_ptr(), *w.shape, 1, 0, _threads()
+        )
+    )
+    return amax
+
+
+def quantize_int8_rows(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor | None = None) -> bool:
+    """Rows of `qwen2vl.cpu.quantize_int8` in one pass over w (bf16 or float32, no float32 copy), the same bits,
+    written into q (int8, w's shape) and scale (float32, one per row); `amax`: the rows' largest |w| to scale by
+    (tensor parallelism's, reduced over the ranks) instead of w's own. False (nothing written) where the kernels or
+    these tensors do not fit: the caller then uses PyTorch."""
+    lib = _quantizable(w)
     n, k = w.shape
-    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+    try:
+        _check(("q", q, torch.int8, (n, k)), ("scale", scale, torch.float32, (n,)), ("amax", amax, torch.float32, (n,)))
+    except ValueError:
+        return False
+    if lib is None:
+        return False
+    if amax is not None:
+        scale.copy_(amax)
     head = (w.data_ptr(), int(w.dtype == torch.bfloat16), q.data_ptr(), scale.data_ptr(), n, k)
-    if reduce_rows is not None:  # every rank's largest |w| per row first, then the same scale on every rank
-        _ok(lib.quantize_int8_rows(*head, 1, 0, _threads()))
-        reduce_rows(scale)
-    _ok(lib.quantize_int8_rows(*head, 0, int(reduce_rows is not None), _threads()))
-    return q, scale
+    _ok(lib.quantize_int8_rows(*head, 0, int(amax is not None), _threads()))
+    return True
 
 
 def quantize_q4_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
