@@ -4,7 +4,10 @@
 few rows of X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16
 per group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding);
 `Q4Product` is the same for 4-bit group-quantized weights (`qwen2vl.quant`). `rms_norm` and `rope_` are the
-decoder's normalisation and rotary in one call each. They come in one build per instruction set
+decoder's normalisation and rotary in one call each. Beside the decode step: `quantize_int8_rows` / `row_absmax`
+and `quantize_q4_rows` quantize weights at load (the same bits as `qwen2vl.cpu.quantize_int8` and
+`qwen2vl.quant.rtn.quantize_rtn`), and `dequantize_q4_rows` forms a 4-bit layer's weight for a many-row product
+(as `QuantLinear.dequantize_stored`). They come in one build per instruction set
 (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
 `decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a per-user cache the
 first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed fastest) is used
@@ -55,7 +58,9 @@ VARIANTS = (  # best first
     Variant("avx2", "gemv_avx2.c", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mf16c")),
 )
 MAX_ROWS = 64  # beyond a few dozen rows the product is compute-bound and torch's float32 GEMM wins
-ROWS_AT_ONCE = 2048  # the quantizers' PyTorch statements widen this many rows to float32 at a time
+ROWS_AT_ONCE = (
+    2048  # load-time quantizers work this many rows at a time (a block's pages then go back; PyTorch widens it)
+)
 GROUP = 128  # int8 path: inputs sharing one int16 scale (must match GROUP in the C sources)
 
 
@@ -425,12 +430,12 @@ def quantize_int8_rows(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, am
     (tensor parallelism's, reduced over the ranks) instead of w's own. False (nothing written) where the kernels or
     these tensors do not fit: the caller then uses PyTorch."""
     lib = _quantizable(w)
+    if lib is None:
+        return False
     n, k = w.shape
     try:
         _check(("q", q, torch.int8, (n, k)), ("scale", scale, torch.float32, (n,)), ("amax", amax, torch.float32, (n,)))
     except ValueError:
-        return False
-    if lib is None:
         return False
     if amax is not None:
         scale.copy_(amax)
