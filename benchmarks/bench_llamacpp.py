@@ -1,7 +1,7 @@
 """Side-by-side CPU speed of qwen2vl and llama.cpp on the same random weights, each run in a fresh process.
 
     python benchmarks/bench_llamacpp.py --llama-bench PATH --gguf-dir DIR [--checkpoint /tmp/qwen2vl-2b-random]
-                                        [--rounds 3] [--threads 2] [--ours-int4 DIR] [--json OUT]
+                                        [--rounds 3] [--threads 2] [--ours-int4 DIR] [--json OUT] [--only NAME ...]
 
 llama.cpp side: `llama-bench -p 512 -n 32 -t THREADS -r 1` on the BF16, Q8_0 and Q4_K_M GGUF files in --gguf-dir
 (converted from --checkpoint with llama.cpp's convert_hf_to_gguf.py and quantized with llama-quantize; file
@@ -269,6 +269,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama-bench -t and our torch threads")
     ap.add_argument("--seed", type=int, default=0, help="our random prompts' seed")
     ap.add_argument("--json", type=Path, help="also write every run's figures here")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these variants (e.g. 'qwen2vl int4' 'llama.cpp q4_k_m'; default: all)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -309,6 +315,12 @@ def main() -> None:
         variants["qwen2vl int4 ckpt"] = lambda: ours_run(
             "qwen2vl int4 ckpt", {**spec, "quantize": None, "checkpoint": str(args.ours_int4)}, env
         )
+
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            raise SystemExit(f"--only: no variant named {unknown}; choose from {sorted(variants)}")
+        variants = {name: run for name, run in variants.items() if name in args.only}
 
     print(f"CPU: {machine.cpu_facts().summary()}")
     print(

@@ -8,7 +8,8 @@ N x K) it builds `--layers` random matrices (so that a pass streams from memory,
 binds the kernel products the model binds (`kernels.WeightOnlyMatmul` for bf16, `kernels.Q4Product` for
 `--quantize int4`'s layout), and times one pass over all of them at batch 1 and 4 with x in float32 ("float32"
 inputs, the exact products) and, where this CPU has AVX-512 BF16, rounded to bf16 ("bf16" pairs, the products under
-bf16 compute). GB/s = bytes of weights (and 4-bit scales and zeros) read per pass / median time. The order of the
+bf16 compute); 4-bit weights also against x rounded to int16 ("int16", integer dot products), where the kernels have
+them. GB/s = bytes of weights (and 4-bit scales and zeros) read per pass / median time. The order of the
 variants alternates every round; medians over rounds.
 """
 
@@ -50,12 +51,13 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("the qwen2vl kernels are not available on this machine (kernels.available() is False)")
     inputs = ["float32"] + (["bf16"] if kernels.native_bf16_inputs() else [])
-    print(f"kernel variant {kernels.variant()}; inputs compared: {inputs}; {torch.get_num_threads()} threads")
+    inputs4 = inputs + (["int16"] if kernels.int16_q4_inputs() else [])
+    print(f"kernel variant {kernels.variant()}; inputs compared: {inputs4}; {torch.get_num_threads()} threads")
     cases = {
         (storage, mode, shape): products(storage, mode, n, k, args.layers, seed=i)
         for i, shape in enumerate(SHAPES)
         for storage in ("bf16", "int4")
-        for mode in inputs
+        for mode in (inputs if storage == "bf16" else inputs4)
         for n, k in [SHAPES[shape]]
     }
     rates: dict[tuple, list[float]] = {(*key, m): [] for key in cases for m in (1, 4)}

@@ -95,11 +95,14 @@ def test_bf16_inputs_run_as_bf16_pairs_where_the_cpu_has_them(variant):
 
 
 def test_int16_rounding_of_kernel_inputs():
+    assert kernels.XMAX == 127 * 256  # the 4-bit product splits q into two signed bytes
     x = torch.tensor([[0.0] * 8 + [1.0, -2.0, 0.5, 3.0] * 2 + [0.0] * 112 + [1e-3] * 8])
     q, s = kernels.quantize_rows_int16(x)
-    assert q[0, 8:16].tolist() == [10922, -21845, 5461, 32767] * 2  # round(v / (3 / 32767)), half to even
-    assert (s[0, :128] == torch.tensor(3.0) / 32767).all() and (s[0, 128:] == torch.tensor(1e-3) / 32767).all()
-    assert (q[0, :8] == 0).all() and (q[0, 128:] == 32767).all() and q.shape == (1, 136)
+    assert q[0, 8:16].tolist() == [10837, -21675, 5419, 32512] * 2  # round(v / (3 / 32512))
+    assert (s[0, :128] == torch.tensor(3.0) / 32512).all() and (s[0, 128:] == torch.tensor(1e-3) / 32512).all()
+    assert (q[0, :8] == 0).all() and (q[0, 128:] == 32512).all() and q.shape == (1, 136)
+    ties = torch.tensor([[32512.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, 0.0]])  # scale exactly 1: halves go to even
+    assert kernels.quantize_rows_int16(ties)[0].tolist() == [[32512, 2, 4, -2, 0, 0, 2, 0]]
     zeros = torch.zeros(2, 16)
     assert (kernels.quantize_rows_int16(zeros)[1] == 1).all()  # an all-zero group keeps scale 1, not 0/0
 
@@ -327,6 +330,35 @@ def test_q4_kernel_multiplies_the_reference_float16_weights(m, k, group, variant
     assert torch.equal(got, torch.cat([pairs(x[i : i + 1]) for i in range(m)]))
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("k, group", [(128, 128), (384, 128), (1536, 128), (512, 256), (640, 640), (256, 64)])
+def test_q4_kernel_on_int16_rounded_inputs(m, k, group, variant):
+    # the integer product (models computing in bf16): x rounded as quantize_rows_int16 rounds it, the weight
+    # (q - z) * s unrounded; int16_reference states it, and each variant must equal it up to float32 summation
+    g = torch.Generator().manual_seed(m * 5 + k + group)
+    n, groups = 37, -(-k // group)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    z = torch.randint(0, 17, (n, groups), generator=g, dtype=torch.int16)
+    s = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).to(torch.float16)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    x[0, :128] = 0  # an all-zero group (scale 1)
+    x[-1, -128:] *= 1e-4  # a quiet group beside loud ones: each group has its own scale
+    if not (kernels.int16_q4_inputs(variant) and kernels.Q4Product.int16_fits(k, group)):
+        with pytest.raises(ValueError, match="inputs"):
+            kernels.Q4Product(packed, s, z, group, bias, inputs="int16")
+        return
+    product = kernels.Q4Product(packed, s, z, group, bias, inputs="int16")
+    assert product.kind == "4-bit int16 inputs"
+    want = kernels.Q4Product.int16_reference(x, packed, s, z, group) + bias.double()
+    got = product(x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got, torch.cat([product(x[i : i + 1]) for i in range(m)]))
+    # and the statement is what it says: the float16 weights' product on unrounded x, within the rounding of both
+    exact = x.double() @ _q4_reference(q, s, z, group).double().T + bias.double()
+    assert (got.double() - exact).abs().max() <= 2e-3 * exact.abs().max()
+
+
 def test_q4_kernel_refuses_what_it_cannot_run():
     assert not kernels.Q4Product.supports(80, 32) and not kernels.Q4Product.supports(128, 48)
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -456,38 +488,52 @@ def test_4bit_prompt_products_follow_the_models_matmul(tmp_path):
     assert torch.equal(layer(x), want)
 
 
-def test_4bit_layers_decode_as_bf16_pairs_under_bf16_products(tmp_path):
+def test_4bit_layers_take_the_fastest_decode_product_under_bf16_products(tmp_path):
     from qwen2vl.quant import QuantLinear
 
-    # widths that are multiples of 64, as the real models' are (the tiny fixture's 72 and 200 are not)
-    text = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}
+    # widths that are multiples of 64 as the real models' are (the tiny fixture's 72 and 200 are not): 128 takes the
+    # integer product, 192 (the MLP's down projection's K) only bf16 pairs
+    text = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 192, "num_attention_heads": 4}
     text["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 4, 4]}
     vision = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128}
     ckpt = write_checkpoint(tmp_path, make_config(text, vision), seed=5, dtype=torch.bfloat16, tokenizer=False)
     exact = qwen2vl.load_model(ckpt, dtype=torch.bfloat16, progress=False, quantize="int4")
     fast = qwen2vl.load_model(ckpt, dtype=torch.bfloat16, progress=False, quantize="int4", cpu_matmul="bf16")
-    pairs = kernels.native_bf16_inputs()
+    integer, pairs = kernels.int16_q4_inputs(), kernels.native_bf16_inputs()
     layers = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
+    chosen = {}
     for name, layer in layers.items():
         assert layer.matmul == "bf16" and exact.get_submodule(name).matmul == "float32"
-        product = layer._cpu_product()
-        if product is None:  # no 4-bit kernel for this shape (K % 32): torch runs it, exactly
-            assert not kernels.Q4Product.supports(layer.in_features, layer.group_size)
-            continue
-        fits = kernels.Q4Product.pairs_fit(layer.in_features, layer.group_size)
-        assert product.kind == ("4-bit bf16 pairs" if pairs and fits else "4-bit")
-    # a decode step's rows through one such layer: the bf16 statement where the pairs run, else exact float32
-    name, layer = next((n, m) for n, m in layers.items() if kernels.Q4Product.pairs_fit(m.in_features, m.group_size))
-    x = torch.randn(3, layer.in_features)
-    w = exact.get_submodule(name).dequantize_stored().float()
-    bias = 0 if layer.bias is None else layer.bias.double()
-    want = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T if pairs else x.double() @ w.double().T
-    got = layer(x).double()
-    assert (got - (want + bias)).abs().max() <= 1e-5 * (want + bias).abs().max()
-    layer.matmul = "float32"  # the bound product follows the setting: back to the exact one
-    exact_rows = x.double() @ w.double().T + bias
-    assert (layer(x).double() - exact_rows).abs().max() <= 1e-5 * exact_rows.abs().max()
-    assert layer._cpu_product().kind == "4-bit"
+        k, g = layer.in_features, layer.group_size
+        want = (
+            "4-bit int16 inputs"
+            if integer and kernels.Q4Product.int16_fits(k, g)
+            else "4-bit bf16 pairs"
+            if pairs and kernels.Q4Product.pairs_fit(k, g)
+            else "4-bit"
+        )
+        assert layer._cpu_product().kind == want
+        chosen.setdefault(want, name)
+    assert set(chosen) == {"4-bit int16 inputs" if integer else "4-bit", "4-bit bf16 pairs" if pairs else "4-bit"}
+    # a decode step's rows through each kind: its statement (bf16 pairs: x and w rounded to bf16; int16: x as
+    # quantize_rows_int16 rounds it, w unrounded; 4-bit: exact float32)
+    x = torch.randn(3, 192)
+    for kind, name in chosen.items():
+        layer = layers[name]
+        rows = x[:, : layer.in_features]
+        w = exact.get_submodule(name).dequantize_stored().float()
+        if kind == "4-bit int16 inputs":
+            want = kernels.Q4Product.int16_reference(rows, layer.qweight, layer.scales, layer.zeros, layer.group_size)
+        elif kind == "4-bit bf16 pairs":
+            want = rows.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T
+        else:
+            want = rows.double() @ w.double().T
+        want = want + (0 if layer.bias is None else layer.bias.double())
+        assert (layer(rows).double() - want).abs().max() <= 1e-5 * want.abs().max()
+        layer.matmul = "float32"  # the bound product follows the setting: back to the exact one
+        exact_rows = rows.double() @ w.double().T + (0 if layer.bias is None else layer.bias.double())
+        assert (layer(rows).double() - exact_rows).abs().max() <= 1e-5 * exact_rows.abs().max()
+        assert layer._cpu_product().kind == "4-bit"
 
 
 def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):

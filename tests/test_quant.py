@@ -540,3 +540,40 @@ def test_cuda_fused_int4_matches_reference(tmp_path, hf_model_factory):
         b = hf_model_factory(tmp_path / "dense")(**batch).logits
     assert (a - b).abs().max() / b.abs().max() < 0.05
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_4bit_decode_products_under_bf16_drift_no_more_than_the_reference_in_bf16(
+    tmp_path, hf_model_factory, parity_report
+):
+    """Under bf16 products a decode step's 4-bit layers take x rounded to int16 (kernels.Q4Product inputs="int16",
+    where the kernels have the integer product; else bf16 pairs, or the exact float32 product): measured against
+    transformers float32 on the dense twin, the logits may drift no more than transformers' own run in bf16 on the
+    same inputs (the worst of several). Rounding x to int8 instead (as llama.cpp's 4-bit types do) measured 1.0-1.44
+    here, which is why the product splits a 16-bit x into two bytes."""
+    from qwen2vl import kernels
+
+    # widths that are multiples of 128, as the real models' are (the integer product's step)
+    text = {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 4, 4]}
+    config = make_config(text, {**TINY_VISION, "hidden_size": 128})
+    q = write_quantized(tmp_path / "q", "awq", config=config, seed=3, dense_directory=tmp_path / "dense")
+    ours = qwen2vl.load_model(q, dtype=torch.bfloat16, progress=False, cpu_matmul="bf16")
+    if kernels.available():
+        kinds = {m._cpu_product().kind for m in ours.modules() if isinstance(m, QuantLinear)}
+        pairs = "4-bit bf16 pairs" if kernels.native_bf16_inputs() else "4-bit"
+        assert kinds == {"4-bit int16 inputs" if kernels.int16_q4_inputs() else pairs}
+    ref32 = hf_model_factory(tmp_path / "dense", dtype=torch.float32, attn="sdpa")
+    ref16 = hf_model_factory(tmp_path / "dense", dtype=torch.bfloat16, attn="sdpa")
+    ratios = []
+    # rows few enough (<= kernels.MAX_ROWS) to run as a decode step's products: 48 one-token rows take them in every
+    # projection, as a decode step does; 2 x 24 in attention's (a prompt's MLP computes in bf16 under bf16 products)
+    for seed, shape in enumerate([(48, 1), (48, 1), (2, 24), (2, 24)]):
+        ids = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(seed))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            want = ref32(**batch).logits
+            theirs = (ref16(**batch).logits.float() - want).abs().max().item()
+            mine = (ours(**batch) - want).abs().max().item()
+        print(f"{shape}: max |logit - reference float32|: ours {mine:.3g}, reference in bf16 {theirs:.3g}")
+        ratios.append(mine / theirs)
+    parity_report("4-bit decode products under bf16: our drift / the reference's bf16 drift (worst)", max(ratios), 1.0)

@@ -193,3 +193,62 @@ int gemm_q4(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, cons
     free(xp);
     return 0;
 }
+
+/* 4-bit weights times x rounded to int16, for models computing in bf16 (gemv_avx512.c's gemm_q4_i16in, on AVX2):
+   each 64 columns one 32-byte load of packed weights, two masks, and for the high and the low bytes of x vpmaddubsw
+   over the even and the odd columns (nibble times signed byte, pairs summed: at most 2 * 15 * 128 each, their sum
+   at most 7680: no saturation) widened to four-byte int32 sums by vpmaddwd; then as there. The same statement:
+   Y = X' @ W'.T with W' = (q - z) * s unrounded, up to float32 summation order. */
+
+static inline __m256i dot_nibbles(__m256i lo, __m256i hi, const int8_t *x) {
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)x)),
+                                 _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(x + XCHUNK / 2))));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+static inline float dot_q4_i16(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const int8_t *xh,
+                               const int8_t *xl, const float *xs, const float *zsum, int64_t k, int64_t group,
+                               int64_t groups) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 a = _mm256_setzero_ps();
+    float c = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 ga = _mm256_setzero_ps();
+        int64_t end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int64_t j = g * group; j < end; j += XCHUNK) {
+            _mm_prefetch((const char *)(w + j / 2) + AHEAD, _MM_HINT_NTA);
+            __m256i d = _mm256_setzero_si256();
+            for (int h = 0; h < XCHUNK / 2; h += 32) { /* 64 columns */
+                __m256i b = _mm256_loadu_si256((const __m256i *)(w + j / 2 + h));
+                __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                d = _mm256_add_epi32(d, _mm256_add_epi32(_mm256_slli_epi32(dot_nibbles(lo, hi, xh + j + h), 8),
+                                                         dot_nibbles(lo, hi, xl + j + h)));
+            }
+            ga = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[j / XCHUNK]), ga);
+        }
+        float s = _cvtsh_ss(scales[g]);
+        a = _mm256_fmadd_ps(ga, _mm256_set1_ps(s), a);
+        c += s * (float)zeros[g] * zsum[g];
+    }
+    return hsum256(a) - c;
+}
+
+int gemm_q4_i16in(const uint8_t *w, const uint16_t *scales, const int16_t *zeros, const float *bias, const float *x,
+                  float *y, int64_t n, int64_t k, int64_t m, int64_t group, int threads) {
+    RoundedRows rows;
+    int status = round_rows_q4(x, m, k, group, &rows);
+    if (status != 0) return status;
+    int64_t groups = rows.groups;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = n - c < CHUNK ? n : c + CHUNK;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t r = c; r < end; r++)
+                y[i * n + r] = dot_q4_i16(w + r * (k / 2), scales + r * groups, zeros + r * groups, rows.xh + i * k,
+                                          rows.xl + i * k, rows.xs + i * (k / XCHUNK), rows.zsum + i * groups, k,
+                                          group, groups)
+                               + (bias ? bias[r] : 0.0f);
+    }
+    free_rows_q4(&rows);
+    return 0;
+}

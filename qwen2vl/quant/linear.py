@@ -24,8 +24,9 @@ so it is as close to the float16 reference as bfloat16 allows, not exact. On CPU
 are multiples of 32: it streams the packed weight once and multiplies exactly the float16 reference weights, in
 float32. Many rows (a prompt, vision) multiply the dequantized weight, formed in one kernel pass on CPU
 (`weight_as`); where the model computes its products in bf16 (`matmul = "bf16"`, set by qwen2vl.cpu), x and that
-weight are rounded to bf16 for torch's bf16 GEMM, as the bf16 checkpoints' layers do. Everything else takes the plain
-path.
+weight are rounded to bf16 for torch's bf16 GEMM, as the bf16 checkpoints' layers do, and a decode step's rows take
+the faster kernel product on x rounded to int16 (weight (q - z) * s unrounded) or as bf16 pairs. Everything else
+takes the plain path.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
         # how products compute on CPU: "float32" (exact), or "bf16" where the model computes its products in bf16
         # (qwen2vl.cpu sets it, as WeightOnlyLinear.matmul): many rows then multiply x and the weight rounded to bf16
-        # in torch's bf16 GEMM, and a decode step's few rows run the 4-bit product as bf16 pairs where the CPU has them
+        # in torch's bf16 GEMM, and a decode step's few rows run the 4-bit product on x rounded to int16 (integer dot
+        # products) or as bf16 pairs, where the kernels have them (`_cpu_product`)
         self.matmul = "float32"
 
     def extra_repr(self) -> str:
@@ -138,13 +140,13 @@ class QuantLinear(nn.Module):
                 and kernels.Q4Product.supports(self.in_features, self.group_size)
             )
             bias = None if self.bias is None else self.bias.float().contiguous()
-            pairs = (
-                fits
-                and self.matmul == "bf16"
-                and kernels.native_bf16_inputs()
-                and kernels.Q4Product.pairs_fit(self.in_features, self.group_size)
-            )
-            inputs = "bf16" if pairs else "float32"
+            k, g, relaxed = self.in_features, self.group_size, fits and self.matmul == "bf16"
+            if relaxed and kernels.int16_q4_inputs() and kernels.Q4Product.int16_fits(k, g):
+                inputs = "int16"  # integer dot products: the fastest, with x 16-bit
+            elif relaxed and kernels.native_bf16_inputs() and kernels.Q4Product.pairs_fit(k, g):
+                inputs = "bf16"
+            else:
+                inputs = "float32"
             self.__dict__["_q4cpu"] = (
                 kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias, inputs=inputs)
                 if fits
