@@ -552,3 +552,73 @@ def test_quantize_int4_replaces_exactly_the_decoder_projections(bf16_ckpt):
         assert (layer.bias is None) == (original.bias is None)
     assert int4.lm_head.weight.dtype == torch.int8  # the output projection: int8
     assert int4.visual.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16  # the vision tower keeps bf16
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, dim, max_len, pos, masked",
+    [
+        (1, 12, 2, 128, 100, 0, False),
+        (1, 12, 2, 128, 100, 99, False),
+        (3, 4, 2, 16, 40, 20, True),
+        (2, 6, 6, 24, 10, 9, True),
+    ],
+)
+def test_decode_attention_kernel_equals_sdpa(batch, heads, kv_heads, dim, max_len, pos, masked, variant):
+    g = torch.Generator().manual_seed(pos + dim)
+    # q, k, v as a projection's output viewed per head: (B, 1, heads, D) transposed
+    q, k, v = (torch.randn(batch, 1, n, dim, generator=g).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
+    ck, cv = torch.randn(batch, kv_heads, max_len, dim, generator=g), torch.randn(batch, kv_heads, max_len, dim)
+    mask = None
+    if masked:  # left padding and holes; the new slot is always seen
+        mask = torch.rand(batch, 1, 1, pos + 1, generator=g) > 0.3
+        mask[..., pos] = True
+    want_k, want_v = ck.clone(), cv.clone()
+    want_k[:, :, pos : pos + 1], want_v[:, :, pos : pos + 1] = k, v
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, want_k[:, :, : pos + 1], want_v[:, :, : pos + 1], attn_mask=mask, enable_gqa=heads != kv_heads
+    )
+    got = kernels.decode_attention(q, k, v, ck, cv, pos, mask)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max())
+    assert torch.equal(ck, want_k) and torch.equal(cv, want_v)  # the new key and value are in the cache
+    assert got.transpose(1, 2).is_contiguous()  # attention's caller reshapes (B, 1, heads, D) for free
+
+
+def test_decode_attention_kernel_declines_what_it_does_not_take():
+    def rows(heads, dim, length=1):  # a projection's output viewed per head
+        return torch.randn(1, length, heads, dim).transpose(1, 2)
+
+    ck, cv = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    q, k = rows(4, 16), rows(2, 16)
+    for args in [
+        (rows(4, 12), rows(2, 12), rows(2, 12), ck[..., :12].contiguous(), cv[..., :12].contiguous(), 3, None),  # D % 8
+        (q, k, k, ck, cv, 8, None),  # past the cache
+        (q, k, k, ck.transpose(2, 3).contiguous().transpose(2, 3), cv, 3, None),  # a cache not contiguous
+        (q, k, torch.randn(1, 2, 1, 32)[..., ::2], ck, cv, 3, None),  # v with a stride between its numbers
+        (q, k, k, ck, cv, 3, torch.ones(1, 1, 1, 4)),  # an additive mask
+        (rows(4, 16, 2), k, k, ck, cv, 3, None),  # two queries
+    ]:
+        assert kernels.decode_attention(*args) is None
+    assert (ck == 0).all() and (cv == 0).all()  # declined: nothing written
+
+
+def test_decode_steps_attend_through_the_kernel(bf16_ckpt, monkeypatch):
+    from qwen2vl.cpu import FastAttend
+    from qwen2vl.model.text import Attend
+
+    model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
+    assert model.model.attend_type is FastAttend
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    batch = build(CASES["left-padded batch: text / image / video"], seed=5)
+    runs = {}
+    for cls in (FastAttend, Attend):
+        model.model.attend_type = cls
+        logits = []
+        chooser = lambda lg, seen, logits=logits: logits.append(lg) or greedy(lg, seen)  # noqa: E731
+        steps = list(generate_steps(model, Prompt.from_batch(batch), chooser, 6))
+        runs[cls] = torch.stack([s.tokens for s in steps], 1), torch.stack(logits)
+    layers = model.config.text.num_hidden_layers
+    assert len(calls) == 5 * layers  # every decode step after the prompt, every layer: the kernel ran
+    assert torch.equal(runs[FastAttend][0], runs[Attend][0])
+    assert (runs[FastAttend][1] - runs[Attend][1]).abs().max() <= 1e-4

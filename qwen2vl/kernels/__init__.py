@@ -77,8 +77,13 @@ def _cpu_flags() -> frozenset[str]:
 
 def supported() -> list[str]:
     """The variants this CPU can run, best first (empty: no AVX2/FMA, or not x86-64 Linux)."""
+    return list(_supported())
+
+
+@cache  # the decode step asks ~100 times per token (through variant())
+def _supported() -> tuple[str, ...]:
     flags = _cpu_flags()
-    return [v.name for v in VARIANTS if v.cpu_flags <= flags]
+    return tuple(v.name for v in VARIANTS if v.cpu_flags <= flags)
 
 
 _forced: list[str | None] = [None]
@@ -109,12 +114,12 @@ def variant() -> str | None:
     name = forced()
     if name == "off":
         return None
-    if name is not None and name not in supported():
+    if name is not None and name not in _supported():
         log.warning("qwen2vl kernels: variant %r is not supported by this CPU; using the PyTorch path", name)
         return None
-    if name is None and _preferred[0] in supported():
+    if name is None and _preferred[0] in _supported():
         name = _preferred[0]
-    return name or next(iter(supported()), None)
+    return name or next(iter(_supported()), None)
 
 
 _variant_in_use = variant  # for functions whose `variant` parameter hides it
@@ -196,6 +201,9 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     # (packed, scales, zeros, out, out_bf16, n, k, group, threads)
     lib.dequantize_q4_rows.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, c_int]
     lib.dequantize_q4_rows.restype = None
+    # (q, k_new, v_new, ck, cv, out, batch, heads, kv_heads, dim, max_len, pos, mask, mask_stride, scale, threads)
+    lib.decode_attention.argtypes = [ptr] * 6 + [i64] * 6 + [ptr, i64, ctypes.c_float, ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int  # 0, or -1 out of memory
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     for fn in (lib.rms_norm, lib.rope):
@@ -430,6 +438,51 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     b, heads, n, d = x.shape
     lib.rope(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), b * n, heads, d)
     return x
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    pos: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """One decode step's attention in one call: k, v (B, KVH, 1, D) written into cache_k/cache_v (B, KVH, max_len, D)
+    at slot `pos`, then F.scaled_dot_product_attention(q, K[..., :pos+1, :], V[...], attn_mask=mask, enable_gqa)
+    for q (B, H, 1, D), mask (B, 1, 1, pos+1) bool or None. The result is (B, H, 1, D) laid out as (B, 1, H, D),
+    as attention's caller reshapes it. None (nothing written) where the kernels or these layouts do not fit (q, k, v
+    a projection's output viewed per head, float32, contiguous caches, D % 8 == 0): the caller then uses PyTorch."""
+    lib = _library()
+    if lib is None or q.dim() != 4 or q.shape[2] != 1 or k.shape[2] != 1:
+        return None
+    b, heads, _, d = q.shape
+    kvh, max_len = cache_k.shape[1], cache_k.shape[2]
+    rows = [t.transpose(1, 2) for t in (q, k, v)]  # (B, 1, heads, D): contiguous when fresh from a projection
+    if (
+        d % 8
+        or heads % kvh
+        or not 0 <= pos < max_len
+        or cache_k.shape != (b, kvh, max_len, d)
+        or cache_v.shape != cache_k.shape
+        or k.shape != (b, kvh, 1, d)
+        or v.shape != k.shape
+        or not _contiguous_cpu_float32(*rows, cache_k, cache_v)
+    ):
+        return None
+    keep = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (b, 1, 1, pos + 1):
+            return None
+        keep = mask.reshape(b, pos + 1).contiguous()
+    out = torch.empty(b, 1, heads, d)
+    status = lib.decode_attention(
+        *(t.data_ptr() for t in (*rows, cache_k, cache_v, out)), b, heads, kvh, d, max_len, pos,
+        None if keep is None else keep.data_ptr(), 0 if keep is None else keep.stride(0), d**-0.5, _threads(),
+    )  # fmt: skip
+    _ok(status)
+    return out.transpose(1, 2)
 
 
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

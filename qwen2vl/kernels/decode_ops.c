@@ -4,10 +4,14 @@
    Same arithmetic as the PyTorch forms in qwen2vl/model/layers.py, which the tests compare against:
    - rms_norm:  y = w * (x * 1 / sqrt(mean(x^2) + eps))        (transformers Qwen2RMSNorm, float32)
    - rope:      x = x * cos + rotate_half(x) * sin, in place     (apply_multimodal_rotary_pos_emb)
+   - decode_attention: one new token per sequence written into the KV cache, then attention over the cache
+     (F.scaled_dot_product_attention with a boolean mask, grouped-query)
    Rows are independent, so results do not depend on how many rows share a call. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "gemv_common.h" /* hsum256 */
 
 void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -34,6 +38,59 @@ void rope(float *x, const float *cos, const float *sin, int64_t rows, int64_t he
             }
         }
     }
+}
+
+/* One decode step's attention, for every sequence b and head h: the new key and value (k_new, v_new: (B, KVH, D))
+   go to slot `pos` of the layer's cache (ck, cv: (B, KVH, max_len, D), contiguous), then
+   out[b, h] = softmax(scale * q[b, h] . K[b, h / (H / KVH), t]) @ V[..., t] over t = 0..pos where mask[b, t]
+   (mask: (B, >= pos + 1) bytes with row stride mask_stride, or NULL: every slot), as F.scaled_dot_product_attention
+   computes it in float32: scores, their maximum subtracted, exp, sum, weighted sum of values, one division. The
+   layouts are a projection's output viewed per head: q, out (B, H, D). D % 8 == 0. Heads run in parallel. */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    if (j < n) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    return hsum256(_mm256_add_ps(s0, s1));
+}
+
+int decode_attention(const float *q, const float *k_new, const float *v_new, float *ck, float *cv, float *out,
+                     int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, int64_t pos,
+                     const uint8_t *mask, int64_t mask_stride, float scale, int threads) {
+    int64_t len = pos + 1, group = heads / kv_heads;
+    for (int64_t bh = 0; bh < batch * kv_heads; bh++) {
+        __builtin_memcpy(ck + (bh * max_len + pos) * dim, k_new + bh * dim, sizeof(float) * dim);
+        __builtin_memcpy(cv + (bh * max_len + pos) * dim, v_new + bh * dim, sizeof(float) * dim);
+    }
+    float *scores = malloc(sizeof(float) * batch * heads * len);
+    if (!scores) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        int64_t b = bh / heads, kvh = b * kv_heads + (bh % heads) / group;
+        const float *qv = q + bh * dim, *K = ck + kvh * max_len * dim, *V = cv + kvh * max_len * dim;
+        const uint8_t *keep = mask ? mask + b * mask_stride : NULL;
+        float *s = scores + bh * len, *o = out + bh * dim, top = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = keep && !keep[t] ? -INFINITY : dot8(qv, K + t * dim, dim) * scale;
+            top = s[t] > top ? s[t] : top;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < dim; j++) o[j] = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            if (s[t] == -INFINITY) continue;
+            float p = expf(s[t] - top);
+            sum += p;
+            const float *vt = V + t * dim;
+            for (int64_t j = 0; j < dim; j++) o[j] += p * vt[j];
+        }
+        float inv = 1.0f / sum;
+        for (int64_t j = 0; j < dim; j++) o[j] *= inv;
+    }
+    free(scores);
+    return 0;
 }
 
 /* ---- weight quantization at load: the PyTorch statements are qwen2vl.cpu.quantize_int8 and

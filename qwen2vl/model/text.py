@@ -102,6 +102,8 @@ class Attend:
 
 
 class TextModel(nn.Module):
+    attend_type = Attend  # a backend may set a fused decode-step version on an instance (qwen2vl/cpu.py)
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -131,7 +133,7 @@ class TextModel(nn.Module):
         b, n, _ = embeds.shape
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
         if attend is None:
-            attend = Attend(attention_mask_4d(attention_mask, b, n, start, embeds.device), cache, start)
+            attend = self.attend_type(attention_mask_4d(attention_mask, b, n, start, embeds.device), cache, start)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attend, i)

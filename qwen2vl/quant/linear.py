@@ -38,6 +38,8 @@ from torch import nn
 from .. import kernels
 from .formats import LayerStorage, unpack_nibbles
 
+_UNBOUND = object()  # QuantLinear._cpu_product: nothing bound yet (None: bound, no kernel fits)
+
 
 class QuantLinear(nn.Module):
     def __init__(
@@ -103,13 +105,18 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a decode step's few rows first, with as little Python as possible (~200 calls a token): the 4-bit CPU kernel,
+        # bias included
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= kernels.MAX_ROWS * self.in_features:
+            product = self._cpu_product()
+            if product is not None:
+                rows = x.reshape(-1, self.in_features)
+                if self.perm is not None:
+                    rows = rows.index_select(-1, self.perm)
+                return product(rows).view(*x.shape[:-1], self.out_features)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= kernels.MAX_ROWS * self.in_features:
-            product = self._cpu_product()
-            if product is not None:  # a decode step's few rows: the 4-bit CPU kernel, bias included
-                return product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if x.device.type == "cuda" and self._fused_cuda_fits(x):
             y = self._fused_cuda(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
@@ -132,27 +139,30 @@ class QuantLinear(nn.Module):
     # -- CPU: qwen2vl.kernels' 4-bit product, which multiplies exactly the float16 weights above, in float32 --
 
     def _cpu_product(self) -> kernels.Q4Product | None:
-        if "_q4cpu" not in self.__dict__:
-            fits = (
-                self.bits == 4
-                and kernels.available()
-                and self.qweight.device.type == "cpu"
-                and kernels.Q4Product.supports(self.in_features, self.group_size)
-            )
-            bias = None if self.bias is None else self.bias.float().contiguous()
-            k, g, relaxed = self.in_features, self.group_size, fits and self.matmul == "bf16"
-            if relaxed and kernels.int16_q4_inputs() and kernels.Q4Product.int16_fits(k, g):
-                inputs = "int16"  # integer dot products: the fastest, with x 16-bit
-            elif relaxed and kernels.native_bf16_inputs() and kernels.Q4Product.pairs_fit(k, g):
-                inputs = "bf16"
-            else:
-                inputs = "float32"
-            self.__dict__["_q4cpu"] = (
-                kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias, inputs=inputs)
-                if fits
-                else None
-            )
-        return self.__dict__["_q4cpu"]
+        bound = self.__dict__.get("_q4cpu", _UNBOUND)
+        if bound is not _UNBOUND:
+            return bound
+        fits = (
+            self.bits == 4
+            and kernels.available()
+            and self.qweight.device.type == "cpu"
+            and kernels.Q4Product.supports(self.in_features, self.group_size)
+        )
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        k, g, relaxed = self.in_features, self.group_size, fits and self.matmul == "bf16"
+        if relaxed and kernels.int16_q4_inputs() and kernels.Q4Product.int16_fits(k, g):
+            inputs = "int16"  # integer dot products: the fastest, with x 16-bit
+        elif relaxed and kernels.native_bf16_inputs() and kernels.Q4Product.pairs_fit(k, g):
+            inputs = "bf16"
+        else:
+            inputs = "float32"
+        product = (
+            kernels.Q4Product(self.qweight, self.scales, self.zeros, self.group_size, bias, inputs=inputs)
+            if fits
+            else None
+        )
+        self.__dict__["_q4cpu"] = product
+        return product
 
     # -- CUDA: torch's int4 kernel --
 
