@@ -21,7 +21,7 @@ from torch import nn
 from . import kernels, machine
 from .model import Qwen2VL
 from .model.layers import RMSNorm, apply_rope
-from .model.text import Attend, Attention
+from .model.text import Attention
 from .quant.linear import QuantLinear
 from .weights import release_pages
 
@@ -115,21 +115,6 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x) if y is None else y
 
 
-class FastAttend(Attend):
-    """Attend whose decode steps (one new token per sequence, a KVCache) write the cache and attend in one kernel
-    call (`kernels.decode_attention`) instead of two indexed writes and scaled_dot_product_attention's dispatch;
-    anything else, and any layout the kernel does not take, goes to Attend."""
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
-        if cache is not None and q.shape[2] == 1 and self.start + 1 <= cache.max_len:
-            rows = q.shape[0]
-            out = kernels.decode_attention(q, k, v, cache.k[layer, :rows], cache.v[layer, :rows], self.start, self.mask)
-            if out is not None:
-                return out
-        return super().__call__(layer, q, k, v)
-
-
 def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope in place, in one kernel call, when the layout allows it (a fresh projection's output)."""
     y = kernels.rope_(x, cos, sin)
@@ -219,7 +204,7 @@ def use_cpu_kernels(
                     setattr(parent, child_name, FastRMSNorm.replacing(child))
             if isinstance(parent, Attention):
                 parent.rope = fast_rope
-        model.model.attend_type = FastAttend
+        model.model.decode_attention = kernels.decode_attention
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     many_rows = [m for m in linears if m is not model.lm_head]  # the output projection sees one row per sequence
     # the decode kernels take K % 8 == 0 (others fall back, see _bind): time only those (a tensor-parallel shard

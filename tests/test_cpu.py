@@ -577,7 +577,7 @@ def test_decode_attention_kernel_equals_sdpa(batch, heads, kv_heads, dim, max_le
     want = torch.nn.functional.scaled_dot_product_attention(
         q, want_k[:, :, : pos + 1], want_v[:, :, : pos + 1], attn_mask=mask, enable_gqa=heads != kv_heads
     )
-    got = kernels.decode_attention(q, k, v, ck, cv, pos, mask)
+    got = kernels.decode_attention(q, k, v, ck, cv, [pos] * batch, mask)
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max())
     assert torch.equal(ck, want_k) and torch.equal(cv, want_v)  # the new key and value are in the cache
     assert got.transpose(1, 2).is_contiguous()  # attention's caller reshapes (B, 1, heads, D) for free
@@ -590,35 +590,80 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
     ck, cv = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
     q, k = rows(4, 16), rows(2, 16)
     for args in [
-        (rows(4, 12), rows(2, 12), rows(2, 12), ck[..., :12].contiguous(), cv[..., :12].contiguous(), 3, None),  # D % 8
-        (q, k, k, ck, cv, 8, None),  # past the cache
-        (q, k, k, ck.transpose(2, 3).contiguous().transpose(2, 3), cv, 3, None),  # a cache not contiguous
-        (q, k, torch.randn(1, 2, 1, 32)[..., ::2], ck, cv, 3, None),  # v with a stride between its numbers
-        (q, k, k, ck, cv, 3, torch.ones(1, 1, 1, 4)),  # an additive mask
-        (rows(4, 16, 2), k, k, ck, cv, 3, None),  # two queries
+        (rows(4, 12), rows(2, 12), rows(2, 12), ck[..., :12].contiguous(), cv[..., :12].contiguous(), [3]),  # D % 8
+        (q, k, k, ck, cv, [8]),  # past the cache
+        (q, k, k, ck, cv, [3, 4]),  # a position per row: one row here
+        (q, k, k, ck, cv, [3], None, [1]),  # no cache row 1
+        (q, k, k, ck.transpose(2, 3).contiguous().transpose(2, 3), cv, [3]),  # a cache not contiguous
+        (q, k, torch.randn(1, 2, 1, 32)[..., ::2], ck, cv, [3]),  # v with a stride between its numbers
+        (q, k, k, ck, cv, [3], torch.ones(1, 1, 1, 4)),  # an additive mask
+        (q, k, k, ck, cv, [3], torch.ones(1, 1, 1, 3, dtype=torch.bool)),  # a mask too short for slot 3
+        (rows(4, 16, 2), k, k, ck, cv, [3]),  # two queries
     ]:
         assert kernels.decode_attention(*args) is None
     assert (ck == 0).all() and (cv == 0).all()  # declined: nothing written
 
 
-def test_decode_steps_attend_through_the_kernel(bf16_ckpt, monkeypatch):
-    from qwen2vl.cpu import FastAttend
-    from qwen2vl.model.text import Attend
+def test_decode_attention_kernel_with_a_slot_and_position_per_row(variant):
+    # the engine's layout: row b at position lengths[b] of cache row slots[b], against per-row SDPA (SlotAttend's
+    # PyTorch path)
+    from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.engine.slots import SlotAttend, SlotPool
+    from qwen2vl.testing.checkpoint import TINY_VISION
 
-    model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)
-    assert model.model.attend_type is FastAttend
+    text = {**TINY_TEXT, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 2, 2]}  # head_dim 16: the kernel takes it
+    cfg = Qwen2VLConfig.from_hf_dict(make_config(text, {**TINY_VISION, "hidden_size": 64})).text
+    g = torch.Generator().manual_seed(9)
+    pools = [SlotPool(cfg, 5, 30, torch.float32) for _ in range(2)]
+    for pool in pools[1:]:
+        pool.k.copy_(torch.randn(pools[0].k.shape, generator=g))
+        pool.v.copy_(torch.randn(pools[0].v.shape, generator=g))
+    pools[0].k.copy_(pools[1].k), pools[0].v.copy_(pools[1].v)
+    slots, lengths = [3, 0, 4], [7, 29, 0]
+    d = cfg.head_dim
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    q, k, v = (torch.randn(3, 1, n, d, generator=g).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
+    taken = []
+
+    def kernel(*args):
+        out = kernels.decode_attention(*args)
+        taken.append(out is not None)
+        return out
+
+    fused = SlotAttend(pools[0], slots, lengths, kernel)
+    plain = SlotAttend(pools[1], slots, lengths)
+    for layer in (0, cfg.num_hidden_layers - 1):
+        got, want = fused(layer, q, k, v), plain(layer, q, k, v)
+        assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max())
+    assert torch.equal(pools[0].k, pools[1].k) and torch.equal(pools[0].v, pools[1].v)
+    assert taken == [True, True]  # the kernel took both layers' calls
+
+
+def test_decode_steps_attend_through_the_kernel(tmp_path, monkeypatch):
+    from qwen2vl.testing.checkpoint import TINY_VISION
+
+    text = {**TINY_TEXT, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 2, 2]}  # head_dim 16 (the tiny default's 12 is
+    # not a multiple of 8: the kernel declines it and PyTorch runs)
+    config = make_config(text, {**TINY_VISION, "hidden_size": 64})
+    ckpt = write_checkpoint(tmp_path, config, seed=4, dtype=torch.bfloat16, tokenizer=False)
+    model = qwen2vl.load_model(ckpt, dtype=torch.bfloat16, progress=False)
+    assert model.model.decode_attention is kernels.decode_attention  # set by the CPU transform
     calls = []
     real = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model.model, "decode_attention", lambda *a: calls.append(real(*a)) or calls[-1])
+    fused_attention = model.model.decode_attention
     batch = build(CASES["left-padded batch: text / image / video"], seed=5)
     runs = {}
-    for cls in (FastAttend, Attend):
-        model.model.attend_type = cls
+    for name, fused in (("fused", fused_attention), ("plain", None)):
+        model.model.decode_attention = fused
         logits = []
         chooser = lambda lg, seen, logits=logits: logits.append(lg) or greedy(lg, seen)  # noqa: E731
         steps = list(generate_steps(model, Prompt.from_batch(batch), chooser, 6))
-        runs[cls] = torch.stack([s.tokens for s in steps], 1), torch.stack(logits)
+        runs[name] = torch.stack([s.tokens for s in steps], 1), torch.stack(logits)
     layers = model.config.text.num_hidden_layers
-    assert len(calls) == 5 * layers  # every decode step after the prompt, every layer: the kernel ran
-    assert torch.equal(runs[FastAttend][0], runs[Attend][0])
-    assert (runs[FastAttend][1] - runs[Attend][1]).abs().max() <= 1e-4
+    # every decode step after the prompt, every layer: the kernel ran
+    assert len(calls) == 5 * layers and all(out is not None for out in calls)
+    assert torch.equal(runs["fused"][0], runs["plain"][0])
+    assert (runs["fused"][1] - runs["plain"][1]).abs().max() <= 1e-4

@@ -508,7 +508,7 @@ def run_decoder(model: Qwen2VL, pool: SlotPool, command: tuple) -> torch.Tensor:
         ids = torch.tensor(tokens, device=model.device).view(-1, 1)
         pos = torch.tensor(positions, device=model.device).view(1, -1, 1).expand(3, -1, -1)
         embeds = model.model.embed_tokens(ids).to(model.dtype)
-        return model.model(embeds, pos, attend=SlotAttend(pool, slots, lengths))
+        return model.model(embeds, pos, attend=SlotAttend(pool, slots, lengths, model.model.decode_attention))
 
 
 @torch.inference_mode()

@@ -37,12 +37,17 @@ class SlotPool:
 
 class SlotAttend:
     """Decode attention for rows living in different slots at different lengths: row b writes its one new
-    key/value at position `lengths[b]` of slot `slots[b]` and attends to positions 0..lengths[b]."""
+    key/value at position `lengths[b]` of slot `slots[b]` and attends to positions 0..lengths[b]. `fused`: the
+    model's one-call decode attention (TextModel.decode_attention), tried first."""
 
-    def __init__(self, pool: SlotPool, slots: list[int], lengths: list[int]) -> None:
-        self.pool, self.slots, self.lengths = pool, slots, lengths
+    def __init__(self, pool: SlotPool, slots: list[int], lengths: list[int], fused=None) -> None:
+        self.pool, self.slots, self.lengths, self.fused = pool, slots, lengths, fused
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            out = self.fused(q, k, v, self.pool.k[layer], self.pool.v[layer], self.lengths, None, self.slots)
+            if out is not None:
+                return out
         out = torch.empty_like(q)
         kk, vv = self.pool.k[layer], self.pool.v[layer]
         for b, (slot, pos) in enumerate(zip(self.slots, self.lengths)):

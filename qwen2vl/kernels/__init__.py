@@ -201,8 +201,9 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     # (packed, scales, zeros, out, out_bf16, n, k, group, threads)
     lib.dequantize_q4_rows.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, c_int]
     lib.dequantize_q4_rows.restype = None
-    # (q, k_new, v_new, ck, cv, out, batch, heads, kv_heads, dim, max_len, pos, mask, mask_stride, scale, threads)
-    lib.decode_attention.argtypes = [ptr] * 6 + [i64] * 6 + [ptr, i64, ctypes.c_float, ctypes.c_int]
+    # (q, k_new, v_new, ck, cv, out, batch, heads, kv_heads, dim, max_len, pos, rows, mask, mask_stride, scale,
+    # threads)
+    lib.decode_attention.argtypes = [ptr] * 6 + [i64] * 5 + [ptr] * 3 + [i64, ctypes.c_float, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int  # 0, or -1 out of memory
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope.argtypes = [ptr, ptr, ptr, i64, i64, i64]
@@ -446,40 +447,54 @@ def decode_attention(
     v: torch.Tensor,
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
-    pos: int,
-    mask: torch.Tensor | None,
+    positions: list[int],
+    mask: torch.Tensor | None = None,
+    rows: list[int] | None = None,
 ) -> torch.Tensor | None:
-    """One decode step's attention in one call: k, v (B, KVH, 1, D) written into cache_k/cache_v (B, KVH, max_len, D)
-    at slot `pos`, then F.scaled_dot_product_attention(q, K[..., :pos+1, :], V[...], attn_mask=mask, enable_gqa)
-    for q (B, H, 1, D), mask (B, 1, 1, pos+1) bool or None. The result is (B, H, 1, D) laid out as (B, 1, H, D),
-    as attention's caller reshapes it. None (nothing written) where the kernels or these layouts do not fit (q, k, v
-    a projection's output viewed per head, float32, contiguous caches, D % 8 == 0): the caller then uses PyTorch."""
+    """One decode step's attention in one call. Row b of k, v (B, KVH, 1, D) goes to slot positions[b] of cache row
+    rows[b] (default: b) of cache_k/cache_v (rows, KVH, max_len, D); then, per row, F.scaled_dot_product_attention
+    of q[b] (H, 1, D) over that cache row's slots 0..positions[b] (grouped-query; where `mask` (B, 1, 1, T) bool
+    allows, T > every position). The result is (B, H, 1, D) laid out as (B, 1, H, D), as attention's caller
+    reshapes it. None (nothing written) where the kernels or these layouts do not fit (q, k, v a projection's output
+    viewed per head, float32, contiguous caches, D % 8 == 0): the caller then uses PyTorch."""
     lib = _library()
-    if lib is None or q.dim() != 4 or q.shape[2] != 1 or k.shape[2] != 1:
+    if lib is None or q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or k.shape[2] != 1:
         return None
     b, heads, _, d = q.shape
-    kvh, max_len = cache_k.shape[1], cache_k.shape[2]
-    rows = [t.transpose(1, 2) for t in (q, k, v)]  # (B, 1, heads, D): contiguous when fresh from a projection
+    slots, kvh, max_len = cache_k.shape[:3]
+    row_list = list(range(b)) if rows is None else rows
+    fresh = [t.transpose(1, 2) for t in (q, k, v)]  # (B, 1, heads, D): contiguous when fresh from a projection
     if (
         d % 8
         or heads % kvh
-        or not 0 <= pos < max_len
-        or cache_k.shape != (b, kvh, max_len, d)
+        or len(positions) != b
+        or len(row_list) != b
+        or not all(0 <= p < max_len for p in positions)
+        or not all(0 <= r < slots for r in row_list)
+        or len(set(row_list)) != b
+        or cache_k.shape != (slots, kvh, max_len, d)
         or cache_v.shape != cache_k.shape
         or k.shape != (b, kvh, 1, d)
         or v.shape != k.shape
-        or not _contiguous_cpu_float32(*rows, cache_k, cache_v)
+        or not _contiguous_cpu_float32(*fresh, cache_k, cache_v)
     ):
         return None
     keep = None
     if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (b, 1, 1, pos + 1):
+        if (
+            mask.dtype != torch.bool
+            or mask.dim() != 4
+            or mask.shape[:3] != (b, 1, 1)
+            or mask.shape[3] <= max(positions)
+        ):
             return None
-        keep = mask.reshape(b, pos + 1).contiguous()
+        keep = mask.reshape(b, -1).contiguous()
+    pos, at = torch.tensor(positions, dtype=torch.int64), torch.tensor(row_list, dtype=torch.int64)
     out = torch.empty(b, 1, heads, d)
     status = lib.decode_attention(
-        *(t.data_ptr() for t in (*rows, cache_k, cache_v, out)), b, heads, kvh, d, max_len, pos,
-        None if keep is None else keep.data_ptr(), 0 if keep is None else keep.stride(0), d**-0.5, _threads(),
+        *(t.data_ptr() for t in (*fresh, cache_k, cache_v, out)), b, heads, kvh, d, max_len, pos.data_ptr(),
+        at.data_ptr(), None if keep is None else keep.data_ptr(), 0 if keep is None else keep.stride(0), d**-0.5,
+        _threads(),
     )  # fmt: skip
     _ok(status)
     return out.transpose(1, 2)

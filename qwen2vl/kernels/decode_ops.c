@@ -41,12 +41,12 @@ void rope(float *x, const float *cos, const float *sin, int64_t rows, int64_t he
 }
 
 /* One decode step's attention, for every sequence b and head h: the new key and value (k_new, v_new: (B, KVH, D))
-   go to slot `pos` of the layer's cache (ck, cv: (B, KVH, max_len, D), contiguous), then
-   out[b, h] = softmax(scale * q[b, h] . K[b, h / (H / KVH), t]) @ V[..., t] over t = 0..pos where mask[b, t]
-   (mask: (B, >= pos + 1) bytes with row stride mask_stride, or NULL: every slot), as F.scaled_dot_product_attention
+   go to slot pos[b] of cache row rows[b] (ck, cv: (rows, KVH, max_len, D), contiguous; rows NULL: row b), then
+   out[b, h] = softmax(scale * q[b, h] . K[t]) @ V[t] over t = 0..pos[b] of that row's head h / (H / KVH), where
+   mask[b, t] (mask: bytes with row stride mask_stride, or NULL: every slot), as F.scaled_dot_product_attention
    computes it in float32: scores, their maximum subtracted, exp, sum, weighted sum of values, one division. The
-   layouts are a projection's output viewed per head: q, out (B, H, D). D % 8 == 0. Heads run in parallel. */
-static inline float dot8(const float *a, const float *b, int64_t n) {
+   layouts are a projection's output viewed per head: q, out (B, H, D). Heads run in parallel. */
+static inline float dot8(const float *a, const float *b, int64_t n) { /* n % 8 == 0 */
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
@@ -58,21 +58,26 @@ static inline float dot8(const float *a, const float *b, int64_t n) {
 }
 
 int decode_attention(const float *q, const float *k_new, const float *v_new, float *ck, float *cv, float *out,
-                     int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, int64_t pos,
-                     const uint8_t *mask, int64_t mask_stride, float scale, int threads) {
-    int64_t len = pos + 1, group = heads / kv_heads;
-    for (int64_t bh = 0; bh < batch * kv_heads; bh++) {
-        __builtin_memcpy(ck + (bh * max_len + pos) * dim, k_new + bh * dim, sizeof(float) * dim);
-        __builtin_memcpy(cv + (bh * max_len + pos) * dim, v_new + bh * dim, sizeof(float) * dim);
+                     int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, const int64_t *pos,
+                     const int64_t *rows, const uint8_t *mask, int64_t mask_stride, float scale, int threads) {
+    int64_t group = heads / kv_heads, longest = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        int64_t row = rows ? rows[b] : b;
+        longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            int64_t at = ((row * kv_heads + h) * max_len + pos[b]) * dim;
+            __builtin_memcpy(ck + at, k_new + (b * kv_heads + h) * dim, sizeof(float) * dim);
+            __builtin_memcpy(cv + at, v_new + (b * kv_heads + h) * dim, sizeof(float) * dim);
+        }
     }
-    float *scores = malloc(sizeof(float) * batch * heads * len);
+    float *scores = malloc(sizeof(float) * batch * heads * longest);
     if (!scores) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < batch * heads; bh++) {
-        int64_t b = bh / heads, kvh = b * kv_heads + (bh % heads) / group;
+        int64_t b = bh / heads, len = pos[b] + 1, kvh = (rows ? rows[b] : b) * kv_heads + (bh % heads) / group;
         const float *qv = q + bh * dim, *K = ck + kvh * max_len * dim, *V = cv + kvh * max_len * dim;
         const uint8_t *keep = mask ? mask + b * mask_stride : NULL;
-        float *s = scores + bh * len, *o = out + bh * dim, top = -INFINITY;
+        float *s = scores + bh * longest, *o = out + bh * dim, top = -INFINITY;
         for (int64_t t = 0; t < len; t++) {
             s[t] = keep && !keep[t] ? -INFINITY : dot8(qv, K + t * dim, dim) * scale;
             top = s[t] > top ? s[t] : top;

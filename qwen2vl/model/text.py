@@ -87,12 +87,21 @@ def attention_mask_4d(
 class Attend:
     """Where keys and values go and how queries see them: plain causal attention over the new tokens, optionally
     after the caller's KVCache (slots start..start+L of every row). Other layouts (the engine's per-request
-    slots) provide the same call: attend(layer, q, k, v) -> (B, heads, L, hd)."""
+    slots) provide the same call: attend(layer, q, k, v) -> (B, heads, L, hd).
 
-    def __init__(self, mask: torch.Tensor | None, cache: KVCache | None, start: int) -> None:
-        self.mask, self.cache, self.start = mask, cache, start
+    `fused`: a backend's one-call decode-step attention (TextModel.decode_attention), tried first for one new token
+    per row with a cache; it returns None for what it does not take."""
+
+    def __init__(self, mask: torch.Tensor | None, cache: KVCache | None, start: int, fused=None) -> None:
+        self.mask, self.cache, self.start, self.fused = mask, cache, start, fused
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.cache is not None and q.shape[2] == 1:
+            rows = q.shape[0]
+            cache_k, cache_v = self.cache.k[layer, :rows], self.cache.v[layer, :rows]
+            out = self.fused(q, k, v, cache_k, cache_v, [self.start] * rows, self.mask)
+            if out is not None:
+                return out
         if self.cache is not None:
             k, v = self.cache.write(layer, self.start, k, v)
         causal = self.mask is None and q.shape[2] > 1
@@ -102,7 +111,9 @@ class Attend:
 
 
 class TextModel(nn.Module):
-    attend_type = Attend  # a backend may set a fused decode-step version on an instance (qwen2vl/cpu.py)
+    # a decode step's attention in one call, with kernels.decode_attention's signature: a backend may set it on an
+    # instance (qwen2vl/cpu.py); Attend and the engine's SlotAttend try it first
+    decode_attention = None
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -133,7 +144,8 @@ class TextModel(nn.Module):
         b, n, _ = embeds.shape
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
         if attend is None:
-            attend = self.attend_type(attention_mask_4d(attention_mask, b, n, start, embeds.device), cache, start)
+            mask = attention_mask_4d(attention_mask, b, n, start, embeds.device)
+            attend = Attend(mask, cache, start, self.decode_attention)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attend, i)
