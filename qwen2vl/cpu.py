@@ -25,6 +25,8 @@ from .model.text import Attention
 from .quant.linear import QuantLinear
 from .weights import release_pages
 
+WIDEN_AT_ONCE = 1 << 22  # weights widened at a time for a many-row product (16 MB as float32)
+
 
 class WeightOnlyLinear(nn.Module):
     """y = x @ W.T + b with W kept as bf16 or int8 (+ per-row scale) and everything else float32."""
@@ -79,12 +81,27 @@ class WeightOnlyLinear(nn.Module):
             return cls(q, bias, scale)
         raise ValueError(f"storage must be 'bf16' or 'int8', not {storage!r}")
 
-    def dequantized(self) -> torch.Tensor:
-        w = self.weight.float()
-        return w if self.scale is None else w * self.scale[:, None]
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """W (or its rows `rows`) as float32."""
+        w = self.weight[rows].float()
+        return w if self.scale is None else w * self.scale[rows, None]
 
-    def _bf16_weight(self) -> torch.Tensor:
-        return self.weight if self.scale is None else self.dequantized().to(torch.bfloat16)
+    def _many_rows(self, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear(x, W, bias) with x, W and bias in `dtype` (x and bias already in it). A weight not stored in
+        `dtype` is widened a block of ~4M weights at a time, each block's product (with its part of the bias, fused
+        as before) written into the output: a prefill never holds a whole widened matrix (int8 made float32 and bf16
+        copies of each: ~140 MB for an MLP projection of the 2B)."""
+        if self.scale is None and self.weight.dtype == dtype:
+            return F.linear(x, self.weight, bias)
+        n, k = self.weight.shape
+        step = max(1, WIDEN_AT_ONCE // k)
+        if step >= n:
+            return F.linear(x, self.dequantized().to(dtype), bias)
+        out = x.new_empty(*x.shape[:-1], n)
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            out[..., rows] = F.linear(x, self.dequantized(rows).to(dtype), None if bias is None else bias[rows])
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -93,11 +110,11 @@ class WeightOnlyLinear(nn.Module):
             if kernel is not None:
                 return kernel(rows).view(*x.shape[:-1], -1)
         if x.dtype == torch.bfloat16:  # bf16 activations (vision blocks under bf16 products): bf16 out, bias fused
-            return F.linear(x, self._bf16_weight(), None if self.bias is None else self.bias.to(torch.bfloat16))
+            return self._many_rows(x, torch.bfloat16, None if self.bias is None else self.bias.to(torch.bfloat16))
         if self.matmul == "bf16" and x.dtype == torch.float32:  # native bf16 GEMM, float32 activations around it
-            y = F.linear(x.to(torch.bfloat16), self._bf16_weight()).float()
+            y = self._many_rows(x.to(torch.bfloat16), torch.bfloat16, None).float()
             return y if self.bias is None else y.add_(self.bias)
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._many_rows(x, x.dtype, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class FastRMSNorm(RMSNorm):

@@ -667,3 +667,26 @@ def test_decode_steps_attend_through_the_kernel(tmp_path, monkeypatch):
     assert len(calls) == 5 * layers and all(out is not None for out in calls)
     assert torch.equal(runs["fused"][0], runs["plain"][0])
     assert (runs["fused"][1] - runs["plain"][1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_many_row_products_widen_a_block_of_rows_at_a_time(storage, monkeypatch):
+    # a prefill's product widens an int8 (or, for float32 products, a bf16) weight a block of rows at a time; the
+    # blocks together give the one-shot product, bias included, on every path
+    import qwen2vl.cpu as cpu
+
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(64, 50)
+    wol = WeightOnlyLinear.quantize(lin.weight.data, lin.bias, storage)
+    x = torch.randn(2, kernels.MAX_ROWS, 64, generator=g)  # more rows than the decode kernels take
+    for matmul, rows in (("float32", x), ("bf16", x), ("bf16", x.to(torch.bfloat16))):
+        wol.matmul = matmul
+        whole = wol(rows)
+        monkeypatch.setattr(cpu, "WIDEN_AT_ONCE", 64 * 7)  # 7 rows a block: 8 blocks, the last one short
+        blocks = wol(rows)
+        monkeypatch.undo()
+        assert blocks.dtype == whole.dtype == rows.dtype and blocks.shape == whole.shape == (2, kernels.MAX_ROWS, 50)
+        assert (blocks.float() - whole.float()).abs().max() <= 1e-5 * whole.float().abs().max()
+        want = rows.float() @ wol.dequantized().T + wol.bias
+        tolerance = 1e-5 if matmul == "float32" else 2e-2  # bf16 products: bf16 rounding
+        assert (blocks.float() - want).abs().max() <= tolerance * want.abs().max()
