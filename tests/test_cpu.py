@@ -103,8 +103,28 @@ def test_int16_rounding_of_kernel_inputs():
     assert (q[0, :8] == 0).all() and (q[0, 128:] == 32512).all() and q.shape == (1, 136)
     ties = torch.tensor([[32512.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, 0.0]])  # scale exactly 1: halves go to even
     assert kernels.quantize_rows_int16(ties)[0].tolist() == [[32512, 2, 4, -2, 0, 0, 2, 0]]
+    nan = torch.zeros(1, 136)
+    nan[0, 3] = float("nan")
+    s = kernels.quantize_rows_int16(nan)[1]
+    assert s[0, :128].isnan().all() and (s[0, 128:] == 1).all()  # the NaN's group only
     zeros = torch.zeros(2, 16)
     assert (kernels.quantize_rows_int16(zeros)[1] == 1).all()  # an all-zero group keeps scale 1, not 0/0
+
+
+def test_integer_products_keep_a_nan_input_nan(variant):
+    # the products round x to integers, which have no NaN: the group's scale carries it, as the float product would
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 256, generator=g)
+    x[1, 200] = float("nan")
+    w8, scale = torch.randint(-127, 128, (40, 256), dtype=torch.int8, generator=g), torch.rand(40, generator=g)
+    products = [kernels.WeightOnlyMatmul(w8, scale)]
+    if kernels.int16_q4_inputs(variant):
+        q = torch.randint(0, 256, (40, 128), dtype=torch.uint8, generator=g)
+        s, z = torch.rand(40, 2, generator=g).half(), torch.randint(0, 16, (40, 2), dtype=torch.int16, generator=g)
+        products.append(kernels.Q4Product(q, s, z, 128, inputs="int16"))
+    for product in products:
+        y = product(x)
+        assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
 
 
 def test_a_rows_result_does_not_depend_on_its_batch(variant):

@@ -503,13 +503,14 @@ def decode_attention(
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer products' rounding of their input (int8 weights; 4-bit weights with inputs="int16"), in PyTorch:
     x (M, K) float32 -> q (M, K) int16 values and the scale of every input, s (M, K), with x ~ q * s; one scale
-    max|x| / XMAX per row and group of GROUP inputs (1 for an all-zero group), q = round(x * (1 / s)) to nearest
-    even."""
+    max|x| / XMAX per row and group of GROUP inputs (1 for an all-zero group, NaN for a group holding a NaN),
+    q = round(x * (1 / s)) to nearest even."""
     m, k = x.shape
     groups = -(-k // GROUP)
     padded = torch.nn.functional.pad(x, (0, groups * GROUP - k)).view(m, groups, GROUP)
     amax = padded.abs().amax(-1, keepdim=True)
     s = torch.where(amax > 0, amax / float(XMAX), torch.ones_like(amax))
+    s = torch.where(amax.isnan(), amax, s)  # a NaN input makes its group's scale NaN: the products are NaN too
     q = torch.round(padded * (1.0 / s)).clamp_(-XMAX, XMAX)
     return q.view(m, -1)[:, :k], s.expand(m, groups, GROUP).reshape(m, -1)[:, :k]
 

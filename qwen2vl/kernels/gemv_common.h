@@ -32,15 +32,21 @@ static inline float hsum256(__m256 v) {
    default rounding mode). kernels.quantize_rows_int16 is the PyTorch statement; |x - q * s| <= s / 2, 1/65024 of
    the group's largest |x|. */
 
-/* the scale of the group x[0 .. len) (len a multiple of 8), and 1 / scale */
+/* the scale of the group x[0 .. len) (len a multiple of 8), and 1 / scale. A NaN in the group makes the scale NaN,
+   so that the products' sums (all multiplied by it) are NaN too, as the float product's would be: vmaxps alone
+   drops a NaN operand. */
 static inline float group_scale(const float *x, int64_t len, __m256 *inv) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 m = _mm256_setzero_ps();
-    for (int64_t j = 0; j < len; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int64_t j = 0; j < len; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-    float s = amax > 0.0f ? amax / (float)XMAX : 1.0f;
+    float s = _mm256_movemask_ps(nan) ? __builtin_nanf("") : amax > 0.0f ? amax / (float)XMAX : 1.0f;
     *inv = _mm256_set1_ps(1.0f / s);
     return s;
 }
