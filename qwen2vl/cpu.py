@@ -236,8 +236,10 @@ def use_cpu_kernels(
         if isinstance(module, QuantLinear):
             module.matmul = model.cpu_choice.matmul
     inner = torch.bfloat16 if model.cpu_choice.matmul == "bf16" else None  # bf16 products: bf16 activations
+    fused = kernels.attention_bf16 if model.cpu_choice.vision_attention == "avx512_bf16" else None
     for block in model.visual.blocks:  # in the vision blocks' attention and MLP, and in the decoder's MLP over
         block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)
+        block.attn.fused = fused
     for layer in model.model.layers:
         layer.prompt_mlp_dtype = inner
     model.compute_dtype = torch.float32

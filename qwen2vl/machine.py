@@ -73,11 +73,14 @@ class CpuChoice:
     matmul: str  # one of MATMUL_PATHS
     matmul_reason: str
     gemv: str  # the decode kernels' variant ("avx2", ...) or "torch"
+    # the vision tower's attention under bf16 products: "avx512_bf16" (kernels.attention_bf16) or "torch" (sdpa)
+    vision_attention: str = "torch"
 
     def describe(self) -> str:
         return (
             f"CPU {cpu_facts().summary()}, torch {torch.__version__}: many-row products in {self.matmul} "
-            f"({self.matmul_reason}); few-row products through {self.gemv}"
+            f"({self.matmul_reason}); few-row products through {self.gemv}; vision attention through "
+            f"{self.vision_attention}"
         )
 
 
@@ -217,7 +220,12 @@ def choose(
         raise ValueError(f"cpu matmul must be 'auto' or one of {MATMUL_PATHS}, not {matmul!r}")
     # under bf16 products the decode step's products take bf16-rounded inputs too (qwen2vl.cpu)
     gemv = _decide_gemv(max(decode_shapes or shapes, key=lambda s: s[0] * s[1]), matmul)
-    return CpuChoice(matmul, reason, gemv)
+    from . import kernels
+
+    # the vision tower's bf16 attention: the kernel wherever it runs, from the flags alone (on the 2B's 448x448
+    # shapes on Zen 4, 3x torch's flash attention; 3.6x at 1024x683)
+    attention = "avx512_bf16" if matmul == "bf16" and kernels.bf16_attention_runs() else "torch"
+    return CpuChoice(matmul, reason, gemv, attention)
 
 
 def as_dict(choice: CpuChoice) -> dict:

@@ -94,6 +94,88 @@ def test_bf16_inputs_run_as_bf16_pairs_where_the_cpu_has_them(variant):
     assert product(nan).isnan().all()
 
 
+def attention_statement(q, k, v):
+    """kernels.attention_bf16's arithmetic in PyTorch (float32; round to bf16 for its result): scores of the bf16
+    rows, exponentials of each score less its row's maximum, rounded to bf16 for the product with v, divided by
+    their float32 sum."""
+    qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))  # (heads, rows, D)
+    s = qf @ kf.transpose(1, 2) * q.shape[-1] ** -0.5
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return ((e.bfloat16().float() @ vf) / e.sum(-1, keepdim=True)).transpose(0, 1)
+
+
+def sdpa_rows(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+
+
+needs_bf16_attention = pytest.mark.skipif(
+    not kernels.bf16_attention_runs(), reason="this CPU lacks AVX-512 BF16 (the attention kernel's instructions)"
+)
+
+
+@needs_bf16_attention
+@pytest.mark.parametrize(
+    "nq, nk, heads, d, spread",
+    [
+        (37, 37, 3, 12, 1),
+        (1, 1, 1, 2, 1),
+        (5, 33, 1, 7, 1),
+        (100, 100, 2, 80, 4),
+        (64, 64, 2, 128, 1),
+        (300, 300, 4, 16, 6),
+    ],
+)
+def test_bf16_attention_kernel_is_its_pytorch_statement_and_sdpas_equal(nq, nk, heads, d, spread):
+    # the vision tower's attention under bf16 products: rows as the tower holds them (k and v views of one qkv
+    # product), any head size, key counts that fill no 16-key block, sharp and flat softmaxes (spread)
+    g = torch.Generator().manual_seed(nq + d)
+    qkv = torch.randn(nk, 3, heads, d, generator=g).mul(torch.tensor([spread, 1, 1]).view(1, 3, 1, 1)).bfloat16()
+    q, k, v = qkv[:nq, 0], qkv[:, 1], qkv[:, 2]
+    out = torch.full((nq, heads, d), float("nan"), dtype=torch.bfloat16)
+    assert kernels.attention_bf16(q, k, v, out)
+    want = attention_statement(q, k, v)
+    # float32 sums in another order, e^x to ~1e-7: at most one bf16 rounding step apart from the statement's
+    assert ((out.float() - want).abs() <= want.abs() * 2**-8 + 2**-12 * v.float().abs().max()).all()
+    assert (out.float() == want.bfloat16().float()).float().mean() > 0.9
+    # as accurate as torch's flash attention on the same bf16 rows, against float32 attention
+    exact = sdpa_rows(q.float(), k.float(), v.float())
+    ours, theirs = ((t.float() - exact).abs().mean().item() for t in (out, sdpa_rows(q, k, v)))
+    assert ours <= 1.05 * theirs, (ours, theirs)
+
+
+@needs_bf16_attention
+def test_bf16_attention_kernel_rows_and_heads_alone_declines_and_nan():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(90, 4, 24, generator=g).bfloat16() for _ in range(3))
+    whole = torch.empty_like(q)
+    assert kernels.attention_bf16(q, k, v, whole)
+    part = torch.zeros_like(q)
+    for rows, heads in ((slice(0, 13), slice(1, 3)), (slice(13, 90), slice(0, 4)), (slice(0, 13), slice(0, 1))):
+        assert kernels.attention_bf16(q[rows, heads], k[:, heads], v[:, heads], part[rows, heads])
+    assert torch.equal(part[:13, :3], whole[:13, :3]) and torch.equal(part[13:], whole[13:])  # the same bits
+    assert (part[:13, 3] == 0).all()  # nothing outside its rows and heads written
+    out = torch.empty_like(q)
+    assert not kernels.attention_bf16(q.float(), k.float(), v.float(), out.float())  # bf16 only
+    assert not kernels.attention_bf16(q, k[:, :3], v[:, :3], out)  # heads disagree
+    assert not kernels.attention_bf16(q, k[:, :, :12], v[:, :, :12], out)  # head sizes disagree
+    assert not kernels.attention_bf16(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), out.transpose(0, 1))
+    assert kernels.attention_bf16(q[:0], k, v, out[:0])  # no query rows: nothing to do
+    k = k.clone()
+    k[5, 2, 0] = float("nan")  # one key of head 2: that head's every row is NaN, as sdpa's, the others are not
+    assert kernels.attention_bf16(q, k, v, out)
+    assert out[:, 2].isnan().all() and not out[:, [0, 1, 3]].isnan().any()
+    kernels.use("off")
+    try:
+        assert not kernels.attention_bf16(q, k, v, out) and not kernels.bf16_attention_runs()
+    finally:
+        kernels.use(None)
+
+
+def test_bf16_attention_runs_exactly_where_the_cpu_has_avx512_bf16():
+    assert kernels.bf16_attention_runs() == ("avx512" in kernels.supported() and "avx512_bf16" in kernels._cpu_flags())
+    assert not kernels.bf16_attention_runs("avx2")
+
+
 def test_int16_rounding_of_kernel_inputs():
     assert kernels.XMAX == 127 * 256  # the 4-bit product splits q into two signed bytes
     x = torch.tensor([[0.0] * 8 + [1.0, -2.0, 0.5, 3.0] * 2 + [0.0] * 112 + [1e-3] * 8])

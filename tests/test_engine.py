@@ -163,11 +163,19 @@ def encode_in_pieces(model, pixels, grid, piece_flops):
         pauses += 1
 
 
-@pytest.mark.parametrize("weights", ["bf16 storage, float32 CPU kernels", "float32 plain"])
+@pytest.mark.parametrize(
+    "weights", ["bf16 storage, float32 CPU kernels", "bf16 storage, bf16 products", "float32 plain"]
+)
 def test_vision_in_pieces_is_bit_identical_to_one_shot(model, tiny_ckpt, weights):
     """The fast path's plain twin: however the encode is cut - whole blocks, row ranges, attention by segment
-    groups, heads or query rows, the merger in ranges - the features are torch.equal to encode_vision."""
-    m = model if weights.startswith("bf16") else qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    groups, heads or query rows, the merger in ranges - the features are torch.equal to encode_vision. Under bf16
+    products the vision attention is the CPU's bf16 attention kernel where it runs (AVX-512 BF16)."""
+    if weights == "bf16 storage, float32 CPU kernels":
+        m = model
+    elif weights == "bf16 storage, bf16 products":
+        m = qwen2vl.load_model(tiny_ckpt, dtype=torch.bfloat16, progress=False, cpu_matmul="bf16")
+    else:
+        m = qwen2vl.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
     g = torch.Generator().manual_seed(50)
     grids = {
         "image, 2048 patches": [[1, 64, 32]],

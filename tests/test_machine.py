@@ -155,6 +155,9 @@ def test_bf16_compute_drifts_no_more_than_the_reference_in_bf16(bf16_ckpt, hf_mo
     ref16 = hf_model_factory(bf16_ckpt, dtype=torch.bfloat16, attn="sdpa")
     ours = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_matmul="bf16")
     assert ours.cpu_choice.matmul == "bf16"
+    # the vision attention is the bf16 kernel wherever it runs: the drift below covers it there
+    assert ours.cpu_choice.vision_attention == ("avx512_bf16" if kernels.bf16_attention_runs() else "torch")
+    assert ours.cpu_choice.vision_attention in ours.cpu_choice.describe()
     ratios = []
     for case, seed in (
         ("left-padded batch: text / image / video", 21),

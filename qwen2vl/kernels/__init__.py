@@ -7,7 +7,8 @@ per group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch st
 decoder's normalisation and rotary in one call each. Beside the decode step: `quantize_int8_rows` / `row_absmax`
 and `quantize_q4_rows` quantize weights at load (the same bits as `qwen2vl.cpu.quantize_int8` and
 `qwen2vl.quant.rtn.quantize_rtn`), and `dequantize_q4_rows` forms a 4-bit layer's weight for a many-row product
-(as `QuantLinear.dequantize_stored`). They come in one build per instruction set
+(as `QuantLinear.dequantize_stored`). `attention_bf16` is the vision tower's attention over bf16 rows under bf16
+products (AVX-512 BF16 only; torch's scaled_dot_product_attention is its PyTorch path). They come in one build per instruction set
 (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
 `decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a per-user cache the
 first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed fastest) is used
@@ -193,6 +194,10 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     bf16_inputs = getattr(lib, "gemm_bf16_bf16in", None)  # AVX-512 build only; runs where the CPU has AVX-512 BF16
     if bf16_inputs is not None:
         bf16_inputs.argtypes, bf16_inputs.restype = lib.gemm_bf16.argtypes, ctypes.c_int
+    attention = getattr(lib, "attention_bf16", None)  # likewise
+    if attention is not None:  # (q, k, v, out, nq, nk, heads, d, q/k/v/out row strides, scale, threads)
+        attention.argtypes = [ptr] * 4 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
+        attention.restype = ctypes.c_int  # 0, or -1 out of memory
     c_int = ctypes.c_int
     # (w, bf16, q, scale, n, k, amax_only, given_amax, threads) / (w, bf16, packed, scales, zeros, n, k, group, threads)
     lib.quantize_int8_rows.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, c_int, c_int]
@@ -498,6 +503,51 @@ def decode_attention(
     )  # fmt: skip
     _ok(status)
     return out.transpose(1, 2)
+
+
+def _attention_library(variant: str | None = None) -> ctypes.CDLL | None:
+    """The avx512 build where it runs attention_bf16 here: a CPU with AVX-512 BF16, kernels not off and no other
+    variant forced (the decode products' timed preference does not matter: the other variant has no attention)."""
+    name = variant or forced() or "avx512"
+    if name != "avx512" or name not in _supported() or "avx512_bf16" not in _cpu_flags():
+        return None
+    lib = _build(name)
+    return lib if lib is not None and hasattr(lib, "attention_bf16") else None
+
+
+def bf16_attention_runs(variant: str | None = None) -> bool:
+    """Whether `attention_bf16` runs here (see _attention_library)."""
+    return _attention_library(variant) is not None
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = F.scaled_dot_product_attention over one segment, per head, for bf16 rows laid out as the vision
+    tower holds them: q, out (queries, heads, D), k, v (keys, heads, D), each row's heads contiguous (any row
+    stride). The arithmetic of torch's CPU flash attention on bf16 (float32 scores and exponentials, these rounded
+    to bf16 for the product with v, float32 sums, one division), at the bf16 instruction's rate. Each (row, head)
+    is computed alone: any split of the rows or heads gives the same bits. False (nothing written) where it does not
+    run here or the layouts differ: the caller then uses PyTorch."""
+    lib = _attention_library()
+    if lib is None or q.dim() != 3:
+        return False
+    nq, heads, d = q.shape
+    nk = k.shape[0]
+    tensors = (q, k, v, out)
+    if (
+        nk == 0
+        or k.shape != (nk, heads, d)
+        or v.shape != k.shape
+        or out.shape != q.shape
+        or not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        or not all(t.stride(2) == 1 and t.stride(1) == d for t in tensors)
+    ):
+        return False
+    if nq:
+        status = lib.attention_bf16(
+            *(t.data_ptr() for t in tensors), nq, nk, heads, d, *(t.stride(0) for t in tensors), d**-0.5, _threads()
+        )
+        _ok(status)
+    return True
 
 
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

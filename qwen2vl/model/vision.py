@@ -19,6 +19,10 @@ from .rope import vision_cos_sin
 
 
 class VisionAttention(nn.Module):
+    # a backend's attention over one segment, with kernels.attention_bf16's signature (q, k, v, out) -> done: a
+    # backend may set it on an instance (qwen2vl.cpu, under bf16 products); where it declines, sdpa runs
+    fused = None
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -43,6 +47,12 @@ class VisionAttention(nn.Module):
         only segments `segs`, heads `heads` and query rows `rows` of each segment (every query row attends over its
         whole segment, so any split gives the same rows)."""
         end = start + count * length
+        if self.fused is not None and all(
+            self.fused(q[s : s + length][rows, heads], k[s : s + length, heads], v[s : s + length, heads],
+                       out[s : s + length][rows, heads])
+            for s in range(start, end, length)[segs]
+        ):  # fmt: skip
+            return  # (it declines for every segment or for none: they share shapes and dtypes)
         # (count*length, heads, hd) -> (count, heads, length, hd)
         qs, ks, vs = (
             t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)[segs, heads]
