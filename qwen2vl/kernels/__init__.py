@@ -1,21 +1,21 @@
 """CPU kernels for the decode step, compiled on first use, each with a plain-PyTorch reference path.
 
-`WeightOnlyMatmul` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a
-few rows of X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16
-per group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding);
-`Q4Product` is the same for 4-bit group-quantized weights (`qwen2vl.quant`). `rms_norm` and `rope_` are the
-decoder's normalisation and rotary in one call each. Beside the decode step: `quantize_int8_rows` / `row_absmax`
-and `quantize_q4_rows` quantize weights at load (the same bits as `qwen2vl.cpu.quantize_int8` and
-`qwen2vl.quant.rtn.quantize_rtn`), and `dequantize_q4_rows` forms a 4-bit layer's weight for a many-row product
-(as `QuantLinear.dequantize_stored`). `attention_bf16` is the vision tower's attention over bf16 rows under bf16
-products (AVX-512 BF16 only; torch's scaled_dot_product_attention is its PyTorch path). They come in one build per instruction set
-(`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with
-`decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a per-user cache the
-first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed fastest) is used
-unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no AVX2/FMA, no compiler, no sources, or the build
-or load fails, `available()` is False (one log line says why) and callers use the reference path (`torch` ops),
-which the tests compare every variant against. Nothing here is imported by the model files: `qwen2vl/cpu.py`
-applies these as an optional transform.
+`WeightOnlyMatmul` (and the one-shot `gemm_bf16` / `gemm_int8`) computes Y = X @ W.T (+ bias) in float32 for a few
+rows of X while streaming W once from memory as bf16 or int8 (per-row scale); the int8 product rounds X to int16 per
+group of `GROUP` inputs first (`quantize_rows_int16` is the exact PyTorch statement of that rounding); `Q4Product`
+is the same for 4-bit group-quantized weights (`qwen2vl.quant`). `rms_norm` and `rope_` are the decoder's
+normalisation and rotary in one call each. Beside the decode step: `quantize_int8_rows` / `row_absmax` and
+`quantize_q4_rows` quantize weights at load (the same bits as `qwen2vl.cpu.quantize_int8` and
+`qwen2vl.quant.rtn.quantize_rtn`), and `dequantize_q4_rows` forms a 4-bit layer's weight for a many-row product (as
+`QuantLinear.dequantize_stored`); `attention_bf16` is the vision tower's attention over bf16 rows under bf16
+products (AVX-512 BF16 only; torch's scaled_dot_product_attention is its PyTorch path). They come in one build per
+instruction set (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and
+FMA, each with `decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a
+per-user cache the first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed
+fastest) is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no AVX2/FMA, no compiler, no
+sources, or the build or load fails, `available()` is False (one log line says why) and callers use the reference
+path (`torch` ops), which the tests compare every variant against. Nothing here is imported by the model files:
+`qwen2vl/cpu.py` applies these as an optional transform.
 """
 
 from __future__ import annotations
