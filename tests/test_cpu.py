@@ -171,6 +171,47 @@ def test_bf16_attention_kernel_rows_and_heads_alone_declines_and_nan():
         kernels.use(None)
 
 
+@needs_bf16_attention
+def test_bf16_vision_rope_kernel_gives_the_pytorch_bits():
+    from qwen2vl.model.layers import apply_rope
+
+    g = torch.Generator().manual_seed(11)
+    for n, heads, d in ((50, 3, 12), (7, 2, 80), (33, 1, 34), (4, 16, 160)):  # halves of 6, 40, 17, 80 columns
+        wide = torch.randn(n, 3 * heads * d + 8, generator=g).mul(4).bfloat16()  # rows of a wider product
+        qkv = wide[:, : 3 * heads * d].view(n, 3, heads, d)
+        for cos_sin in ("halves repeated", "any"):  # the tower's tables repeat their halves; the kernel need not
+            angles = torch.randn(n, d // 2, generator=g).repeat(1, 2) if cos_sin == "halves repeated" else None
+            angles = torch.randn(n, d, generator=g) * 10 if angles is None else angles
+            cos, sin = angles.cos(), angles.sin()
+            q, k = kernels.rope_bf16(qkv, cos, sin)
+            for i, got in ((0, q), (1, k)):
+                want = apply_rope(qkv[:, i].float(), cos[:, None], sin[:, None]).bfloat16()
+                assert got.is_contiguous() and torch.equal(got, want), (n, heads, d, cos_sin, i)
+    assert kernels.rope_bf16(qkv.float(), cos, sin) is None  # bf16 only
+    assert kernels.rope_bf16(qkv[..., :-1], cos[:, :-1].contiguous(), sin[:, :-1].contiguous()) is None  # odd D
+    assert kernels.rope_bf16(qkv, cos[:-1], sin[:-1]) is None  # a row without its angles
+    assert kernels.rope_bf16(qkv.transpose(1, 2), cos, sin) is None  # not a projection's layout
+
+
+@needs_bf16_attention
+def test_bf16_quick_gelu_kernel_rounds_as_torch():
+    from qwen2vl.model.layers import quick_gelu
+
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(3, 20011, generator=g) * torch.tensor([[1.0], [6.0], [40.0]])).bfloat16()  # tails, saturation
+    x[0, :6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 100.0, -100.0])
+    x[1, 7] = float("nan")
+    want = quick_gelu(x.clone())
+    got = x.clone()
+    assert kernels.quick_gelu_bf16_(got)
+    nan = want.isnan()  # the NaN, and -inf (times a sigmoid of 0)
+    assert torch.equal(got.isnan(), nan) and nan[1, 7] and nan[0, 3] and nan.sum() == 2
+    got[nan] = want[nan] = 0
+    close = (got == want) | ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7)  # a tie flipped
+    assert close.all() and (got == want).float().mean() > 0.999, (got == want).float().mean()
+    assert not kernels.quick_gelu_bf16_(x.float()) and not kernels.quick_gelu_bf16_(x.t())  # bf16, contiguous
+
+
 def test_bf16_attention_runs_exactly_where_the_cpu_has_avx512_bf16():
     assert kernels.bf16_attention_runs() == ("avx512" in kernels.supported() and "avx512_bf16" in kernels._cpu_flags())
     assert not kernels.bf16_attention_runs("avx2")

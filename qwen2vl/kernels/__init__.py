@@ -7,15 +7,15 @@ is the same for 4-bit group-quantized weights (`qwen2vl.quant`). `rms_norm` and 
 normalisation and rotary in one call each. Beside the decode step: `quantize_int8_rows` / `row_absmax` and
 `quantize_q4_rows` quantize weights at load (the same bits as `qwen2vl.cpu.quantize_int8` and
 `qwen2vl.quant.rtn.quantize_rtn`), and `dequantize_q4_rows` forms a 4-bit layer's weight for a many-row product (as
-`QuantLinear.dequantize_stored`); `attention_bf16` is the vision tower's attention over bf16 rows under bf16
-products (AVX-512 BF16 only; torch's scaled_dot_product_attention is its PyTorch path). They come in one build per
-instruction set (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512 F/BW, `gemv_avx2.c` where it has AVX2 and
-FMA, each with `decode_ops.c`; shipped in the wheel as package data), compiled with the system C compiler into a
-per-user cache the first time they are needed; the best variant the CPU supports (or the one qwen2vl.machine timed
-fastest) is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where there is no AVX2/FMA, no compiler, no
-sources, or the build or load fails, `available()` is False (one log line says why) and callers use the reference
-path (`torch` ops), which the tests compare every variant against. Nothing here is imported by the model files:
-`qwen2vl/cpu.py` applies these as an optional transform.
+`QuantLinear.dequantize_stored`); `attention_bf16` and `rope_bf16` are the vision tower's attention and rotary over
+bf16 rows under bf16 products (AVX-512 BF16 only; torch's scaled_dot_product_attention and apply_rope are their
+PyTorch path). They come in one build per instruction set (`VARIANTS`: `gemv_avx512.c` where the CPU has AVX-512
+F/BW, `gemv_avx2.c` where it has AVX2 and FMA, each with `decode_ops.c`; shipped in the wheel as package data),
+compiled with the system C compiler into a per-user cache the first time they are needed; the best variant the CPU
+supports (or the one qwen2vl.machine timed fastest) is used unless `use()` or QWEN2VL_KERNELS says otherwise. Where
+there is no AVX2/FMA, no compiler, no sources, or the build or load fails, `available()` is False (one log line says
+why) and callers use the reference path (`torch` ops), which the tests compare every variant against. Nothing here
+is imported by the model files: `qwen2vl/cpu.py` applies these as an optional transform.
 """
 
 from __future__ import annotations
@@ -198,6 +198,11 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
     if attention is not None:  # (q, k, v, out, nq, nk, heads, d, q/k/v/out row strides, scale, threads)
         attention.argtypes = [ptr] * 4 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
         attention.restype = ctypes.c_int  # 0, or -1 out of memory
+        # (qkv, row stride, cos, sin, q_out, k_out, rows, heads, dim, threads)
+        lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.rope_bf16.restype = None
+        lib.quick_gelu_bf16.argtypes = [ptr, i64, ctypes.c_int]  # (x, n, threads), in place
+        lib.quick_gelu_bf16.restype = None
     c_int = ctypes.c_int
     # (w, bf16, q, scale, n, k, amax_only, given_amax, threads) / (w, bf16, packed, scales, zeros, n, k, group, threads)
     lib.quantize_int8_rows.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, c_int, c_int]
@@ -547,6 +552,45 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             *(t.data_ptr() for t in tensors), nq, nk, heads, d, *(t.stride(0) for t in tensors), d**-0.5, _threads()
         )
         _ok(status)
+    return True
+
+
+def rope_bf16(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The vision tower's rotary on bf16 (`apply_rotary_pos_emb_vision`: q, k upcast to float32, x * cos +
+    rotate_half(x) * sin, back to bf16) in one pass, the same bits: qkv (N, 3, heads, D) bf16, a projection's output
+    viewed per head (any row stride); cos, sin (N, D) float32, contiguous. Returns new contiguous q, k (N, heads, D);
+    None where it does not run here (as attention_bf16) or the layouts differ."""
+    lib = _attention_library()
+    if lib is None or qkv.dim() != 4:
+        return None
+    n, three, heads, d = qkv.shape
+    if (
+        three != 3
+        or d % 2
+        or qkv.dtype != torch.bfloat16
+        or qkv.device.type != "cpu"
+        or qkv.stride()[1:] != (heads * d, d, 1)
+        or cos.shape != (n, d)
+        or sin.shape != cos.shape
+        or not _contiguous_cpu_float32(cos, sin)
+    ):
+        return None
+    q, k = (qkv.new_empty(n, heads, d) for _ in range(2))
+    lib.rope_bf16(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(), n, heads, d,
+        _threads(),
+    )  # fmt: skip
+    return q, k
+
+
+def quick_gelu_bf16_(x: torch.Tensor) -> bool:
+    """x = x * sigmoid(1.702 x) in place for a contiguous bf16 tensor, rounding as torch's three bf16 operations do
+    (but where one float32 ulp of the sigmoid decides a bf16 tie) without their activation-sized temporary. False
+    (x untouched) where it does not run here (as attention_bf16) or x is another kind of tensor."""
+    lib = _attention_library()
+    if lib is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous():
+        return False
+    lib.quick_gelu_bf16(x.data_ptr(), x.numel(), _threads())
     return True
 
 

@@ -253,6 +253,17 @@ INLINE uint16_t bf16_round(float v) {
                                            : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+/* bf16_round on 16 floats: to nearest even, denormals kept, a NaN quiet (vcvtneps2bf16 would flush denormals) */
+INLINE __m256i bf16_round16(__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i even = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16),
+                                                                                      _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, even), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 BF16_TARGET INLINE __mmask32 first_n(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
 
 BF16_TARGET INLINE void dot_bf16_pairs(const uint16_t *w, const uint16_t *xb, int64_t k, float *y, int64_t ystride,
@@ -464,10 +475,11 @@ VNNI_TARGET int gemm_q4_i16in(const uint8_t *w, const uint16_t *scales, const in
 
 #define QROWS 8 /* query rows per task: their scores share each load of k */
 
-BF16_TARGET INLINE __m512 exp_nonpositive(__m512 x) {
-    /* e^x for x <= 0 (a score minus its row's maximum): 2^n e^r, |r| <= ln2 / 2, degree-6 Taylor (relative error
-       ~1e-7); under -87 it is 0 to float32's precision (clamped, so 2^n stays normal); a NaN stays NaN */
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* vmaxps returns its second operand when either is NaN */
+BF16_TARGET INLINE __m512 exp512(__m512 x) {
+    /* e^x as 2^n e^r, |r| <= ln2 / 2, degree-6 Taylor (relative error ~1e-7); x clamped to [-104, 89], where the
+       result is already 0 (scalef rounds through the denormals) or inf, as float32's expf; a NaN stays NaN (vmaxps
+       and vminps return their second operand when either is NaN) */
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
@@ -578,14 +590,13 @@ BF16_TARGET int attention_bf16(const uint16_t *q, const uint16_t *k, const uint1
                     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
                     for (int64_t j = 0; j < keys; j += 16) {
                         __m512 e = _mm512_maskz_mov_ps(first_n(nk - j > 16 ? 16 : nk - j),
-                                                       exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m)));
+                                                       exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m)));
                         _mm512_storeu_ps(sr + j, e);
                         sum = _mm512_add_ps(sum, e);
                     }
                     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
                     for (int64_t j = 0; j < keys; j += 16)
-                        _mm256_storeu_si256((__m256i *)(p16 + r * 2 * pairs + j),
-                                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + j)));
+                        _mm256_storeu_si256((__m256i *)(p16 + r * 2 * pairs + j), bf16_round16(_mm512_loadu_ps(sr + j)));
                 }
                 /* d's vectors in as few passes over the probabilities as 6 vectors a pass allow, evenly split */
                 const int64_t passes = (dv + 5) / 6, per = (dv + passes - 1) / passes;
@@ -627,4 +638,60 @@ BF16_TARGET int attention_bf16(const uint16_t *q, const uint16_t *k, const uint1
     free(kp);
     free(vp);
     return status;
+}
+
+/* ---- the vision tower's rotary under bf16 products (AVX-512 BF16) ----------------------------------------------
+
+   For each row r of a qkv product (rows, 3, heads, dim) in bf16 (row stride `stride`), q and k rotated as
+   `apply_rotary_pos_emb_vision` does on bf16 (upcast to float32, x * cos + rotate_half(x) * sin, back to bf16), into
+   q_out, k_out (rows, heads, dim) contiguous: the same float32 operations in the same order (no fused multiply-add),
+   so the same bits, in one pass instead of eight tensor operations. cos, sin: (rows, dim) float32. */
+INLINE __m512 bf16_widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+BF16_TARGET INLINE __m512 bf16_load16(const uint16_t *p, __mmask16 m) {
+    return bf16_widen16(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16((__mmask32)m, p))); /* no AVX512VL needed */
+}
+
+BF16_TARGET void rope_bf16(const uint16_t *qkv, int64_t stride, const float *cos, const float *sin, uint16_t *q_out,
+                           uint16_t *k_out, int64_t rows, int64_t heads, int64_t dim, int threads) {
+    const int64_t half = dim / 2;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * dim, *s = sin + r * dim;
+        for (int64_t which = 0; which < 2; which++) {
+            for (int64_t h = 0; h < heads; h++) {
+                const uint16_t *x = qkv + r * stride + (which * heads + h) * dim;
+                uint16_t *y = (which ? k_out : q_out) + (r * heads + h) * dim;
+                for (int64_t j = 0; j < half; j += 16) {
+                    const __mmask16 m = half - j >= 16 ? 0xFFFF : (__mmask16)((1u << (half - j)) - 1u);
+                    __m512 a = bf16_load16(x + j, m), b = bf16_load16(x + half + j, m);
+                    __m512 lo = _mm512_sub_ps(_mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, c + j)),
+                                              _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, s + j)));
+                    __m512 hi = _mm512_add_ps(_mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, c + half + j)),
+                                              _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, s + half + j)));
+                    _mm512_mask_storeu_epi16(y + j, m, _mm512_castsi256_si512(bf16_round16(lo)));
+                    _mm512_mask_storeu_epi16(y + half + j, m, _mm512_castsi256_si512(bf16_round16(hi)));
+                }
+            }
+        }
+    }
+}
+
+/* ---- quick_gelu on bf16, in place (AVX-512 BF16), for the vision MLP under bf16 products ------------------------
+
+   x = x * sigmoid(1.702 x) with torch's roundings on bf16 tensors: t = bf16(1.702 x), s = bf16(sigmoid(t)),
+   x = bf16(s x), each in float32; sigmoid as torch's, 1 / (1 + e^-t) (0 where e^-t overflows), with exp512, which
+   rounds like torch's to bf16 except where a float32 ulp decides a tie. No temporary: torch's three
+   operations allocate a fresh activation-sized tensor, whose page faults cost more than the arithmetic. */
+BF16_TARGET void quick_gelu_bf16(uint16_t *x, int64_t n, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t i = 0; i < n; i += 4096) {
+        const int64_t end = n - i < 4096 ? n : i + 4096;
+        for (int64_t j = i; j < end; j += 16) {
+            const __mmask16 m = end - j >= 16 ? 0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
+            const __m512 v = bf16_load16(x + j, m), one = _mm512_set1_ps(1.0f);
+            const __m512 t = bf16_widen16(bf16_round16(_mm512_mul_ps(v, _mm512_set1_ps(1.702f))));
+            const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), t))));
+            const __m512 y = _mm512_mul_ps(bf16_widen16(bf16_round16(s)), v);
+            _mm512_mask_storeu_epi16(x + j, m, _mm512_castsi256_si512(bf16_round16(y)));
+        }
+    }
 }

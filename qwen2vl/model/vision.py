@@ -19,9 +19,11 @@ from .rope import vision_cos_sin
 
 
 class VisionAttention(nn.Module):
-    # a backend's attention over one segment, with kernels.attention_bf16's signature (q, k, v, out) -> done: a
-    # backend may set it on an instance (qwen2vl.cpu, under bf16 products); where it declines, sdpa runs
-    fused = None
+    # a backend's attention over one segment, with kernels.attention_bf16's signature (q, k, v, out) -> done, and
+    # rotary, with kernels.rope_bf16's (qkv, cos, sin) -> (q, k) or None: a backend may set them on an instance
+    # (qwen2vl.cpu, under bf16 products); where they decline, PyTorch runs
+    fused_attention = None
+    fused_rope = None
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -33,7 +35,10 @@ class VisionAttention(nn.Module):
     def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rows of x -> q, k, v, each (rows, heads, hd), with q and k rotated."""
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, hd)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        if self.fused_rope is not None and qkv.dtype == x.dtype and (qk := self.fused_rope(qkv, cos, sin)):
+            return (*qk, qkv[:, 2])
+        q, k, v = qkv.unbind(1)  # each (N, heads, hd)
         # rotary in float32 whatever the weight dtype, then back (`apply_rotary_pos_emb_vision` upcasts q, k)
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rope(q.float(), cos, sin).to(x.dtype)
@@ -47,8 +52,8 @@ class VisionAttention(nn.Module):
         only segments `segs`, heads `heads` and query rows `rows` of each segment (every query row attends over its
         whole segment, so any split gives the same rows)."""
         end = start + count * length
-        if self.fused is not None and all(
-            self.fused(q[s : s + length][rows, heads], k[s : s + length, heads], v[s : s + length, heads],
+        if self.fused_attention is not None and all(
+            self.fused_attention(q[s : s + length][rows, heads], k[s : s + length, heads], v[s : s + length, heads],
                        out[s : s + length][rows, heads])
             for s in range(start, end, length)[segs]
         ):  # fmt: skip
