@@ -20,7 +20,7 @@ from torch import nn
 
 from . import kernels, machine
 from .model import Qwen2VL
-from .model.layers import RMSNorm, apply_rope, quick_gelu
+from .model.layers import RMSNorm, apply_rope
 from .model.text import Attention
 from .quant.linear import QuantLinear
 from .weights import release_pages
@@ -138,11 +138,6 @@ def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return apply_rope(x, cos, sin) if y is None else y
 
 
-def fast_quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """quick_gelu in place in one kernel call where it runs (bf16 activations, no autograd), else PyTorch's."""
-    return x if not x.requires_grad and kernels.quick_gelu_bf16_(x) else quick_gelu(x)
-
-
 def quantize_int8(
     weight: torch.Tensor, reduce_rows: Callable[[torch.Tensor], None] | None = None, release: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,8 +241,6 @@ def use_cpu_kernels(
         block.inner_dtype = inner  # a prompt (decode steps stay float32, through the kernels)
         block.attn.fused_attention = kernels.attention_bf16 if fused else None
         block.attn.fused_rope = kernels.rope_bf16 if fused else None
-        if block.mlp.act in (quick_gelu, fast_quick_gelu):  # every official checkpoint's activation
-            block.mlp.act = fast_quick_gelu if fused else quick_gelu
     for layer in model.model.layers:
         layer.prompt_mlp_dtype = inner
     model.compute_dtype = torch.float32

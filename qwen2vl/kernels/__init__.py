@@ -201,8 +201,6 @@ def _build_and_load(spec: Variant) -> ctypes.CDLL:
         # (qkv, row stride, cos, sin, q_out, k_out, rows, heads, dim, threads)
         lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.rope_bf16.restype = None
-        lib.quick_gelu_bf16.argtypes = [ptr, i64, ctypes.c_int]  # (x, n, threads), in place
-        lib.quick_gelu_bf16.restype = None
     c_int = ctypes.c_int
     # (w, bf16, q, scale, n, k, amax_only, given_amax, threads) / (w, bf16, packed, scales, zeros, n, k, group, threads)
     lib.quantize_int8_rows.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, c_int, c_int]
@@ -581,17 +579,6 @@ def rope_bf16(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
         _threads(),
     )  # fmt: skip
     return q, k
-
-
-def quick_gelu_bf16_(x: torch.Tensor) -> bool:
-    """x = x * sigmoid(1.702 x) in place for a contiguous bf16 tensor, rounding as torch's three bf16 operations do
-    (but where one float32 ulp of the sigmoid decides a bf16 tie) without their activation-sized temporary. False
-    (x untouched) where it does not run here (as attention_bf16) or x is another kind of tensor."""
-    lib = _attention_library()
-    if lib is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous():
-        return False
-    lib.quick_gelu_bf16(x.data_ptr(), x.numel(), _threads())
-    return True
 
 
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

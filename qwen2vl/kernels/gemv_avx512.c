@@ -675,23 +675,3 @@ BF16_TARGET void rope_bf16(const uint16_t *qkv, int64_t stride, const float *cos
         }
     }
 }
-
-/* ---- quick_gelu on bf16, in place (AVX-512 BF16), for the vision MLP under bf16 products ------------------------
-
-   x = x * sigmoid(1.702 x) with torch's roundings on bf16 tensors: t = bf16(1.702 x), s = bf16(sigmoid(t)),
-   x = bf16(s x), each in float32; sigmoid as torch's, 1 / (1 + e^-t) (0 where e^-t overflows), with exp512, which
-   rounds like torch's to bf16 except where a float32 ulp decides a tie. No temporary: torch's three
-   operations allocate a fresh activation-sized tensor, whose page faults cost more than the arithmetic. */
-BF16_TARGET void quick_gelu_bf16(uint16_t *x, int64_t n, int threads) {
-    _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t i = 0; i < n; i += 4096) {
-        const int64_t end = n - i < 4096 ? n : i + 4096;
-        for (int64_t j = i; j < end; j += 16) {
-            const __mmask16 m = end - j >= 16 ? 0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
-            const __m512 v = bf16_load16(x + j, m), one = _mm512_set1_ps(1.0f);
-            const __m512 t = bf16_widen16(bf16_round16(_mm512_mul_ps(v, _mm512_set1_ps(1.702f))));
-            const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), t))));
-            const __m512 y = _mm512_mul_ps(bf16_widen16(bf16_round16(s)), v);
-            _mm512_mask_storeu_epi16(x + j, m, _mm512_castsi256_si512(bf16_round16(y)));
-        }
-    }
-}
