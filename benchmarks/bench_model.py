@@ -1,6 +1,6 @@
 """Side-by-side speed of qwen2vl and transformers on the same random weights, in one process.
 
-    python benchmarks/bench_model.py [--dir /tmp/qwen2vl-2b-random] [--dtype bfloat16] [--repeats 3]
+    python benchmarks/bench_model.py [--dir /tmp/qwen2vl-2b-random] [--dtype bfloat16] [--repeats 3] [--rounds 1]
                                      [--decode-only] [--only qwen2vl|transformers] [--quantize int8] [--device cuda]
 
 Builds (once) a random checkpoint with the real Qwen2-VL-2B shapes, loads it with both libraries and measures,
@@ -8,7 +8,9 @@ median of `--repeats`: vision encode of a 448x448 image (grid 1x32x32) and of a 
 672x1036, grid 1x48x74); time to first token for one 448x448 image and a short prompt (281 tokens); decode
 tokens/s at batch 1 and 4; the decode bound (bytes of weights read per token / read bandwidth measured just
 before and after each decode run) and each side's fraction of it; peak resident memory of each side. Prints a
-table with the ratios (ours vs reference).
+table with the ratios (ours vs reference). `--rounds N` loads and measures both sides N times, alternating which goes
+first, and prints medians over the rounds with each ratio's spread: on a machine whose speed drifts over minutes
+(shared cloud cores), one round's sides can meet different machines.
 """
 
 from __future__ import annotations
@@ -227,6 +229,34 @@ def run_side(side, repeats, new_tokens, bandwidth, weight_bytes, decode_only=Fal
     return r
 
 
+def ratio(key: str, ours: float, theirs: float) -> float:
+    """How many times better ours is: for times and memory the lower wins, for rates the higher."""
+    return theirs / ours if "(s)" in key or "memory" in key else ours / theirs
+
+
+def measure_side(cls, args, path, dtype, dtypes, device, bandwidth) -> dict:
+    """Load one side, measure it (run_side), note its peak memory above the start and its bytes per decode token
+    ("_bytes"), and let it go."""
+    rss_peak_reset()
+    base = status("VmRSS:")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    side = (
+        Ours(str(path), dtype, args.quantize, device, args.cpu_matmul)
+        if cls is Ours
+        else cls(str(path), dtypes[cls.name], args.quantize, device)
+    )
+    nbytes = decode_bytes(side.model)
+    r = run_side(side, args.repeats, args.new_tokens, bandwidth, nbytes, args.decode_only)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status("VmHWM:")
+    r["peak memory above start (GB)"] = (peak - base) / 1e9
+    r["_bytes"] = nbytes
+    del side
+    gc.collect()
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random")
@@ -240,6 +270,13 @@ def main() -> None:
     )
     ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "float32", "bf16"], help="our many-row path")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="load and measure both sides this many times, alternating which goes first; figures are medians over "
+        "the rounds (on a machine whose speed drifts, a round's sides are minutes apart, rounds interleave them)",
+    )
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--only", choices=["qwen2vl", "transformers"])
     ap.add_argument("--quantize", choices=["int8"], help="load our side with weight-only int8")
@@ -262,32 +299,20 @@ def main() -> None:
         ref_dtype = "bfloat16" if machine.choose([(8960, 1536)]).matmul == "bf16" else "float32"
     dtypes = {"qwen2vl": dtype, "transformers": getattr(torch, ref_dtype)}
     bandwidth = Bandwidth(device)
-    results, bytes_per_token = {}, {}
-    for cls in (Ours, Reference):
-        if args.only and cls.name != args.only:
-            continue
-        rss_peak_reset()
-        base = status("VmRSS:")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        side = (
-            Ours(str(path), dtype, args.quantize, device, args.cpu_matmul)
-            if cls is Ours
-            else cls(str(path), dtypes[cls.name], args.quantize, device)
-        )
-        bytes_per_token[cls.name] = decode_bytes(side.model)
-        results[cls.name] = run_side(
-            side, args.repeats, args.new_tokens, bandwidth, bytes_per_token[cls.name], args.decode_only
-        )
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status("VmHWM:")
-        results[cls.name]["peak memory above start (GB)"] = (peak - base) / 1e9
-        del side
-        gc.collect()
+    rounds: dict[str, list[dict]] = {}
+    bytes_per_token = {}
+    sides = [cls for cls in (Ours, Reference) if not args.only or cls.name == args.only]
+    for k in range(args.rounds):
+        for cls in sides if k % 2 == 0 else sides[::-1]:
+            rounds.setdefault(cls.name, []).append(measure_side(cls, args, path, dtype, dtypes, device, bandwidth))
+            bytes_per_token[cls.name] = rounds[cls.name][-1].pop("_bytes")
+    # each figure: the median over the rounds; a ratio's spread over the rounds is printed beside it
+    results = {n: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for n, rs in rounds.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
         f"torch {torch.__version__}, {where}, our weights {args.dtype}, transformers in {ref_dtype}, "
         f"median of {args.repeats}"
+        + (f" in each of {args.rounds} rounds, median over the rounds" if args.rounds > 1 else "")
     )
     names = list(results)
     print(f"{'':<36}" + "".join(f"{n:>14}" for n in names) + ("      ratio" if len(names) == 2 else ""))
@@ -296,8 +321,10 @@ def main() -> None:
         vals = [results[n][key] for n in names]
         line = f"{key:<36}" + "".join(f"{v:>14.3f}" for v in vals)
         if len(names) == 2:
-            better_low = "(s)" in key or "memory" in key
-            line += f"{(vals[1] / vals[0] if better_low else vals[0] / vals[1]):>10.2f}x"
+            line += f"{ratio(key, *vals):>10.2f}x"
+            if args.rounds > 1:
+                each = sorted(ratio(key, a[key], b[key]) for a, b in zip(*rounds.values()))
+                line += f"  (rounds {each[0]:.2f}-{each[-1]:.2f}x)"
         print(line)
     if device.type == "cpu" and not args.decode_only:
         from qwen2vl.config import Qwen2VLConfig
