@@ -156,6 +156,7 @@ def test_bf16_attention_kernel_rows_and_heads_alone_declines_and_nan():
     assert (part[:13, 3] == 0).all()  # nothing outside its rows and heads written
     out = torch.empty_like(q)
     assert not kernels.attention_bf16(q.float(), k.float(), v.float(), out.float())  # bf16 only
+    assert not kernels.attention_bf16(q.clone().requires_grad_(), k, v, out)  # no autograd: PyTorch's path
     assert not kernels.attention_bf16(q, k[:, :3], v[:, :3], out)  # heads disagree
     assert not kernels.attention_bf16(q, k[:, :, :12], v[:, :, :12], out)  # head sizes disagree
     assert not kernels.attention_bf16(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), out.transpose(0, 1))
@@ -188,6 +189,7 @@ def test_bf16_vision_rope_kernel_gives_the_pytorch_bits():
                 want = apply_rope(qkv[:, i].float(), cos[:, None], sin[:, None]).bfloat16()
                 assert got.is_contiguous() and torch.equal(got, want), (n, heads, d, cos_sin, i)
     assert kernels.rope_bf16(qkv.float(), cos, sin) is None  # bf16 only
+    assert kernels.rope_bf16(qkv.detach().requires_grad_(), cos, sin) is None  # no autograd through the kernel
     assert kernels.rope_bf16(qkv[..., :-1], cos[:, :-1].contiguous(), sin[:, :-1].contiguous()) is None  # odd D
     assert kernels.rope_bf16(qkv, cos[:-1], sin[:-1]) is None  # a row without its angles
     assert kernels.rope_bf16(qkv.transpose(1, 2), cos, sin) is None  # not a projection's layout
@@ -814,3 +816,41 @@ def test_many_row_products_widen_a_block_of_rows_at_a_time(storage, monkeypatch)
         want = rows.float() @ wol.dequantized().T + wol.bias
         tolerance = 1e-5 if matmul == "float32" else 2e-2  # bf16 products: bf16 rounding
         assert (blocks.float() - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_bf16_products_encode_through_the_vision_kernels_where_they_run(bf16_ckpt):
+    # the load-time choice really routes the vision tower's attention and rotary through the kernels (a hook that
+    # declined every call would leave every other test green), and their encode is the PyTorch path's to bf16
+    model = qwen2vl.load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, cpu_matmul="bf16")
+    runs = kernels.bf16_attention_runs()
+    assert model.cpu_choice.vision_attention == ("avx512_bf16" if runs else "torch")
+    blocks = list(model.visual.blocks)
+    if not runs:
+        assert all(b.attn.fused_attention is None and b.attn.fused_rope is None for b in blocks)
+        pytest.skip("this CPU lacks AVX-512 BF16: the choice is PyTorch's path, checked above")
+    done = []
+
+    def spy(fn):
+        def call(*args):
+            done.append((fn.__name__, fn(*args)))
+            return done[-1][1]
+
+        return call
+
+    for b in blocks:
+        b.attn.fused_attention, b.attn.fused_rope = spy(kernels.attention_bf16), spy(kernels.rope_bf16)
+    g = torch.Generator().manual_seed(5)
+    grid = torch.tensor([[1, 6, 8], [2, 4, 4]])  # an image and a two-frame video: three attention segments
+    pixels = torch.randn(int(grid.prod(-1).sum()), model.config.vision.patch_dim, generator=g)
+    with torch.inference_mode():
+        fast = model.encode_vision(pixels, grid)
+        attention = [ok for name, ok in done if name == "attention_bf16"]
+        rope = [qk for name, qk in done if name == "rope_bf16"]
+        assert len(attention) == 3 * len(blocks) and all(ok is True for ok in attention)  # ran, not declined
+        assert len(rope) == len(blocks) and all(qk is not None for qk in rope)
+        for b in blocks:
+            b.attn.fused_attention = b.attn.fused_rope = None
+        plain = model.encode_vision(pixels, grid)
+    err = ((fast - plain).abs().max() / plain.abs().max()).item()
+    print(f"vision features, bf16 kernels vs PyTorch under bf16 products: max |diff| / max |feature| {err:.3g}")
+    assert err < 2**-6  # a few bf16 steps: the attentions differ in the last bit of some rows, propagated

@@ -541,10 +541,10 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         or k.shape != (nk, heads, d)
         or v.shape != k.shape
         or out.shape != q.shape
-        or not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        or not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and not t.requires_grad for t in tensors)
         or not all(t.stride(2) == 1 and t.stride(1) == d for t in tensors)
     ):
-        return False
+        return False  # (no autograd through the kernel: training takes PyTorch's path)
     if nq:
         status = lib.attention_bf16(
             *(t.data_ptr() for t in tensors), nq, nk, heads, d, *(t.stride(0) for t in tensors), d**-0.5, _threads()
@@ -567,6 +567,7 @@ def rope_bf16(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
         or d % 2
         or qkv.dtype != torch.bfloat16
         or qkv.device.type != "cpu"
+        or qkv.requires_grad  # no autograd through the kernel
         or qkv.stride()[1:] != (heads * d, d, 1)
         or cos.shape != (n, d)
         or sin.shape != cos.shape
