@@ -533,24 +533,15 @@ BF16_TARGET int attention_bf16(const uint16_t *q, const uint16_t *k, const uint1
                                int64_t nk, int64_t heads, int64_t d, int64_t qs, int64_t ks, int64_t vs, int64_t os,
                                float scale, int threads) {
     const int64_t dp = (d + 1) / 2, dv = (d + 15) / 16, blocks = (nk + 15) / 16, keys = blocks * 16, pairs = keys / 2;
-    /* per head: k as [block][pair][16 keys][2], v as [key pair][vector][16 columns][2] */
-    uint16_t *kp = calloc((size_t)(heads * blocks * dp * 32), sizeof(uint16_t));
-    uint16_t *vp = calloc((size_t)(heads * pairs * dv * 32), sizeof(uint16_t));
+    /* one head at a time (a head's packed k and v: 4 bytes a key and dimension, 21 MB for a 65k-patch image): k as
+       [block][pair][16 keys][2], v as [key pair][vector][16 columns][2]; the padding is never written, so stays 0 */
+    uint16_t *kp = calloc((size_t)(blocks * dp * 32), sizeof(uint16_t));
+    uint16_t *vp = calloc((size_t)(pairs * dv * 32), sizeof(uint16_t));
     int status = 0;
     if (!kp || !vp) {
         free(kp);
         free(vp);
         return -1;
-    }
-    _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t h = 0; h < heads; h++) {
-        uint16_t *kh = kp + h * blocks * dp * 32, *vh = vp + h * pairs * dv * 32;
-        for (int64_t j = 0; j < nk; j++) {
-            const uint16_t *kj = k + j * ks + h * d, *vj = v + j * vs + h * d;
-            for (int64_t e = 0; e < d; e++) {
-                kh[((j / 16) * dp + e / 2) * 32 + (j % 16) * 2 + e % 2] = kj[e];
-                vh[((j / 2) * dv + e / 16) * 32 + (e % 16) * 2 + j % 2] = vj[e];
-            }
-        }
     }
     const int64_t tiles = (nq + QROWS - 1) / QROWS;
     _Pragma("omp parallel num_threads(threads)") {
@@ -563,20 +554,28 @@ BF16_TARGET int attention_bf16(const uint16_t *q, const uint16_t *k, const uint1
 #pragma omp atomic write
             status = -1;
         }
-        {
-            uint16_t *p16 = (uint16_t *)pp;
-#pragma omp for schedule(static) /* every thread meets the loop (its barrier), one without buffers idle */
-            for (int64_t task = 0; task < heads * tiles; task++) {
+        uint16_t *p16 = (uint16_t *)pp, *q16 = (uint16_t *)qp;
+        /* every thread meets every loop below (their barriers), one without buffers idle */
+        for (int64_t h = 0; h < heads; h++) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < nk; j++) {
+                const uint16_t *kj = k + j * ks + h * d, *vj = v + j * vs + h * d;
+                for (int64_t e = 0; e < d; e++) {
+                    kp[((j / 16) * dp + e / 2) * 32 + (j % 16) * 2 + e % 2] = kj[e];
+                    vp[((j / 2) * dv + e / 16) * 32 + (e % 16) * 2 + j % 2] = vj[e];
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t tile = 0; tile < tiles; tile++) {
                 if (!ok) continue;
-                const int64_t h = task / tiles, i0 = (task % tiles) * QROWS;
+                const int64_t i0 = tile * QROWS;
                 const int R = nq - i0 < QROWS ? (int)(nq - i0) : QROWS;
                 float inv[QROWS]; /* 1 / each row's sum of exponentials */
-                uint16_t *q16 = (uint16_t *)qp;
                 for (int r = 0; r < R; r++) {
                     const uint16_t *qi = q + (i0 + r) * qs + h * d;
                     for (int64_t e = 0; e < 2 * dp; e++) q16[r * 2 * dp + e] = e < d ? qi[e] : 0;
                 }
-                const uint16_t *kh = kp + h * blocks * dp * 32, *vh = vp + h * pairs * dv * 32;
+                const uint16_t *kh = kp, *vh = vp;
                 switch (R) {
                     case QROWS: scores_rows(qp, kh, blocks, dp, scale, s, keys, QROWS); break;
                     default:
