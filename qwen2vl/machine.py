@@ -222,8 +222,8 @@ def choose(
     gemv = _decide_gemv(max(decode_shapes or shapes, key=lambda s: s[0] * s[1]), matmul)
     from . import kernels
 
-    # the vision tower's bf16 attention: the kernel wherever it runs, from the flags alone (on the 2B's 448x448
-    # shapes on Zen 4, 3x torch's flash attention; 3.6x at 1024x683)
+    # the vision tower's bf16 attention: the kernel wherever it runs, from the flags alone (on the 2B's shapes on
+    # Zen 5, 3.1-3.4x torch's flash attention: benchmarks/bench_vision_ops.py)
     attention = "avx512_bf16" if matmul == "bf16" and kernels.bf16_attention_runs() else "torch"
     return CpuChoice(matmul, reason, gemv, attention)
 

@@ -464,10 +464,10 @@ VNNI_TARGET int gemm_q4_i16in(const uint8_t *w, const uint16_t *scales, const in
    out with their row strides). The scores are float32 sums of exact bf16 products (vdpbf16ps), their exponentials
    (the row's maximum subtracted) float32, rounded to bf16 for the product with v (float32 sums), which is divided
    by the float32 sum of the exponentials and rounded to bf16: the arithmetic of torch's CPU flash attention on bf16
-   (scaled_dot_product_attention), but with the scores kept whole
-   instead of tiled, so the products run at the instruction's rate: torch's kernel reaches ~150 GFLOP/s on the 2B's
-   vision shapes on Zen 4, under half its GEMM rate. Each (row, head) is computed alone, the same way whatever rows
-   and heads share the call, so any split of a segment's rows or heads gives the same bits.
+   (scaled_dot_product_attention), but with the scores kept whole instead of tiled, so the products run at the
+   instruction's rate: torch's kernel reaches 130-165 GFLOP/s on the 2B's vision shapes on Zen 5, a sixth of its
+   GEMM rate, this one 3.1-3.4x that (benchmarks/bench_vision_ops.py). Each (row, head) is computed alone, the same
+   way whatever rows and heads share the call, so any split of a segment's rows or heads gives the same bits.
 
    Layouts, per head: k packed in blocks of 16 keys as bf16 pairs along d (a vdpbf16ps of a broadcast pair of q
    gives 16 scores), v packed in pairs of keys along d (a broadcast pair of probabilities times 16 columns); both
