@@ -34,7 +34,7 @@ from ..processing import Processor
 from ..weights import load_model
 from .data import check, collate, encode, read_jsonl
 from .export import save_checkpoint
-from .loss import gradient_checkpointing, lr_lambda, model_loss, trained_tokens
+from .loss import gradient_checkpointing, lr_lambda, model_loss, output_weight, trained_tokens
 
 STATE = "trainer_state.json"
 
@@ -59,7 +59,8 @@ class TrainConfig:
     save_steps: int | None = None  # a checkpoint every this many optimizer steps
     eval_steps: int | None = None  # evaluate every this many steps (and at the end, with eval data)
     seed: int = 0
-    # the softmax over these token ids only (`model_loss`); None: the whole vocabulary, the reference's loss
+    # None, or the only tokens whose output rows are non-zero (checked): the same loss over the whole vocabulary,
+    # computed from these logits alone (`model_loss`); for a model trained from scratch on a few tokens (the demo's)
     output_vocab: tuple[int, ...] | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
@@ -138,6 +139,8 @@ class Trainer:
             if config.output_vocab is None
             else torch.tensor(sorted(set(config.output_vocab)), dtype=torch.long, device=config.device)
         )
+        if self.vocab is not None:
+            self._check_zero_rows()
         self.step = 0
         self.history: list[dict] = []
         self.tokens = 0
@@ -152,6 +155,16 @@ class Trainer:
             if not cfg.train_vision:
                 model.visual.requires_grad_(False)
         model.train()
+
+    def _check_zero_rows(self) -> None:
+        """`output_vocab` computes the reference's loss only if every other token's output row is zero."""
+        weight = output_weight(self.model)
+        outside = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        outside[self.vocab] = False
+        if bool(weight.detach()[outside].any()):
+            raise ValueError(
+                "output_vocab needs the output rows of every other token to be zero, and this checkpoint's are not"
+            )
 
     @property
     def trainable_parameters(self) -> int:
@@ -171,6 +184,12 @@ class Trainer:
     def _batch(self, conversations: list, where: str) -> dict:
         examples = [encode(self.processor, c, f"{where}, conversation {i}") for i, c in enumerate(conversations)]
         batch = collate(examples, self.processor.pad_id)
+        if self.vocab is not None and self.model.lm_head is None:
+            # a tied model's input rows are its output rows: an input outside output_vocab would make its row non-zero
+            ids = batch["input_ids"][batch["attention_mask"].bool()]
+            outside = sorted(set(ids[~torch.isin(ids, self.vocab.cpu())].tolist()))
+            if outside:
+                raise ValueError(f"{where}: input tokens {outside[:5]} are outside output_vocab (tied embeddings)")
         return {k: v.to(self.config.device) for k, v in batch.items()}
 
     # -- the loop --------------------------------------------------------------------------------------------------
