@@ -161,8 +161,18 @@ def test_a_missing_extra_names_what_to_install(module, args, tiny, media, tmp_pa
     assert not (media / "never").exists()  # make-tiny wrote nothing before failing
 
 
+def test_make_demo_without_shipped_weights_says_how_to_train_them(tmp_path):
+    from qwen2vl.train import demo
+
+    if demo.WEIGHTS.is_file():
+        pytest.skip("demo weights ship with this version: tests/test_demo.py checks what make-demo writes")
+    out = cli("make-demo", tmp_path / "demo")
+    assert out.returncode == 2 and len(lines(out.stderr)) == 1 and "--train trains one" in out.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 # -- 2. fast, complete help --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["run"], ["chat"], ["plan"], ["make-tiny"], ["serve"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["chat"], ["plan"], ["make-tiny"], ["make-demo"], ["serve"]])
 def test_help_does_not_import_torch(command):
     out = cli(*command, "--help", python=["-X", "importtime"])
     assert out.returncode == 0 and out.stdout.startswith("usage: qwen2vl")

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`train_demo` end to end on a few pictures (both stages; the real recipe draws 28,000)."""
+    """`train_demo` end to end on a few pictures (the real recipe draws 56,000)."""
     tmp = tmp_path_factory.mktemp("demo")
-    recipe = demo.DemoRecipe(pictures=24, batch_size=4, warmup_steps=2, full_pictures=8)
+    recipe = demo.DemoRecipe(look_pictures=8, pictures=16, batch_size=4, warmup_steps=2)
     return demo.train_demo(tmp / "trained", recipe, progress=False, work=tmp)
 
 
@@ -88,8 +88,17 @@ def test_train_demo_writes_an_official_checkpoint_transformers_computes_as_we_do
     pre = json.loads((trained / "preprocessor_config.json").read_text())
     assert (pre["min_pixels"], pre["max_pixels"]) == (demo.MIN_PIXELS, demo.MAX_PIXELS)
     history = json.loads((trained / "training.json").read_text())["history"]
-    assert len(history["warm"]) == 6 and history["warm"][-1]["loss"] < history["warm"][0]["loss"]
-    assert len(history["full"]) == 2
+    assert len(history["look"]) == 2 and len(history["all"]) == 4
+    assert history["all"][-1]["loss"] < history["look"][0]["loss"]
+    from safetensors.torch import load_file
+
+    from qwen2vl.processing import Processor as P
+
+    embed = load_file(trained / "model.safetensors")[demo.EMBED]
+    vocab = torch.tensor(demo.task_vocab(P.from_pretrained(trained)))
+    outside = torch.ones(embed.shape[0], dtype=torch.bool)
+    outside[vocab] = False
+    assert not bool(embed[outside].any()) and bool(embed[vocab].any(dim=1).all())
 
     image, shapes = demo.draw_scene(random.Random(11))
     path = trained.parent / "question.png"
@@ -109,3 +118,33 @@ def test_train_demo_writes_an_official_checkpoint_transformers_computes_as_we_do
     with torch.no_grad():
         ours = model(**batch)[0, -1]
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_the_task_vocabulary_holds_every_token_of_the_task(tmp_path):
+    """`task_vocab` is computed from the task's description, not from a sample: every conversation drawn holds only
+    its tokens (the Trainer refuses any other, and the zero rows could not answer them)."""
+    from qwen2vl.processing import Processor
+    from qwen2vl.train.data import encode
+
+    demo._write_files(tmp_path, torch.float32)
+    processor = Processor.from_pretrained(tmp_path)
+    vocab = set(demo.task_vocab(processor))
+    rng = random.Random(2)
+    for i in range(150):
+        image, shapes = demo.draw_scene(rng)
+        for question, answer in demo.questions(shapes, image.size):
+            ids = encode(processor, demo.conversation(image, question, answer), f"conversation {i}").input_ids
+            assert set(ids.tolist()) <= vocab, (question, answer)
+    assert len(vocab) < 100
+
+
+def test_pack_and_write_demo_round_trip(trained, tmp_path):
+    """The shipped form (embedding rows of the task only) expands into the same checkpoint."""
+    from safetensors.torch import load_file
+
+    packed = demo.pack(trained, tmp_path / "packed.safetensors")
+    assert packed.stat().st_size < (trained / "model.safetensors").stat().st_size / 8
+    out = demo.write_demo(tmp_path / "demo", packed)
+    ours, theirs = load_file(out / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "config.json").read_text()) == json.loads((trained / "config.json").read_text())
