@@ -497,6 +497,12 @@ def test_cli_chat_on_two_ranks_prints_what_one_process_prints(tiny_bf16, capfd, 
     assert printed[1] == printed[0] and len(printed[0].strip().splitlines()) == 3
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _serve(argv: list[str], launcher: tuple[str, ...] = ()):
     """`python -m [LAUNCHER -m] qwen2vl serve ARGV` on a free port; returns (process, base URL) once it answers
     /health."""
@@ -513,6 +519,9 @@ def _serve(argv: list[str], launcher: tuple[str, ...] = ()):
         [sys.executable, "-m", *launcher, "qwen2vl", "serve", *argv, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # Ctrl-C as in a terminal: a background job of a shell without job control inherits SIGINT ignored, and
+        # then uvicorn's re-raise of the signal after its shutdown does nothing (exit 0, not 130)
+        preexec_fn=_default_sigint,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
