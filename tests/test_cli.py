@@ -167,7 +167,7 @@ def test_make_demo_without_shipped_weights_says_how_to_train_them(tmp_path):
     if demo.WEIGHTS.is_file():
         pytest.skip("demo weights ship with this version: tests/test_demo.py checks what make-demo writes")
     out = cli("make-demo", tmp_path / "demo")
-    assert out.returncode == 2 and len(lines(out.stderr)) == 1 and "--train trains one" in out.stderr
+    assert out.returncode == 2 and len(lines(out.stderr)) == 1 and "make-demo --train DIR` trains one" in out.stderr
     assert not (tmp_path / "demo").exists()
 
 

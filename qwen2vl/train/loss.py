@@ -56,9 +56,9 @@ def model_loss(
     `vocab` (sorted token ids) is for a model whose output rows of every other token are zero (and stay zero:
     those tokens are never inputs of a tied model, and their logits get no gradient): their logits are exactly 0,
     so the full cross entropy is that of the logits of `vocab` plus one column log(V - len(vocab)) standing for the
-    V - len(vocab) zero logits. The reference's loss and gradients, without the (positions, V) logits: 5,000 times
-    cheaper a step for the demo model (31 answer tokens of 151,936). Every trained label must be in `vocab`; the
-    Trainer checks the zero rows."""
+    V - len(vocab) zero logits. The reference's loss, and its gradient for every weight but those rows (frozen at zero:
+    the reference's softmax would move them), from len(vocab) logits a position instead of V (about 40 of 151,936 for
+    the demo model). Every trained label must be in `vocab`; the Trainer checks the zero rows."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.hidden_states(**inputs)  # (B, L, H)
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
