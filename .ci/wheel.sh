@@ -9,8 +9,10 @@ trap 'rm -rf "$work"' EXIT
 
 python -m pip wheel -q --no-deps -w "$work/dist" .
 python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --upgrade pip
-"$work/venv/bin/python" -m pip install -q torch==2.13.0  # the CPU wheel on local disk: small, no CUDA
-"$work/venv/bin/python" -m pip install -q "$work"/dist/qwen2vl-*.whl
+# --no-cache-dir: CI's disk already holds the test environment (a CUDA torch of several GB); a second copy of every
+# download in pip's cache once filled it (errno 28 in this step)
+"$work/venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+"$work/venv/bin/python" -m pip install -q --no-cache-dir torch==2.13.0  # the CPU wheel on local disk: small, no CUDA
+"$work/venv/bin/python" -m pip install -q --no-cache-dir "$work"/dist/qwen2vl-*.whl
 # run outside the source tree, with an empty kernel cache: the kernels must compile from the wheel's sources
 (cd "$work" && XDG_CACHE_HOME="$work/cache" "$work/venv/bin/python" "$OLDPWD/.ci/wheel_smoke.py")

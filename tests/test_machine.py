@@ -73,8 +73,10 @@ def test_decode_kernel_variant_is_timed_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("QWEN2VL_KERNELS", raising=False)
+    # a CPU with both variants, whatever this one has (variant() reads the cached flags through _supported)
     for name, value in (
         ("supported", lambda: ["avx512", "avx2"]),
+        ("_supported", lambda: ("avx512", "avx2")),
         ("builds", lambda name: True),
         ("available", lambda: True),
     ):
