@@ -94,7 +94,7 @@ class WeightOnlyLinear(nn.Module):
         if self.scale is None and self.weight.dtype == dtype:
             return F.linear(x, self.weight, bias)
         n, k = self.weight.shape
-        step = max(1, WIDEN_AT_ONCE // k)
+        step = _block_rows(n, k)
         if step >= n:
             return F.linear(x, self.dequantized().to(dtype), bias)
         out = x.new_empty(*x.shape[:-1], n)
@@ -115,6 +115,19 @@ class WeightOnlyLinear(nn.Module):
             y = self._many_rows(x.to(torch.bfloat16), torch.bfloat16, None).float()
             return y if self.bias is None else y.add_(self.bias)
         return self._many_rows(x, x.dtype, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _block_rows(n: int, k: int) -> int:
+    """Rows of an (n, k) weight widened at once: about WIDEN_AT_ONCE weights, in equal blocks of a multiple of 64 rows.
+    Equal, round blocks matter: MKL's float32 GEMM on a ragged split (fc2 of the 2B's vision tower as 819 + 461 output
+    columns, fc1 as 3276 + 1844) ran 1.4-1.6x slower than on the whole matrix, in halves 1.0-1.2x (Zen 3, 2 threads,
+    3,552 rows)."""
+    step = max(1, WIDEN_AT_ONCE // k)
+    if step >= n:
+        return n
+    blocks = -(-n // step)
+    size = -(-n // blocks)
+    return size if size <= 64 else -(-size // 64) * 64
 
 
 class FastRMSNorm(RMSNorm):
