@@ -120,8 +120,8 @@ class WeightOnlyLinear(nn.Module):
 def _block_rows(n: int, k: int) -> int:
     """Rows of an (n, k) weight widened at once: about WIDEN_AT_ONCE weights, in equal blocks of a multiple of 64 rows.
     Equal, round blocks matter: MKL's float32 GEMM on a ragged split (fc2 of the 2B's vision tower as 819 + 461 output
-    columns, fc1 as 3276 + 1844) ran 1.4-1.6x slower than on the whole matrix, in halves 1.0-1.2x (Zen 3, 2 threads,
-    3,552 rows)."""
+    columns, fc1 as 3276 + 1844) ran 1.3-1.6x slower than on the whole matrix, these blocks 0.96-1.05x
+    (benchmarks/bench_widen_blocks.py)."""
     step = max(1, WIDEN_AT_ONCE // k)
     if step >= n:
         return n

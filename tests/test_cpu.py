@@ -819,7 +819,7 @@ def test_many_row_products_widen_a_block_of_rows_at_a_time(storage, monkeypatch)
 
 
 def test_many_row_products_widen_equal_round_blocks():
-    # MKL ran a ragged column split (819 + 461, 3276 + 1844) 1.4-1.6x slower than the whole product; equal blocks of
+    # MKL ran a ragged column split (819 + 461, 3276 + 1844) 1.3-1.6x slower than the whole product; equal blocks of
     # a multiple of 64 rows cost next to nothing. The 2B's vision and decoder shapes, and small ones:
     from qwen2vl.cpu import WIDEN_AT_ONCE, _block_rows
 
